@@ -1,0 +1,59 @@
+"""The model zoo: plain ``nn.Module`` classes registered by name.
+
+Every constructor takes ``input_shape`` (C, H, W) and ``num_classes``; the pipeline fills them
+from the data module when the recipe does not set them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+from torch import nn
+
+from compress.errors import UserError
+from compress.registry import Registry
+
+MODELS: Registry[type[nn.Module]] = Registry("model")
+
+# Imported for their registrations.
+from compress.models import lenet, mlp, mobilenet, resnet  # noqa: E402,F401
+
+__all__ = ["MODELS", "build_model", "model_class"]
+
+
+def model_class(name: str, key: str = "model.name") -> type[nn.Module]:
+    """A zoo name or ``import:package.module:Class``."""
+    if name.startswith("import:"):
+        target = name[len("import:"):]
+        module_name, _, attr = target.partition(":")
+        if not module_name or not attr:
+            raise UserError(f"{key}: '{name}' must look like import:package.module:Class")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise UserError(f"{key}: cannot import module '{module_name}' ({e}); is it installed or on PYTHONPATH?") from None
+        if not hasattr(module, attr):
+            raise UserError(f"{key}: module '{module_name}' has no attribute '{attr}'")
+        return getattr(module, attr)
+    return MODELS.get(name, key)
+
+
+def build_model(name: str, *, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
+                key: str = "model", **kwargs: Any) -> nn.Module:
+    """Instantiate a model; ``input_shape``/``num_classes`` are passed where the constructor takes them."""
+    cls = model_class(name, f"{key}.name")
+    params = inspect.signature(cls).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for extra, value in (("input_shape", input_shape), ("num_classes", num_classes)):
+        if value is not None and extra not in kwargs and (extra in params or accepts_any):
+            kwargs[extra] = tuple(value) if extra == "input_shape" else value
+    unknown = [k for k in kwargs if k not in params] if not accepts_any else []
+    if unknown:
+        valid = [p for p in params if p not in ("self", "args", "kwargs")]
+        raise UserError(f"{key}.{unknown[0]}: not an argument of {cls.__name__}; valid: {', '.join(valid)}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{key}: cannot build {cls.__name__} ({e})") from None

@@ -1,0 +1,1 @@
+"""Pruning: masks (unstructured) and channel removal (structured, via Torch-Pruning)."""

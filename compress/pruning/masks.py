@@ -1,0 +1,73 @@
+"""Pruning masks as ``torch.nn.utils.parametrize`` parametrizations.
+
+``module.weight`` becomes ``original * mask`` on every access, so a pruned weight stays exactly
+zero through any training loop (Lightning, DDP, a user's own), through ``deepcopy`` and later
+stages, with no callback to remember. The mask is a buffer, so it is in the ``state_dict`` and
+checkpoints carry it; :func:`make_permanent` bakes it in for export.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = ["Mask", "set_mask", "get_mask", "masked_modules", "make_permanent", "prunable_layers"]
+
+
+class Mask(nn.Module):
+    """Parametrization ``w -> w * mask``."""
+
+    def __init__(self, mask: Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, w: Tensor) -> Tensor:
+        return w * self.mask
+
+
+def _mask_param(module: nn.Module, name: str = "weight") -> Mask | None:
+    if not parametrize.is_parametrized(module, name):
+        return None
+    for p in module.parametrizations[name]:
+        if isinstance(p, Mask):
+            return p
+    return None
+
+
+def get_mask(module: nn.Module, name: str = "weight") -> Tensor | None:
+    p = _mask_param(module, name)
+    return None if p is None else p.mask
+
+
+def set_mask(module: nn.Module, mask: Tensor, name: str = "weight") -> None:
+    """Install or replace the mask of ``module.<name>``; the masked-out values become zero at once."""
+    mask = mask.to(device=getattr(module, name).device, dtype=torch.bool)
+    p = _mask_param(module, name)
+    if p is None:
+        parametrize.register_parametrization(module, name, Mask(mask))
+    else:
+        p.mask = mask
+    with torch.no_grad():  # zero the stored values too, so removing the mask later keeps them zero
+        module.parametrizations[name].original.mul_(mask)
+
+
+def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if _mask_param(m) is not None}
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Remove every parametrization, keeping the current (masked, shared) values. In place."""
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m):
+            for name in list(m.parametrizations.keys()):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+    return model
+
+
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
+
+
+def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers whose ``weight`` the pruning and sharing stages act on, by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
