@@ -15,14 +15,14 @@ class LeNet5(nn.Module):
     """conv5x5(20) - maxpool - conv5x5(50) - maxpool - fc(500) - relu - fc(classes).
 
     Caffe's LeNet has no activation after the convolutions; ``conv_act`` adds ReLU there.
-    Inputs smaller than 12x12 are padded so both 5x5 convolutions fit.
+    Inputs smaller than 16x16 are padded so both 5x5 convolutions fit.
     """
 
     def __init__(self, input_shape: Sequence[int] = (1, 28, 28), num_classes: int = 10,
                  conv_act: bool = False, hidden: int = 500):
         super().__init__()
         c, h, w = input_shape
-        pad = 2 if min(h, w) < 12 else 0
+        pad = 2 if min(h, w) < 16 else 0
         act = nn.ReLU(inplace=True) if conv_act else nn.Identity()
         self.features = nn.Sequential(
             nn.Conv2d(c, 20, 5, padding=pad), act, nn.MaxPool2d(2),

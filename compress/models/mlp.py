@@ -19,7 +19,7 @@ class MLP(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         width = math.prod(input_shape)
-        for i, h in enumerate(hidden):
+        for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))

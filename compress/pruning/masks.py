@@ -8,11 +8,13 @@ checkpoints carry it; :func:`make_permanent` bakes it in for export.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["Mask", "set_mask", "get_mask", "masked_modules", "make_permanent", "prunable_layers"]
+__all__ = ["Mask", "set_mask", "get_mask", "masked_modules", "make_permanent", "deployed_copy", "prunable_layers"]
 
 
 class Mask(nn.Module):
@@ -57,12 +59,27 @@ def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def make_permanent(model: nn.Module) -> nn.Module:
-    """Remove every parametrization, keeping the current (masked, shared) values. In place."""
+    """Remove every parametrization, keeping the current (masked, shared) values. In place.
+
+    Not ``parametrize.remove_parametrizations``: that deletes the property from the generated
+    ``Parametrized<Class>``, a class ``copy.deepcopy`` shares between a model and its copies, and
+    so would break every copy (a ``teacher: self``, a reference model). Here only this module's
+    ``__class__`` is swapped back.
+    """
     for m in list(model.modules()):
         if parametrize.is_parametrized(m):
-            for name in list(m.parametrizations.keys()):
-                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+            with torch.no_grad():
+                values = {n: getattr(m, n).detach().clone() for n in m.parametrizations.keys()}
+            m.__class__ = m.__class__.__bases__[0]  # the class parametrize subclassed
+            del m._modules["parametrizations"]
+            for n, v in values.items():
+                m.register_parameter(n, nn.Parameter(v))
     return model
+
+
+def deployed_copy(model: nn.Module) -> nn.Module:
+    """A copy with masks and codebooks baked in, as it would be deployed; ``model`` is untouched."""
+    return make_permanent(copy.deepcopy(model))
 
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)

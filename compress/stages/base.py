@@ -14,7 +14,7 @@ from compress.errors import UserError
 from compress.registry import Registry
 
 __all__ = ["OptimizerConfig", "FinetuneConfig", "DistillConfig", "FeaturePairConfig", "Stage", "StageResult",
-           "Context", "STAGES", "MISSING"]
+           "Context", "STAGES", "MISSING", "match_layers"]
 
 
 @dataclass
@@ -114,12 +114,18 @@ class Stage:
     Config: ClassVar[type] = dataclass(type("Config", (), {}))
     type_name: ClassVar[str] = ""
 
-    def __init__(self, config: Any = None, /, **kwargs: Any):
-        self.config = self.make_config(config if config is not None else kwargs)
+    def __init__(self, config: Any = None, /, *, key: str = "", name: str = "", **kwargs: Any):
+        self.key = key or self.type_name  # where the stage sits in the recipe, for error messages
+        self.name = name or self.type_name
+        self.config = self.make_config(config if config is not None else kwargs, self.key)
+        if "finetune" in self.config:
+            validate_finetune(self.config.finetune, f"{self.key}.finetune")
         self.validate()
 
     @classmethod
     def make_config(cls, values: Any, key: str = "") -> Any:
+        if isinstance(values, DictConfig) and OmegaConf.is_readonly(values):
+            return values
         """Merge ``values`` into the structured ``Config``; returns a read-only DictConfig."""
         from compress.recipe import merge_structured
 
@@ -140,3 +146,44 @@ class Stage:
         ft = self.config.get("finetune") if isinstance(self.config, DictConfig) else None
         return OmegaConf.to_object(ft) if ft is not None else FinetuneConfig()
 
+
+
+def validate_finetune(cfg: Any, key: str) -> None:
+    """Range checks for a FinetuneConfig-shaped block (types are checked by the schema)."""
+    from compress.recipe import check_choice, check_range
+
+    if cfg.epochs < 0:
+        raise UserError(f"{key}.epochs: {cfg.epochs} must be >= 0")
+    check_choice(cfg.optimizer.name, f"{key}.optimizer.name", ("sgd", "adam", "adamw"))
+    if not cfg.optimizer.lr > 0:
+        raise UserError(f"{key}.optimizer.lr: {cfg.optimizer.lr} must be > 0")
+    check_range(cfg.optimizer.momentum, f"{key}.optimizer.momentum", 0.0, 1.0)
+    if cfg.optimizer.weight_decay < 0:
+        raise UserError(f"{key}.optimizer.weight_decay: {cfg.optimizer.weight_decay} must be >= 0")
+    check_choice(cfg.lr_schedule, f"{key}.lr_schedule", ("none", "cosine", "step"))
+    check_range(cfg.limit_train_batches, f"{key}.limit_train_batches", 0.0, 1.0, hi_open=False, lo_open=True)
+    if cfg.distill is not None:
+        check_range(cfg.distill.alpha, f"{key}.distill.alpha", 0.0, 1.0, hi_open=False)
+        if not cfg.distill.T > 0:
+            raise UserError(f"{key}.distill.T: {cfg.distill.T} must be > 0")
+
+
+def match_layers(names: Sequence[str], patterns: Sequence[str] | dict[str, Any], key: str) -> dict[str, str]:
+    """Map each layer name to the first pattern (exact name or glob) that matches it.
+
+    A pattern that matches no layer is a recipe mistake: UserError naming ``key`` and the nearest name.
+    """
+    from fnmatch import fnmatchcase
+
+    from compress.errors import nearest
+
+    out: dict[str, str] = {}
+    for pattern in patterns:
+        hits = [n for n in names if n == pattern or fnmatchcase(n, pattern)]
+        if not hits:
+            near = nearest(pattern, names)
+            hint = f" (did you mean '{near}'?)" if near else ""
+            raise UserError(f"{key}: '{pattern}' matches no layer{hint}; layers: {', '.join(names)}")
+        for n in hits:
+            out.setdefault(n, pattern)
+    return out

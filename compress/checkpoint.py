@@ -1,0 +1,154 @@
+"""Checkpoints as data: a state_dict, the model spec, how the model was changed, the recipe.
+
+Never a pickled module: everything loads with ``torch.load(..., weights_only=True)``, and a
+model is rebuilt by (1) building the architecture from its spec, (2) reshaping layers whose
+channels were removed, (3) re-installing parametrizations (masks, codebooks), (4) loading the
+state_dict strictly.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from compress.errors import UserError
+from compress.registry import Registry
+
+__all__ = ["FORMAT", "PARAMETRIZATIONS", "atomic_write", "save_checkpoint", "read_checkpoint", "load_model",
+           "model_from_checkpoint", "describe_parametrizations"]
+
+FORMAT = "compress-checkpoint/1"
+
+# name of a parametrization class -> fn(module, tensor_name, state_dict, prefix) that installs a
+# placeholder of the right shape, so load_state_dict can fill it.
+PARAMETRIZATIONS: Registry[Any] = Registry("parametrization")
+
+
+@PARAMETRIZATIONS.register("Mask")
+def _reinstall_mask(module: nn.Module, tensor: str, state_dict: dict[str, Any], prefix: str) -> None:
+    from compress.pruning.masks import set_mask
+
+    set_mask(module, torch.ones_like(getattr(module, tensor), dtype=torch.bool), tensor)
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def describe_parametrizations(model: nn.Module) -> dict[str, dict[str, list[str]]]:
+    """``{module path: {tensor name: [parametrization class names]}}``."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            out[name] = {t: [type(p).__name__ for p in plist] for t, plist in m.parametrizations.items()}
+    return out
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, model_spec: dict[str, Any],
+                    recipe: dict[str, Any] | None = None, stage_index: int = 0, stage_name: str = "",
+                    metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Write a checkpoint atomically; everything in it is tensors or plain containers."""
+    payload = {
+        "format": FORMAT,
+        "model_spec": model_spec,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "parametrizations": describe_parametrizations(model),
+        "recipe": recipe or {},
+        "stage_index": stage_index,
+        "stage_name": stage_name,
+        "metrics": metrics or {},
+        "extra": extra or {},
+    }
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's data with ``weights_only=True``; any problem is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file not found")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported content"
+        raise UserError(f"{path}: refused to load: the file holds more than tensors and plain data "
+                        f"(it could run code when loaded): {first[:160]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt?): {str(e).splitlines()[0][:160]}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise UserError(f"{path}: not a compress checkpoint (expected format {FORMAT}); "
+                        "a plain state_dict can be loaded with model.load_state_dict(torch.load(path, weights_only=True))")
+    return data
+
+
+def model_from_checkpoint(data: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
+    """Rebuild the model a checkpoint describes."""
+    from compress.models import build_model
+
+    spec = dict(data["model_spec"])
+    model = build_model(spec.pop("name"), key="model", **spec.get("kwargs", {}))
+    load_into(model, data, path)
+    return model
+
+
+def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
+    """Load a checkpoint's weights into ``model``, reshaping pruned layers and re-installing parametrizations."""
+    state = data["state_dict"]
+    _restore_structure(model, state)
+    for mod_name, tensors in data.get("parametrizations", {}).items():
+        try:
+            module = model.get_submodule(mod_name)
+        except AttributeError:
+            raise UserError(f"{path}: checkpoint is of another architecture (no module '{mod_name}')") from None
+        for tensor, kinds in tensors.items():
+            for kind in kinds:
+                _ensure_parametrization_registry()
+                PARAMETRIZATIONS.get(kind)(module, tensor, state, f"{mod_name}.parametrizations.{tensor}.")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise UserError(f"{path}: checkpoint does not fit this model (another architecture?): {detail[:200]}") from None
+    return model
+
+
+def _restore_structure(model: nn.Module, state: dict[str, Any]) -> None:
+    """Give layers whose channels were removed the shapes stored in ``state``."""
+    try:
+        from compress.pruning.structured import restore_structure
+    except ImportError:
+        return
+    restore_structure(model, state)
+
+
+def _ensure_parametrization_registry() -> None:
+    try:  # registers the weight-sharing parametrization when that package is present
+        import compress.sharing  # noqa: F401
+    except ImportError:
+        pass
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """A model from a checkpoint file, ready to run (eval mode)."""
+    data = read_checkpoint(path)
+    return model_from_checkpoint(data, path).eval()

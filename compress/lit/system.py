@@ -1,0 +1,83 @@
+"""The Lightning system: a bare student ``nn.Module`` plus an objective (CE or distillation)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compress.stages.base import FinetuneConfig
+
+__all__ = ["CrossEntropyObjective", "ClassificationSystem", "TrainingDiverged", "build_optimizer"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the stage stops and the last good checkpoint stays."""
+
+
+class CrossEntropyObjective(nn.Module):
+    """``objective(model, x, y) -> (loss, logits, parts)``: plain hard-label training."""
+
+    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, logits, {"hard": loss.detach()}
+
+
+def build_optimizer(params: Any, cfg: Any) -> torch.optim.Optimizer:
+    name = cfg.name
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov and cfg.momentum > 0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {name}")  # the recipe validation catches this first
+
+
+class ClassificationSystem(pl.LightningModule):
+    """Holds ``model`` (the bare student, what Torch-Pruning traces) and ``objective``.
+
+    Metrics are logged under ``<tag>/`` (the stage's name), so every stage has its own curves.
+    """
+
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, objective: nn.Module | None = None, tag: str = "train"):
+        super().__init__()
+        self.model = model
+        self.objective = objective if objective is not None else CrossEntropyObjective()
+        self.cfg = cfg
+        self.tag = tag
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss, logits, parts = self.objective(self.model, x, y)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"{self.tag}: the training loss became {loss.item()} at epoch {self.current_epoch}, "
+                f"step {self.global_step}; lower the learning rate ({self.cfg.optimizer.lr})")
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log(f"{self.tag}/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        self.log(f"{self.tag}/acc", acc, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        for name, value in parts.items():
+            self.log(f"{self.tag}/loss_{name}", value, on_step=True, on_epoch=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = build_optimizer(params, self.cfg.optimizer)
+        epochs = max(1, self.cfg.epochs)
+        if self.cfg.lr_schedule == "cosine":
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
+        elif self.cfg.lr_schedule == "step":
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(epochs * 0.5), int(epochs * 0.75)], 0.1)
+        else:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

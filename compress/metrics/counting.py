@@ -1,0 +1,107 @@
+"""Parameters, zeros and multiply-accumulates, per layer and in total.
+
+MACs of a convolution or linear layer = weight elements x output positions per sample
+(``C_out * C_in/groups * kh * kw * H_out * W_out``); effective MACs skip zero weights, the work
+left for hardware that exploits unstructured sparsity. Counted from one traced forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from compress.pruning.masks import prunable_layers
+
+__all__ = ["LayerStats", "count_layers", "summarize"]
+
+
+@dataclass
+class LayerStats:
+    name: str
+    type: str
+    params: int  # the layer's weight elements (the pruned tensor)
+    nonzero: int
+    sparsity: float
+    macs: int  # per sample
+    effective_macs: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _output_positions(model: nn.Module, layers: dict[str, nn.Module], example: Tensor) -> dict[str, int]:
+    """Output positions per sample of each layer (H_out*W_out for conv, tokens for linear)."""
+    positions: dict[str, int] = {}
+    handles = []
+    for name, m in layers.items():
+        def hook(mod: nn.Module, inp: Any, out: Tensor, name: str = name) -> None:
+            out_ch = mod.out_channels if hasattr(mod, "out_channels") else mod.out_features
+            positions[name] = out[:1].numel() // out_ch
+        handles.append(m.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return positions
+
+
+def count_layers(model: nn.Module, example: Tensor) -> list[LayerStats]:
+    """Per-layer statistics of the prunable layers (conv and linear) in forward order."""
+    layers = prunable_layers(model)
+    positions = _output_positions(model, layers, example)
+    stats = []
+    for name, m in layers.items():
+        if name not in positions:  # not on the forward path
+            continue
+        with torch.no_grad():
+            w = m.weight
+            n, nz = w.numel(), int(torch.count_nonzero(w))
+        pos = positions[name]
+        stats.append(LayerStats(name, type(m).__name__, n, nz, 1.0 - nz / n if n else 0.0, n * pos, nz * pos))
+    return stats
+
+
+def summarize(model: nn.Module, layers: list[LayerStats]) -> dict[str, Any]:
+    """Model-wide counts: every parameter (biases, BN too) plus the layer totals.
+
+    ``sparsity`` is the fraction of zeros among the prunable layers' weights, the quantity
+    pruning targets set; ``params``/``nonzero_params`` count every parameter.
+    """
+    params = nonzero = 0
+    for t in _logical_params(model):
+        params += t.numel()
+        nonzero += int(torch.count_nonzero(t))
+    w_total = sum(s.params for s in layers)
+    w_nonzero = sum(s.nonzero for s in layers)
+    return {
+        "params": params,
+        "nonzero_params": nonzero,
+        "sparsity": 1.0 - w_nonzero / w_total if w_total else 0.0,
+        "macs": sum(s.macs for s in layers),
+        "effective_macs": sum(s.effective_macs for s in layers),
+        "dense_bytes": params * 4,
+    }
+
+
+def _logical_params(model: nn.Module) -> list[Tensor]:
+    """Parameters as the model computes them (a masked or shared weight counts once, as used)."""
+    out = []
+    with torch.no_grad():
+        for path, m in model.named_modules():
+            if "parametrizations" in path.split("."):  # a parametrization's own state (original, mask)
+                continue
+            names = set(dict(m.named_parameters(recurse=False)))
+            parametrized = set(m.parametrizations.keys()) if hasattr(m, "parametrizations") else set()
+            for n in sorted(names | parametrized):
+                if n == "parametrizations":
+                    continue
+                out.append(getattr(m, n))
+    return out

@@ -1,0 +1,216 @@
+"""The pipeline: one visible loop over the recipe's stages.
+
+baseline (stage 0: the input model as it comes) -> for each stage: apply (incl. fine-tuning),
+measure, checkpoint, log to every sink.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
+from torch import nn
+
+from compress.checkpoint import atomic_write, load_into, read_checkpoint, save_checkpoint
+from compress.data import build_datamodule, example_batch
+from compress.errors import UserError
+from compress.metrics import count_layers, evaluate_accuracy, measure_latency_ms, summarize
+from compress.models import build_model
+from compress.pruning.masks import deployed_copy
+from compress.recipe import Recipe
+from compress.stages.base import Context, Stage
+from compress.tracking import CSVSink, ReportSink, Sink, TerminalSink, WandbSink
+
+__all__ = ["Pipeline", "measure", "model_spec"]
+
+NOT_COMPRESSION = ("train", "evaluate")
+
+
+def model_spec(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
+    """What rebuilds the architecture: the zoo name and every constructor argument."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("name", "checkpoint")}
+    kwargs.setdefault("input_shape", list(input_shape))
+    kwargs.setdefault("num_classes", num_classes)
+    return {"name": str(cfg.name), "kwargs": kwargs}
+
+
+def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | None = None,
+            hardware: list[str] = (), repeats: int = 20, warmup: int = 3, latency_batch: int | None = None,
+            max_batches: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """Every per-stage metric, from the model in hand: ``(metrics, layer rows, extras)``."""
+    model = model.cpu()
+    x1 = example_batch(datamodule, 1)[0]
+    layers = count_layers(model, x1)
+    metrics: dict[str, Any] = evaluate_accuracy(model, datamodule.test_dataloader(), max_batches)
+    metrics.update(summarize(model, layers))
+    extras: dict[str, Any] = {}
+    storage = _storage(model)
+    metrics["stored_bytes"] = storage["total"]["compressed_bytes"]
+    metrics["compression_ratio"] = metrics["dense_bytes"] / max(1, metrics["stored_bytes"])
+    if storage.get("layers"):
+        extras["storage"] = storage
+    # Time the model as it would be deployed: parametrizations (masks, codebooks) baked in.
+    deployed = deployed_copy(model).eval()
+    batch = latency_batch or datamodule.config.batch_size
+    xb = example_batch(datamodule, batch)[0]
+    metrics["measured_latency_ms"] = measure_latency_ms(deployed, x1, repeats, warmup)
+    metrics["measured_latency_ms_batch"] = measure_latency_ms(deployed, xb, max(3, repeats // 4), warmup)
+    metrics["latency_batch_size"] = batch
+    base = baseline or metrics
+    metrics["mac_speedup"] = base["macs"] / max(1, metrics["effective_macs"])
+    metrics["measured_speedup"] = base["measured_latency_ms"] / metrics["measured_latency_ms"]
+    metrics["measured_speedup_batch"] = base["measured_latency_ms_batch"] / metrics["measured_latency_ms_batch"]
+    rows = [s.as_dict() for s in layers]
+    if hardware:
+        from compress.hardware import hardware_metrics
+
+        hw, hw_layers, notes = hardware_metrics(deployed, x1, list(hardware), baseline)
+        metrics.update(hw)
+        by_name = {r["name"]: r for r in rows}
+        for name, per_profile in hw_layers.items():
+            if name in by_name:
+                by_name[name]["hardware"] = per_profile
+        extras["notes"] = notes
+    return metrics, rows, extras
+
+
+def _storage(model: nn.Module) -> dict[str, Any]:
+    try:
+        from compress.encoding import model_storage
+    except ImportError:  # TEMP until the encoding package lands
+        dense = sum(p.numel() for p in model.parameters()) * 4
+        return {"total": {"compressed_bytes": dense}}
+    return model_storage(model)
+
+
+class Pipeline:
+    """Runs a validated :class:`Recipe`. ``Pipeline(load_recipe(path)).run()``."""
+
+    def __init__(self, recipe: Recipe, *, overwrite: bool = False, quiet: bool = False):
+        self.recipe = recipe
+        self.cfg = recipe.cfg
+        self.out_dir = Path(self.cfg.out_dir)
+        self.overwrite = overwrite
+        self.quiet = quiet
+        self.records: list[dict[str, Any]] = []
+        self.sinks: list[Sink] = []
+
+    # -- set-up ------------------------------------------------------------------------------
+    def prepare(self) -> tuple[nn.Module, Context]:
+        """Data, model and context; validates every stage's plan against the model (no training)."""
+        cfg = self.cfg
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        dm = build_datamodule(cfg.data, seed=cfg.seed)
+        dm.setup("fit")
+        self.spec = model_spec(cfg.model, dm.input_shape, dm.num_classes)
+        model = build_model(self.spec["name"], key="model", **self.spec["kwargs"])
+        if cfg.model.get("checkpoint"):
+            load_weights(model, Path(cfg.model.checkpoint))
+        self.plans = {stage.name: stage.plan(model) for stage in self.recipe.stages}
+        ctx = Context(dm, out_dir=self.out_dir, trainer=OmegaConf.to_container(cfg.trainer), seed=cfg.seed,
+                      teachers_dir=cfg.teachers_dir)
+        return model, ctx
+
+    def _check_out_dir(self) -> None:
+        report = self.out_dir / "report.json"
+        if report.exists() and not self.overwrite:
+            raise UserError(f"out_dir: '{self.out_dir}' already holds a run; pass --overwrite to replace it, "
+                            f"or choose another: out_dir=runs/NEW")
+
+    def _open_sinks(self, ctx: Context) -> None:
+        cfg = self.cfg
+        if not rank_zero_only.rank == 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        recipe = self.recipe.to_container()
+        atomic_write(self.out_dir / "recipe.yaml", lambda tmp: Path(tmp).write_text(self.recipe.to_yaml()))
+        from pytorch_lightning.loggers import CSVLogger
+
+        ctx.loggers.append(CSVLogger(str(self.out_dir), name="curves", version=""))
+        self.sinks = [ReportSink(self.out_dir, recipe), CSVSink(self.out_dir)]
+        if not self.quiet:
+            self.sinks.insert(0, TerminalSink())
+        if cfg.logger.wandb.mode != "disabled":
+            from pytorch_lightning.loggers import WandbLogger
+
+            w = cfg.logger.wandb
+            logger = WandbLogger(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags),
+                                 name=cfg.name, save_dir=str(self.out_dir), mode=w.mode, config=recipe)
+            ctx.loggers.append(logger)
+            self.sinks.append(WandbSink(logger.experiment, log_model=w.log_model))
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        self._check_out_dir()
+        model, ctx = self.prepare()
+        self._open_sinks(ctx)
+        stages: list[Stage] = self.recipe.stages
+        t0 = time.perf_counter()
+        baseline = self._finish_stage(0, "input", "input", model, ctx, None, t0, {})
+        for index, stage in enumerate(stages, start=1):
+            ctx.stage_index, ctx.stage_name = index, stage.name
+            if ctx.reference_model is None and stage.type_name not in NOT_COMPRESSION:
+                ctx.reference_model = copy.deepcopy(model).eval()  # `teacher: self`
+            t0 = time.perf_counter()
+            result = stage.apply(model, ctx)
+            model = result.model
+            self._finish_stage(index, stage.name, stage.type_name, model, ctx, baseline, t0, result.info)
+        last = self.out_dir / self._ckpt_name(len(stages), stages[-1].name if stages else "input")
+        for sink in self.sinks:
+            sink.close(self.records, last)
+        self.model = model
+        return self.records
+
+    def _ckpt_name(self, index: int, name: str) -> str:
+        return f"stage-{index}-{name.replace('/', '_')}.ckpt"
+
+    def _finish_stage(self, index: int, name: str, type_: str, model: nn.Module, ctx: Context,
+                      baseline: dict[str, Any] | None, t0: float, info: dict[str, Any]) -> dict[str, Any]:
+        wall = time.perf_counter() - t0
+        e = self.cfg.eval
+        metrics, layers, extras = measure(model, ctx.datamodule, baseline=baseline, hardware=list(self.cfg.hardware),
+                                          repeats=e.latency_repeats, warmup=e.latency_warmup,
+                                          latency_batch=e.latency_batch_size, max_batches=e.max_batches)
+        metrics["wall_s"] = wall
+        record = {"index": index, "name": name, "type": type_, "metrics": metrics, "layers": layers,
+                  "info": _plain(info), **extras}
+        self.records.append(record)
+        if rank_zero_only.rank == 0:
+            save_checkpoint(self.out_dir / self._ckpt_name(index, name), model, model_spec=self.spec,
+                            recipe=self.recipe.to_container(), stage_index=index, stage_name=name,
+                            metrics=metrics, extra={"records": json.dumps(self.records, default=float)})
+            for sink in self.sinks:
+                sink.on_stage(record, self.records)
+        return metrics
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """``model.checkpoint``: a compress checkpoint, or a plain state_dict (both weights_only)."""
+    try:
+        data = read_checkpoint(path)
+    except UserError as e:
+        if "not a compress checkpoint" not in str(e):
+            raise
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = {"state_dict": state.get("state_dict", state) if isinstance(state, dict) else state}
+    load_into(model, data, path)
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-friendly copy of a stage's info (tensors become lists, numbers stay numbers)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, int | float | str | bool) or obj is None:
+        return obj
+    return str(obj)
