@@ -1,0 +1,118 @@
+"""Bad input: one line on stderr naming the key, exit status 2, no traceback, nothing trained."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compress.cli import main
+from tests.conftest import ROOT, quick_recipe
+
+
+def write(tmp_path: Path, recipe: dict | str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    return str(path)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def stage(i: int, **over) -> list:
+    stages = quick_recipe(Path("."))["stages"]
+    stages[i].update(over)
+    return stages
+
+
+CASES = [
+    ("unknown stage type", {"stages": [{"type": "prune.unstructred", "sparsity": 0.5}]},
+     r"stages\[0\]\.type: unknown stage type 'prune.unstructred'.*did you mean 'prune.unstructured'"),
+    ("misspelt stage key", {"stages": [{"type": "prune.unstructured", "sparsty": 0.5}]},
+     r"stages\[0\]\.sparsty: unknown key 'sparsty'.*did you mean 'sparsity'"),
+    ("misspelt top-level key", {"trainr": {"devices": 1}}, r"trainr: unknown key 'trainr'.*did you mean 'trainer'"),
+    ("ratio outside [0,1)", {"stages": [{"type": "prune.unstructured", "sparsity": 1.5}]},
+     r"stages\[0\]\.sparsity: 1.5 is outside \[0, 1\)"),
+    ("layer glob matching nothing", {"stages": [{"type": "prune.unstructured", "sparsity": 0.5, "layers": {"conv*": 0.9}}]},
+     r"stages\[0\]\.layers: 'conv\*' matches no layer"),
+    ("missing checkpoint file", {"model": {"name": "lenet300", "checkpoint": "nowhere.ckpt"}},
+     r"model.checkpoint: file 'nowhere.ckpt' not found"),
+    ("unknown model", {"model": {"name": "lenet30"}}, r"model.name: unknown model 'lenet30'.*did you mean 'lenet300'"),
+    ("unknown dataset", {"data": {"name": "mnsit"}}, r"data.name: unknown dataset 'mnsit'.*did you mean 'mnist'"),
+    ("wrong type", {"stages": [{"type": "train", "epochs": "ten"}]}, r"stages\[0\]\.epochs: Value 'ten'"),
+    ("negative epochs", {"stages": [{"type": "train", "epochs": -1}]}, r"stages\[0\]\.finetune.epochs|stages\[0\]\.epochs: -1 must be >= 0"),
+    ("NaN learning rate", {"stages": [{"type": "train", "epochs": 1, "optimizer": {"lr": float("nan")}}]},
+     r"stages\[0\]\.optimizer\.lr: nan is not a finite number"),
+    ("unknown optimizer", {"stages": [{"type": "train", "epochs": 1, "optimizer": {"name": "sgdd"}}]},
+     r"optimizer.name: 'sgdd' is not valid.*did you mean 'sgd'"),
+    ("unknown logger", {"logger": {"mlflow": {}}}, r"logger.mlflow: unknown key 'mlflow'; valid: csv, wandb"),
+    ("bad wandb mode", {"logger": {"wandb": {"mode": "offlne"}}}, r"logger.wandb.mode: 'offlne' is not valid"),
+    ("unresolvable interpolation", {"out_dir": "runs/${nme}"}, r"out_dir: interpolation does not resolve"),
+    ("unknown model argument", {"model": {"name": "mlp", "hiden": [10]}}, r"model.hiden: not an argument of MLP.*hidden"),
+    ("missing MNIST files", {"data": {"name": "mnist", "root": "/nonexistent"}},
+     r"data.root: MNIST file 'train-images-idx3-ubyte\[.gz\]' not found under '/nonexistent'"),
+    ("stage not a mapping", {"stages": ["train"]}, r"stages\[0\]: a stage is a mapping with a 'type'"),
+]
+
+
+@pytest.mark.parametrize("what, change, match", CASES, ids=[c[0] for c in CASES])
+def test_recipe_errors_exit_2_with_one_line(tmp_path, capsys, what, change, match):
+    recipe = quick_recipe(tmp_path)
+    recipe.update(change)
+    code, err = run_cli(capsys, write(tmp_path, recipe))
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    import re
+
+    assert re.search(match, err), err
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+def test_missing_recipe_file(capsys):
+    code, err = run_cli(capsys, "recipes/nope.yaml")
+    assert code == 2 and "recipes/nope.yaml: recipe file not found" in err
+
+
+def test_yaml_syntax_error_names_line(tmp_path, capsys):
+    path = write(tmp_path, "name: x\nstages:\n  - {type: train, epochs: 3\n")
+    code, err = run_cli(capsys, path)
+    assert code == 2 and "recipe.yaml:4:" in err and "YAML syntax error" in err
+
+
+def test_bad_override(tmp_path, capsys):
+    path = write(tmp_path, quick_recipe(tmp_path))
+    code, err = run_cli(capsys, path, "stages.7.sparsity=0.5")
+    assert code == 2 and "index '7' is out of range" in err
+    code, err = run_cli(capsys, path, "stages.1.sparsity=2")
+    assert code == 2 and "stages[1].sparsity: 2.0 is outside [0, 1)" in err
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.json").write_text("{}")
+    code, err = run_cli(capsys, write(tmp_path, quick_recipe(tmp_path)))
+    assert code == 2 and "already holds a run; pass --overwrite" in err
+    assert (tmp_path / "run" / "report.json").read_text() == "{}"
+
+
+def test_subprocess_exit_status_and_no_traceback(tmp_path):
+    recipe = quick_recipe(tmp_path)
+    recipe["stages"][1]["sparsity"] = 1.0
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), write(tmp_path, recipe)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: stages[1].sparsity: 1.0 is outside [0, 1)"
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_dry_run_prints_plan_and_trains_nothing(tmp_path, capsys):
+    code = main([write(tmp_path, quick_recipe(tmp_path)), "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "plan:" in out and "features.0 -> 0.50" in out and "fc_out -> 0.80" in out
+    assert not (tmp_path / "run").exists()

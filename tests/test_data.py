@@ -1,0 +1,95 @@
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from compress.data import build_datamodule, example_batch
+from compress.data.mnist import read_idx
+from compress.errors import UserError
+
+
+def write_idx(path, array: np.ndarray, gz: bool) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_reads_idx_files_gzipped_or_not(tmp_path, gz):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
+    train = rng.integers(0, 256, (12, 28, 28))
+    write_idx(raw / f"train-images-idx3-ubyte{suffix}", train, gz)
+    write_idx(raw / f"train-labels-idx1-ubyte{suffix}", np.arange(12) % 10, gz)
+    write_idx(raw / f"t10k-images-idx3-ubyte{suffix}", rng.integers(0, 256, (5, 28, 28)), gz)
+    write_idx(raw / f"t10k-labels-idx1-ubyte{suffix}", np.arange(5), gz)
+    dm = build_datamodule({"name": "mnist", "root": str(tmp_path), "normalize": False})
+    x, y = dm.train_tensors
+    assert x.shape == (12, 1, 28, 28) and y.tolist() == (np.arange(12) % 10).tolist()
+    assert torch.allclose(x[3, 0], torch.from_numpy(train[3] / 255.0).float())
+    assert dm.input_shape == (1, 28, 28) and len(dm.test_tensors[0]) == 5
+
+
+def test_truncated_idx_is_a_user_error(tmp_path):
+    path = tmp_path / "x-idx1-ubyte"
+    path.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2]))
+    with pytest.raises(UserError, match="truncated IDX file"):
+        read_idx(path)
+
+
+def cifar_batch(n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8), b"labels": list(rng.integers(0, 10, n))}
+
+
+def test_cifar10_reads_python_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        pickle.dump(cifar_batch(4, i), open(folder / f"data_batch_{i}", "wb"))
+    pickle.dump(cifar_batch(3, 9), open(folder / "test_batch", "wb"))
+    dm = build_datamodule({"name": "cifar10", "root": str(tmp_path)})
+    assert dm.input_shape == (3, 32, 32) and len(dm.train_tensors[0]) == 20 and len(dm.test_tensors[0]) == 3
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_cifar10_refuses_a_pickle_that_would_run_code(tmp_path, capsys):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        pickle.dump({b"data": Evil(), b"labels": [1]}, open(folder / f"data_batch_{i}", "wb"))
+    pickle.dump(cifar_batch(3, 9), open(folder / "test_batch", "wb"))
+    with pytest.raises(UserError, match="refusing to load builtins.print"):
+        build_datamodule({"name": "cifar10", "root": str(tmp_path)}).setup()
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_digits_resize_channels_and_seeded_shuffle():
+    dm = build_datamodule({"name": "digits", "resize": 16, "channels": 3, "batch_size": 8}, seed=3)
+    assert dm.input_shape == (3, 16, 16)
+    first = next(iter(dm.train_dataloader()))[1]
+    again = next(iter(build_datamodule({"name": "digits", "resize": 16, "channels": 3, "batch_size": 8},
+                                       seed=3).train_dataloader()))[1]
+    assert torch.equal(first, again)
+    x, y = example_batch(dm, 1000)  # more than the test split: repeated
+    assert x.shape[0] == 1000 and y.shape == (1000,)
+
+
+def test_synthetic_is_learnable_shape():
+    dm = build_datamodule({"name": "synthetic", "shape": [3, 4, 4], "classes": 5, "train_size": 10, "test_size": 4})
+    x, y = dm.train_tensors
+    assert x.shape == (10, 3, 4, 4) and int(y.max()) < 5 and dm.num_classes == 5
+
+
+@pytest.mark.slow
+def test_real_mnist_checksummed_files(mnist_root):
+    dm = build_datamodule({"name": "mnist", "root": str(mnist_root)})
+    assert len(dm.train_tensors[0]) == 60000 and len(dm.test_tensors[0]) == 10000

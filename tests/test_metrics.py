@@ -1,0 +1,56 @@
+import pytest
+import torch
+from torch import nn
+
+from compress.metrics import count_layers, evaluate_accuracy, measure_latency_ms, summarize
+from compress.pruning.masks import set_mask
+
+
+def test_counts_against_hand_computation(tiny_model):
+    # conv 1->4, 3x3 on 8x8: 36 weights, output 6x6 -> 36*36 MACs; fc 144->10: 1440 weights, 1440 MACs
+    mask = torch.ones(4, 1, 3, 3, dtype=torch.bool)
+    mask[0] = False  # prune one whole filter: 9 zeros
+    set_mask(tiny_model.conv, mask)
+    fc_mask = torch.ones(10, 144, dtype=torch.bool)
+    fc_mask[:, :72] = False  # 720 zeros
+    set_mask(tiny_model.fc, fc_mask)
+    layers = {s.name: s for s in count_layers(tiny_model, torch.randn(1, 1, 8, 8))}
+    assert layers["conv"].params == 36 and layers["conv"].nonzero == 27
+    assert layers["conv"].macs == 36 * 36 and layers["conv"].effective_macs == 27 * 36
+    assert layers["fc"].macs == 1440 and layers["fc"].effective_macs == 720
+    assert layers["fc"].sparsity == pytest.approx(0.5)
+    s = summarize(tiny_model, list(layers.values()))
+    assert s["params"] == 36 + 4 + 1440 + 10
+    assert s["nonzero_params"] == 27 + 4 + 720 + 10
+    assert s["sparsity"] == pytest.approx((9 + 720) / (36 + 1440))
+    assert s["macs"] == 36 * 36 + 1440 and s["effective_macs"] == 27 * 36 + 720
+    assert s["dense_bytes"] == 4 * (36 + 4 + 1440 + 10)
+
+
+def test_grouped_conv_macs():
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False))
+    (layer,) = count_layers(model, torch.randn(1, 8, 5, 5))
+    assert layer.params == 72 and layer.macs == 72 * 25  # depthwise: 9 MACs per output element
+
+
+def test_accuracy_and_loss_on_known_predictions():
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dummy = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return x  # inputs are the logits
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1, 1])
+    loader = [(logits[:2], labels[:2]), (logits[2:], labels[2:])]
+    out = evaluate_accuracy(Fixed(), loader)
+    assert out["accuracy"] == pytest.approx(0.75)
+    assert out["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, labels)))
+
+
+def test_latency_is_positive_and_restores_mode(tiny_model):
+    tiny_model.train()
+    ms = measure_latency_ms(tiny_model, torch.randn(1, 1, 8, 8), repeats=3, warmup=1)
+    assert ms > 0 and tiny_model.training
