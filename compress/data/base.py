@@ -9,11 +9,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from compress.errors import UserError
 
-__all__ = ["DataConfig", "TensorDataModule"]
+__all__ = ["DataConfig", "EpochShuffleSampler", "TensorDataModule"]
 
 
 @dataclass
@@ -24,6 +24,25 @@ class DataConfig:
     channels: int | None = None  # repeat grey images to this many channels (e.g. 3 for CIFAR nets)
     limit_train: int | None = None  # use only the first N training samples (quick runs)
     limit_test: int | None = None
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation drawn from (seed, epoch) alone, so a run resumed at epoch e sees the same
+    order as one that never stopped. Lightning calls ``set_epoch`` before every epoch (under DDP it
+    swaps in a DistributedSampler, which is seeded the same way)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -90,9 +109,8 @@ class TensorDataModule(pl.LightningDataModule):
         return vx, vy
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(TensorDataset(*self.train_tensors), batch_size=self.config.batch_size, shuffle=True,
-                          generator=g, drop_last=False)
+        data = TensorDataset(*self.train_tensors)
+        return DataLoader(data, batch_size=self.config.batch_size, sampler=EpochShuffleSampler(len(data), self.seed))
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(*self.test_tensors), batch_size=self.config.eval_batch_size)

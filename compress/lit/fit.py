@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
+from compress.checkpoint import atomic_write
 from compress.lit.system import ClassificationSystem
 from compress.stages.base import Context, FinetuneConfig
 
-__all__ = ["fit", "make_trainer"]
+__all__ = ["fit", "make_trainer", "AtomicCheckpointIO"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file and renamed: a kill mid-write leaves the
+    previous checkpoint intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        atomic_write(path, lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options))
 
 for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
     logging.getLogger(_name).setLevel(logging.WARNING)
@@ -34,12 +47,13 @@ def make_trainer(ctx: Context, epochs: int, callbacks: Sequence[Any] = (), **ove
         log_every_n_steps=t.get("log_every_n_steps", 10),
         logger=list(ctx.loggers) or False,
         callbacks=list(callbacks),
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=show_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=str(ctx.out_dir) if ctx.out_dir else None,
+        plugins=[AtomicCheckpointIO()],
     )
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
@@ -52,15 +66,42 @@ def fit(model: nn.Module, ctx: Context, cfg: FinetuneConfig, callbacks: Sequence
     With ``cfg.distill`` set, the loss is the distillation objective (teacher resolved from
     the context); its adapters train with the student and are dropped afterwards.
     """
+    ctx.fits += 1
+    pl.seed_everything(ctx.seed + 1000 * ctx.stage_index + ctx.fits, workers=True, verbose=False)
     objective = None
     if cfg.distill is not None:
         from compress.distill import build_objective
 
         objective = build_objective(model, cfg.distill, ctx)
-    pl.seed_everything(ctx.seed + ctx.stage_index, workers=True, verbose=False)
     system = ClassificationSystem(model, cfg, objective, tag=tag)
+    callbacks = list(callbacks)
+    resume_from = None
+    stage_dir = ctx.stage_checkpoint_dir()
+    if stage_dir is not None:  # resumable: the last epoch of every fine-tuning run is kept
+        fit_dir = stage_dir / f"fit-{ctx.fits}"
+        callbacks.append(ModelCheckpoint(dirpath=str(fit_dir), filename="last", save_top_k=1, every_n_epochs=1,
+                                         enable_version_counter=False))
+        if (fit_dir / "last.ckpt").is_file():
+            resume_from = str(fit_dir / "last.ckpt")
+    if os.environ.get("COMPRESS_KILL_AT"):
+        callbacks.append(_KillAt(os.environ["COMPRESS_KILL_AT"], ctx.stage_index))
     trainer = make_trainer(ctx, cfg.epochs, callbacks, limit_train_batches=cfg.limit_train_batches)
     was_training = model.training
-    trainer.fit(system, datamodule=ctx.datamodule)
+    trainer.fit(system, datamodule=ctx.datamodule, ckpt_path=resume_from, weights_only=True if resume_from else None)
     model.train(was_training)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+
+class _KillAt(pl.Callback):
+    """Fault injection for the crash-and-resume tests: ``COMPRESS_KILL_AT=STAGE:EPOCH:BATCH`` sends
+    this process SIGKILL at that batch of that epoch of that stage (no clean-up runs, as in a crash)."""
+
+    def __init__(self, spec: str, stage_index: int):
+        stage, epoch, batch = (int(v) for v in spec.split(":"))
+        self.active = stage == stage_index
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.active and trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)

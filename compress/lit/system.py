@@ -70,6 +70,14 @@ class ClassificationSystem(pl.LightningModule):
             self.log(f"{self.tag}/loss_{name}", value, on_step=True, on_epoch=True, sync_dist=True)
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The RNG state too, so a resumed run draws what an uninterrupted one would (dropout, ...).
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         opt = build_optimizer(params, self.cfg.optimizer)

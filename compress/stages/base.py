@@ -80,6 +80,16 @@ class Context:
         self.stage_index = stage_index
         self.stage_name = stage_name
         self.teachers_dir = Path(teachers_dir)
+        self.fits = 0  # fine-tuning runs so far in this stage (each has its own resumable checkpoint)
+
+    def begin_stage(self, index: int, name: str) -> None:
+        self.stage_index, self.stage_name, self.fits = index, name, 0
+
+    def stage_checkpoint_dir(self, index: int | None = None) -> Path | None:
+        """Where the Lightning checkpoints of a stage's fine-tuning runs live (None: not kept)."""
+        if self.out_dir is None:
+            return None
+        return self.out_dir / "lightning" / f"stage-{self.stage_index if index is None else index}"
 
     def example_inputs(self, batch_size: int = 2):
         """A batch of real inputs (for tracing graphs), from the data module's test split."""

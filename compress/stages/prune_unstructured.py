@@ -178,7 +178,12 @@ class UnstructuredPruningStage(Stage):
             ctx.finetune(model, c.finetune, tag=self.name)
         else:
             steps = c.steps or max(1, round(c.ramp * c.finetune.epochs))
-            ctx.finetune(model, c.finetune, callbacks=[GradualPruningCallback(self, model, steps, c.ramp)], tag=self.name)
+            # Step 1 happens before training starts, so the masks exist before Lightning wraps the
+            # model (DDP registers its parameters then); later steps only change mask buffers.
+            self.prune_to(model, 1, steps)
+            callback = GradualPruningCallback(self, model, steps, c.ramp)
+            callback.done = 1
+            ctx.finetune(model, c.finetune, callbacks=[callback], tag=self.name)
             self.prune_to(model)  # the schedule ends exactly at the targets
         return StageResult(model, {"layer_sparsity": self.report(model)})
 
@@ -189,6 +194,12 @@ class GradualPruningCallback(pl.Callback):
     def __init__(self, stage: UnstructuredPruningStage, model: nn.Module, steps: int, ramp: float):
         self.stage, self.model, self.steps, self.ramp = stage, model, steps, ramp
         self.done = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.done = int(state["done"])
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         per_epoch = max(1, int(trainer.num_training_batches))
