@@ -13,7 +13,8 @@ from compress.errors import UserError
 
 __all__ = ["main"]
 
-USAGE = """python run.py RECIPE.yaml [key=value ...] [--dry-run] [--overwrite]
+USAGE = """python run.py RECIPE.yaml [key=value ...] [--dry-run] [--overwrite | --resume]
+       python run.py resume RUN_DIR
        python run.py export RUN_DIR --format deep [--out FILE]
        python run.py sensitivity RECIPE.yaml [key=value ...]"""
 
@@ -23,14 +24,17 @@ def _run(argv: Sequence[str]) -> int:
     p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.devices=2 stages.1.sparsity=0.9")
     p.add_argument("--dry-run", action="store_true", help="validate, print the resolved recipe and the plan, train nothing")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in out_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in out_dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in out_dir: finished stages are kept, the interrupted one restarts "
+                        "from its last epoch")
     p.add_argument("--quiet", action="store_true", help="no tables on the terminal")
     args = p.parse_intermixed_args(list(argv))
     from compress.pipeline import Pipeline
     from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    pipeline = Pipeline(recipe, overwrite=args.overwrite, quiet=args.quiet)
+    pipeline = Pipeline(recipe, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
     if args.dry_run:
         model, _ = pipeline.prepare()
         print(recipe.to_yaml())
@@ -49,7 +53,21 @@ def _run(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {}
+def _resume(argv: Sequence[str]) -> int:
+    """``resume RUN_DIR``: the recipe saved in the run folder, resumed there."""
+    p = argparse.ArgumentParser(prog="run.py resume", description="Resume an interrupted run.")
+    p.add_argument("run_dir")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(list(argv))
+    from pathlib import Path
+
+    recipe_path = Path(args.run_dir) / "recipe.yaml"
+    if not recipe_path.is_file():
+        raise UserError(f"{args.run_dir}: no recipe.yaml there; is it a run folder (out_dir of a recipe)?")
+    return _run([str(recipe_path), f"out_dir={args.run_dir}", "--resume"] + (["--quiet"] if args.quiet else []))
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"resume": _resume}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -93,11 +93,14 @@ def _storage(model: nn.Module) -> dict[str, Any]:
 class Pipeline:
     """Runs a validated :class:`Recipe`. ``Pipeline(load_recipe(path)).run()``."""
 
-    def __init__(self, recipe: Recipe, *, overwrite: bool = False, quiet: bool = False):
+    def __init__(self, recipe: Recipe, *, overwrite: bool = False, resume: bool = False, quiet: bool = False):
+        if overwrite and resume:
+            raise UserError("--overwrite and --resume contradict each other: choose one")
         self.recipe = recipe
         self.cfg = recipe.cfg
         self.out_dir = Path(self.cfg.out_dir)
         self.overwrite = overwrite
+        self.resume = resume
         self.quiet = quiet
         self.records: list[dict[str, Any]] = []
         self.sinks: list[Sink] = []
@@ -118,11 +121,56 @@ class Pipeline:
                       teachers_dir=cfg.teachers_dir)
         return model, ctx
 
+    OWN_FILES = ("recipe.yaml", "report.json", "report.md", "metrics.csv", "run.json")
+    OWN_DIRS = ("lightning", "curves", "wandb")
+
     def _check_out_dir(self) -> None:
-        report = self.out_dir / "report.json"
-        if report.exists() and not self.overwrite:
-            raise UserError(f"out_dir: '{self.out_dir}' already holds a run; pass --overwrite to replace it, "
-                            f"or choose another: out_dir=runs/NEW")
+        """Never overwrite a run silently: a folder that holds one needs --resume or --overwrite."""
+        if not rank_zero_only.rank == 0:
+            return
+        out = self.out_dir
+        holds_run = any((out / n).exists() for n in ("recipe.yaml", "report.json")) or any(out.glob("stage-*.ckpt"))
+        if not holds_run:
+            return
+        if self.overwrite:
+            import shutil
+
+            for f in [*(out / n for n in self.OWN_FILES), *out.glob("stage-*.ckpt")]:
+                f.unlink(missing_ok=True)
+            for d in self.OWN_DIRS:
+                shutil.rmtree(out / d, ignore_errors=True)
+            return
+        if not self.resume:
+            raise UserError(f"out_dir: '{out}' already holds a run; pass --resume to continue it, --overwrite to "
+                            "replace it, or choose another: out_dir=runs/NEW")
+        saved = OmegaConf.to_container(OmegaConf.load(out / "recipe.yaml"), resolve=True) \
+            if (out / "recipe.yaml").exists() else None
+        if saved is not None:
+            diff = _first_difference(saved, self.recipe.to_container())
+            if diff is not None:
+                raise UserError(f"out_dir: '{out}' holds a different run ({diff} differs from its recipe.yaml); "
+                                "resume with the same recipe and overrides, or pass --overwrite")
+
+    def _restore(self, model: nn.Module, ctx: Context) -> int:
+        """Load the last finished stage; returns the index of the first stage still to run."""
+        stages = self.recipe.stages
+        names = ["input"] + [s.name for s in stages]
+        done = -1
+        for k, name in enumerate(names):
+            if not (self.out_dir / self._ckpt_name(k, name)).is_file():
+                break
+            done = k
+        if done < 0:
+            return 0
+        data = read_checkpoint(self.out_dir / self._ckpt_name(done, names[done]))
+        load_into(model, data, self.out_dir / self._ckpt_name(done, names[done]))
+        self.records = json.loads(data["extra"]["records"])
+        ref = next((i for i, s in enumerate(stages) if s.type_name not in NOT_COMPRESSION), None)
+        if ref is not None and ref < done:  # `teacher: self` is the model before the first compression stage
+            reference = build_model(self.spec["name"], key="model", **self.spec["kwargs"])
+            load_into(reference, read_checkpoint(self.out_dir / self._ckpt_name(ref, names[ref])))
+            ctx.reference_model = reference.eval()
+        return done + 1
 
     def _open_sinks(self, ctx: Context) -> None:
         cfg = self.cfg
@@ -138,24 +186,35 @@ class Pipeline:
         if not self.quiet:
             self.sinks.insert(0, TerminalSink())
         if cfg.logger.wandb.mode != "disabled":
+            import wandb
             from pytorch_lightning.loggers import WandbLogger
 
             w = cfg.logger.wandb
+            run_file = self.out_dir / "run.json"
+            run_id = json.loads(run_file.read_text()).get("wandb_id") if self.resume and run_file.exists() else None
             logger = WandbLogger(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags),
-                                 name=cfg.name, save_dir=str(self.out_dir), mode=w.mode, config=recipe)
+                                 name=cfg.name, save_dir=str(self.out_dir), mode=w.mode, config=recipe,
+                                 id=run_id, resume="allow" if run_id else None,
+                                 settings=wandb.Settings(quiet=True))
             ctx.loggers.append(logger)
+            run_id = logger.experiment.id
+            atomic_write(run_file, lambda tmp: Path(tmp).write_text(json.dumps({"wandb_id": run_id})))
             self.sinks.append(WandbSink(logger.experiment, log_model=w.log_model))
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
         self._check_out_dir()
         model, ctx = self.prepare()
+        start = self._restore(model, ctx) if self.resume else 0
         self._open_sinks(ctx)
         stages: list[Stage] = self.recipe.stages
-        t0 = time.perf_counter()
-        baseline = self._finish_stage(0, "input", "input", model, ctx, None, t0, {})
+        if start == 0:
+            self._finish_stage(0, "input", "input", model, ctx, None, time.perf_counter(), {})
+        baseline = self.records[0]["metrics"]
         for index, stage in enumerate(stages, start=1):
-            ctx.stage_index, ctx.stage_name = index, stage.name
+            if index < start:
+                continue
+            ctx.begin_stage(index, stage.name)
             if ctx.reference_model is None and stage.type_name not in NOT_COMPRESSION:
                 ctx.reference_model = copy.deepcopy(model).eval()  # `teacher: self`
             t0 = time.perf_counter()
@@ -188,6 +247,11 @@ class Pipeline:
                             metrics=metrics, extra={"records": json.dumps(self.records, default=float)})
             for sink in self.sinks:
                 sink.on_stage(record, self.records)
+            lightning_dir = ctx.stage_checkpoint_dir(index)
+            if lightning_dir is not None and lightning_dir.exists():  # the stage checkpoint supersedes them
+                import shutil
+
+                shutil.rmtree(lightning_dir, ignore_errors=True)
         return metrics
 
 
@@ -201,6 +265,27 @@ def load_weights(model: nn.Module, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         data = {"state_dict": state.get("state_dict", state) if isinstance(state, dict) else state}
     load_into(model, data, path)
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """The first key path where two plain containers differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in list(a) + [k for k in b if k not in a]:
+            if k not in a or k not in b:
+                return f"{path}.{k}".lstrip(".")
+            d = _first_difference(a[k], b[k], f"{path}.{k}")
+            if d is not None:
+                return d.lstrip(".")
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return path.lstrip(".") or "stages"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            d = _first_difference(x, y, f"{path}[{i}]")
+            if d is not None:
+                return d
+        return None
+    return None if a == b else path.lstrip(".")
 
 
 def _plain(obj: Any) -> Any:

@@ -96,7 +96,7 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "report.json").write_text("{}")
     code, err = run_cli(capsys, write(tmp_path, quick_recipe(tmp_path)))
-    assert code == 2 and "already holds a run; pass --overwrite" in err
+    assert code == 2 and "already holds a run; pass --resume to continue it, --overwrite" in err
     assert (tmp_path / "run" / "report.json").read_text() == "{}"
 
 
