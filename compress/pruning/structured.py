@@ -1,0 +1,500 @@
+"""Structured pruning that removes channels, on Torch-Pruning's dependency graph.
+
+Torch-Pruning (Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023) traces the
+model, groups every coupled parameter (a conv's filters, the next layer's input channels, the
+BatchNorm between them, both sides of a residual add or a concatenation, depthwise groups) and
+removes whole groups, so the tensors really get smaller. This module is a thin adapter over it:
+
+* :data:`IMPORTANCES`: the group importance criteria by name (accept a name or an object);
+* :func:`prune_model`: prune in place by a channel ratio (overall or per layer) or until a target
+  MAC speedup is reached, one-shot or in steps with a callback (fine-tuning) between them;
+* :class:`SparsityRegularizer`: sparsity-inducing training before pruning (DepGraph's group-norm
+  regulariser, or Network Slimming's L1 on BN scales) as a Lightning callback;
+* :func:`restore_structure`: give a freshly built model the layer shapes stored in a state_dict,
+  so the checkpoint of a pruned model loads in a new process with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from compress.errors import UserError
+from compress.pruning.masks import get_mask, make_permanent, masked_modules, prunable_layers, set_mask
+from compress.registry import Registry
+
+__all__ = ["IMPORTANCES", "resolve_importance", "PruneResult", "prune_model", "count_macs", "output_layers",
+           "channel_counts", "SparsityRegularizer", "restore_structure", "match_names", "mask_shapes_ok"]
+
+# ---------------------------------------------------------------------------------------------
+# Importance criteria: factories returning a Torch-Pruning ``Importance`` (callable on a group).
+# ---------------------------------------------------------------------------------------------
+IMPORTANCES: Registry[Callable[[], Any]] = Registry("importance")
+
+
+@IMPORTANCES.register("l1")
+def l1_importance() -> tp.importance.Importance:
+    """Group L1 norm of every coupled weight (Li et al. 2017, "Pruning Filters for Efficient ConvNets")."""
+    return tp.importance.GroupMagnitudeImportance(p=1)
+
+
+@IMPORTANCES.register("l2")
+def l2_importance() -> tp.importance.Importance:
+    """Group L2 norm (DepGraph, eq. 4): the squared norms of all coupled parameters, averaged."""
+    return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+@IMPORTANCES.register("bn_scale")
+def bn_scale_importance() -> tp.importance.Importance:
+    """|gamma| of the BatchNorms in the group (Liu et al. 2017, "Network Slimming", section 3.1)."""
+    return tp.importance.BNScaleImportance()
+
+
+@IMPORTANCES.register("taylor")
+def taylor_importance() -> tp.importance.Importance:
+    """First-order Taylor |w * dL/dw| summed per channel (Molchanov et al. 2019, eq. 8); needs gradients."""
+    return tp.importance.GroupTaylorImportance()
+
+
+@IMPORTANCES.register("lamp")
+def lamp_importance() -> tp.importance.Importance:
+    """Layer-adaptive magnitude scores (Lee et al. 2021, "LAMP", eq. 2), comparable across layers."""
+    return tp.importance.LAMPImportance()
+
+
+@IMPORTANCES.register("random")
+def random_importance() -> tp.importance.Importance:
+    """Uniformly random scores: the baseline every criterion should beat."""
+    return tp.importance.RandomImportance()
+
+
+def resolve_importance(importance: Any, key: str = "importance") -> Any:
+    """A registered name (instantiated), an ``Importance`` class (instantiated) or a ready callable."""
+    if isinstance(importance, str):
+        return IMPORTANCES.get(importance, key)()
+    if isinstance(importance, type):
+        return importance()
+    if not callable(importance):
+        raise UserError(f"{key}: expected an importance name or a callable on a group, got {type(importance).__name__}")
+    return importance
+
+
+def _needs_gradients(importance: Any) -> bool:
+    return isinstance(importance, (tp.importance.GroupTaylorImportance, tp.importance.GroupHessianImportance))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model facts: MACs, the output layer, channel counts, name matching
+# ---------------------------------------------------------------------------------------------
+def count_macs(model: nn.Module, example_inputs: Tensor) -> tuple[int, int]:
+    """(MACs, params) for one forward of ``example_inputs[:1]``, by Torch-Pruning's op counter."""
+    was_training = model.training
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs[:1])
+    model.train(was_training)
+    return int(macs), int(params)
+
+
+def output_layers(model: nn.Module, example_inputs: Tensor) -> list[str]:
+    """Names of the conv/linear layers whose outputs are the model's outputs (the classifier).
+
+    Found by tracing: a layer whose output tensor *is* one of the model's outputs; failing that
+    (a softmax or reshape after it), the last layer run whose output has the output's shape.
+    """
+    layers = prunable_layers(model)
+    seen: list[tuple[str, Tensor]] = []
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: seen.append((n, o))) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(example_inputs[:1])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    outs = [t for t in _flatten(out) if isinstance(t, Tensor)]
+    names = [n for n, o in seen if isinstance(o, Tensor) and any(o is t for t in outs)]
+    if not names:
+        shapes = {tuple(t.shape) for t in outs}
+        names = [n for n, o in reversed(seen) if isinstance(o, Tensor) and tuple(o.shape) in shapes][:1]
+    if not names and seen:
+        names = [seen[-1][0]]
+    return sorted(set(names))
+
+
+def _flatten(obj: Any) -> list[Any]:
+    if isinstance(obj, (list, tuple)):
+        return [x for o in obj for x in _flatten(o)]
+    if isinstance(obj, dict):
+        return [x for o in obj.values() for x in _flatten(o)]
+    return [obj]
+
+
+def channel_counts(model: nn.Module) -> dict[str, int]:
+    """Output channels (conv) or features (linear) of every prunable layer."""
+    return {n: int(getattr(m, "out_channels", getattr(m, "out_features", 0))) for n, m in prunable_layers(model).items()}
+
+
+def match_names(names: Sequence[str], patterns: Iterable[str], key: str) -> dict[str, str]:
+    """Layer name -> the first pattern (exact name or glob) matching it; a dead pattern is a UserError."""
+    from compress.stages.base import match_layers
+
+    return match_layers(list(names), list(patterns), key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruning
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class PruneResult:
+    """What :func:`prune_model` did."""
+
+    base_macs: int
+    macs: int
+    base_params: int
+    params: int
+    channels_before: dict[str, int]
+    channels_after: dict[str, int]
+    history: list[float] = field(default_factory=list)  # mac speedup after each fine pruning step
+    steps: int = 0  # outer steps (callbacks run)
+
+    @property
+    def mac_speedup(self) -> float:
+        return self.base_macs / max(1, self.macs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mac_speedup": self.mac_speedup, "macs_before": self.base_macs, "macs_after": self.macs,
+                "params_before": self.base_params, "params_after": self.params,
+                "channels_before": self.channels_before, "channels": self.channels_after,
+                "speedup_history": self.history, "steps": self.steps}
+
+
+GLOBAL_SUBSTEPS = 10  # pruning sub-steps per step of a global ratio (keeps max_layer_ratio)
+
+StepCallback = Callable[[nn.Module, int, int], None]  # (model, step (1-based), steps)
+
+
+def prune_model(model: nn.Module, example_inputs: Tensor, *, importance: Any = "l2",
+                ratio: float | Mapping[str, float] | None = None, layer_ratios: Mapping[str, float] | None = None,
+                mac_speedup: float | None = None,
+                global_pruning: bool = False, iterative_steps: int = 1, round_to: int | None = None,
+                ignore: Sequence[str] = (), max_layer_ratio: float = 0.9,
+                on_step: StepCallback | None = None,
+                gradient_batches: Callable[[], Iterable[tuple[Tensor, Tensor]]] | Iterable | None = None,
+                loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+                search_steps: int = 200, key: str = "prune") -> PruneResult:
+    """Remove channels from ``model`` in place.
+
+    Args:
+        model: any ``nn.Module`` Torch-Pruning can trace; masked (parametrized) layers are baked
+            before tracing and get masks ``weight != 0`` back afterwards.
+        example_inputs: a batch for tracing and MAC counting.
+        importance: a name in :data:`IMPORTANCES` or a Torch-Pruning ``Importance``.
+        ratio: fraction of channels removed per group (local) or overall (``global_pruning``); a
+            mapping is taken as ``layer_ratios`` (the other layers are then untouched).
+        layer_ratios: ``{layer name or glob: ratio}``, overriding ``ratio`` for those layers.
+        mac_speedup: instead of ``ratio``: prune in small steps until base MACs / MACs reaches it.
+        global_pruning: rank all groups together (one threshold) instead of layer by layer.
+        iterative_steps: reach the target in this many steps, calling ``on_step`` after each.
+        round_to: keep channel counts multiples of this (hardware lanes).
+        ignore: layer names/globs whose output channels are kept; the output layer always is.
+        max_layer_ratio: no layer loses more than this fraction of its channels.
+        on_step: ``on_step(model, step, steps)`` after each step (the stage fine-tunes there).
+        gradient_batches: ``(x, y)`` batches (or a function returning them) for ``taylor``.
+        loss_fn: loss whose gradients ``taylor`` uses.
+        search_steps: fine pruning steps a ``mac_speedup`` search may take (its resolution).
+        key: recipe path for error messages.
+    """
+    imp = resolve_importance(importance, f"{key}.importance")
+    if isinstance(ratio, Mapping):
+        ratio, layer_ratios = None, {**ratio, **(layer_ratios or {})}
+    if (ratio is None and not layer_ratios) == (mac_speedup is None):
+        raise UserError(f"{key}: give either ratio/layer_ratios or mac_speedup")
+    if mac_speedup is not None and not mac_speedup > 1.0:
+        raise UserError(f"{key}.mac_speedup: {mac_speedup} must be > 1")
+    if iterative_steps < 1:
+        raise UserError(f"{key}.iterative_steps: {iterative_steps} must be >= 1")
+    if _needs_gradients(imp) and gradient_batches is None:
+        raise UserError(f"{key}.importance: taylor needs training batches (run the stage with data)")
+
+    masked = list(masked_modules(model))
+    make_permanent(model)  # Torch-Pruning edits .weight tensors; a parametrization would hide them
+    layers = prunable_layers(model)
+    outputs = output_layers(model, example_inputs)
+    ignored = set(outputs)
+    if ignore:
+        ignored |= set(match_names(list(layers), ignore, f"{key}.ignore"))
+    ratio_dict: dict[nn.Module, float] = {}
+    default_ratio = float(ratio) if ratio is not None else 0.0
+    if layer_ratios:
+        hits = match_names(list(layers), list(layer_ratios), f"{key}.layer_ratios")
+        bad = sorted(set(hits) & set(outputs))
+        if bad:
+            raise UserError(f"{key}.layer_ratios: '{hits[bad[0]]}' would prune the output layer '{bad[0]}' "
+                            "(its outputs are the classes; it is never pruned)")
+        for name, pattern in hits.items():
+            if name not in ignored:
+                ratio_dict[layers[name]] = float(layer_ratios[pattern])
+
+    base_macs, base_params = count_macs(model, example_inputs)
+    before = channel_counts(model)
+    history: list[float] = []
+    was_training = model.training
+    model.eval()  # tracing must not update BatchNorm statistics
+    try:
+        if mac_speedup is None:
+            # Torch-Pruning checks max_pruning_ratio only before a step, so one big step could overshoot
+            # it: local ratios are clamped; a global ranking goes in sub-steps (overshoot <= one sub-step).
+            sub = GLOBAL_SUBSTEPS if global_pruning else 1
+            if not global_pruning:
+                default_ratio = min(default_ratio, max_layer_ratio)
+                ratio_dict = {m: min(r, max_layer_ratio) for m, r in ratio_dict.items()}
+            pruner = tp.pruner.BasePruner(
+                model, example_inputs, importance=imp, global_pruning=global_pruning, pruning_ratio=default_ratio,
+                pruning_ratio_dict=ratio_dict or None, max_pruning_ratio=max_layer_ratio,
+                iterative_steps=iterative_steps * sub, round_to=round_to,
+                ignored_layers=[layers[n] for n in ignored])
+            for step in range(1, iterative_steps + 1):
+                for i in range(sub):
+                    _pruner_step(pruner, model, imp, gradient_batches if i == 0 else None, loss_fn,
+                                 keep_grads=i < sub - 1)
+                history.append(base_macs / max(1, count_macs(model, example_inputs)[0]))
+                _after_step(model, masked, on_step, step, iterative_steps, was_training)
+        else:
+            pruner = tp.pruner.BasePruner(
+                model, example_inputs, importance=imp, global_pruning=global_pruning,
+                pruning_ratio=max_layer_ratio, max_pruning_ratio=max_layer_ratio, iterative_steps=search_steps,
+                round_to=round_to, ignored_layers=[layers[n] for n in ignored])
+            for step in range(1, iterative_steps + 1):
+                target = mac_speedup ** (step / iterative_steps)  # geometric: equal MAC factor per step
+                grads_fresh = False
+                while (history[-1] if history else 1.0) < target - 1e-9:
+                    if pruner.current_step >= search_steps:
+                        raise UserError(
+                            f"{key}.mac_speedup: reached only {history[-1] if history else 1.0:.3f}x of {mac_speedup}x "
+                            f"(max_layer_ratio {max_layer_ratio}, ignored layers or importance '{importance}' "
+                            "leave too few prunable channels)")
+                    _pruner_step(pruner, model, imp, None if grads_fresh else gradient_batches, loss_fn,
+                                 keep_grads=True)
+                    grads_fresh = True  # Torch-Pruning prunes .grad along with the weights
+                    history.append(base_macs / max(1, count_macs(model, example_inputs)[0]))
+                _clear_grads(model)
+                _after_step(model, masked, on_step, step, iterative_steps, was_training)
+    finally:
+        _clear_grads(model)
+        model.train(was_training)
+    macs, params = count_macs(model, example_inputs)
+    return PruneResult(base_macs, macs, base_params, params, before, channel_counts(model), history, iterative_steps)
+
+
+def _pruner_step(pruner: Any, model: nn.Module, imp: Any, gradient_batches: Any, loss_fn: Callable,
+                 keep_grads: bool = False) -> None:
+    if _needs_gradients(imp) and gradient_batches is not None:
+        _accumulate_gradients(model, gradient_batches, loss_fn)
+    pruner.step()
+    if not keep_grads:
+        _clear_grads(model)
+
+
+def _after_step(model: nn.Module, masked: list[str], on_step: StepCallback | None, step: int, steps: int,
+                was_training: bool) -> None:
+    """Re-install masks (so fine-tuning keeps the zeros), run the callback, bake them again."""
+    _reinstall_masks(model, masked)
+    if on_step is not None:
+        model.train(was_training)
+        on_step(model, step, steps)
+        model.eval()
+    if step < steps:
+        make_permanent(model)
+
+
+def _accumulate_gradients(model: nn.Module, batches: Any, loss_fn: Callable) -> None:
+    """Gradients of ``loss_fn`` summed over ``batches`` (Taylor importance reads ``.grad``)."""
+    _clear_grads(model)
+    batches = batches() if callable(batches) else batches
+    with torch.enable_grad():
+        for x, y in batches:
+            loss_fn(model(x), y).backward()
+
+
+def _clear_grads(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def _reinstall_masks(model: nn.Module, names: list[str]) -> None:
+    for name in names:
+        module = model.get_submodule(name)
+        with torch.no_grad():
+            set_mask(module, module.weight != 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparsity-inducing training before pruning
+# ---------------------------------------------------------------------------------------------
+class SparsityRegularizer(pl.Callback):
+    """Adds a sparsity gradient after every backward pass, so pruning later removes little.
+
+    ``kind="group_norm"``: DepGraph's group regulariser (Fang et al. 2023, eq. 6), through
+    ``tp.pruner.GroupNormPruner.regularize``; ``kind="bn_scale"``: L1 on BatchNorm scales (Network
+    Slimming, Liu et al. 2017, eq. 1), through ``tp.pruner.BNScalePruner.regularize``. The pruner is
+    built on the trained module at fit start (so it follows the copy a strategy may make).
+    """
+
+    KINDS = ("group_norm", "bn_scale")
+
+    def __init__(self, kind: str, example_inputs: Tensor, reg: float = 1e-4, ignore: Sequence[str] = (),
+                 model: nn.Module | None = None):
+        if kind not in self.KINDS:
+            raise UserError(f"regularize: unknown kind '{kind}'; valid: {', '.join(self.KINDS)}")
+        self.kind, self.example_inputs, self.reg, self.ignore = kind, example_inputs, reg, list(ignore)
+        self.model = model
+        self.pruner: Any = None
+        self.calls = 0
+
+    def build(self, model: nn.Module) -> None:
+        layers = prunable_layers(model)
+        ignored = set(output_layers(model, self.example_inputs)) | set(self.ignore)
+        common = dict(model=model, example_inputs=self.example_inputs,
+                      ignored_layers=[layers[n] for n in ignored if n in layers])
+        was_training = model.training
+        model.eval()
+        if self.kind == "group_norm":
+            self.pruner = tp.pruner.GroupNormPruner(importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                                    reg=self.reg, **common)
+            # GroupNormPruner.regularize (Torch-Pruning 1.6) indexes out of range on the input side of a
+            # grouped (not depthwise) conv; those weights go unregularised, the rest of the group is.
+            for group in self.pruner._groups:
+                group._group = [item for item in group._group
+                                if not (item.dep.handler == tp.prune_conv_in_channels
+                                        and getattr(item.dep.target.module, "groups", 1) > 1)]
+        else:
+            self.pruner = tp.pruner.BNScalePruner(importance=tp.importance.BNScaleImportance(), reg=self.reg, **common)
+        model.train(was_training)
+        self.model = model
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.build(getattr(pl_module, "model", pl_module))
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.regularize()
+
+    def regularize(self) -> None:
+        """Add the regulariser's gradient; call after ``loss.backward()``."""
+        if self.pruner is None:
+            raise RuntimeError("SparsityRegularizer.build(model) must run first")
+        self.pruner.regularize(self.model)
+        self.calls += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Reloading a pruned model: shapes from the state_dict
+# ---------------------------------------------------------------------------------------------
+def restore_structure(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Reshape ``model``'s layers to the tensor shapes in ``state_dict`` (a pruned model's), in place.
+
+    Every parameter and buffer whose stored shape differs is replaced by an empty tensor of the
+    stored shape (``load_state_dict`` fills it), and the layer attributes that describe shapes
+    (``in_channels``/``out_channels``/``groups``, ``in_features``/``out_features``,
+    ``num_features``, ...) are recomputed from the weights. Keys of masked layers
+    (``<layer>.parametrizations.weight.original``) count as the layer's weight. Groups follow
+    Torch-Pruning's rule: a depthwise conv (``groups == out_channels``) stays depthwise; any
+    other grouped conv keeps its number of groups.
+
+    Returns:
+        The names of the modules that were reshaped.
+    """
+    changed: list[str] = []
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        old = _shape_attrs(module)
+        touched = False
+        for kind in ("_parameters", "_buffers"):
+            tensors = getattr(module, kind)
+            for t_name, t in list(tensors.items()):
+                if t is None:
+                    continue
+                stored = state_dict.get(prefix + t_name)
+                if stored is None and kind == "_parameters":
+                    stored = state_dict.get(f"{prefix}parametrizations.{t_name}.original")
+                if stored is None or tuple(stored.shape) == tuple(t.shape):
+                    continue
+                empty = torch.empty(stored.shape, dtype=t.dtype, device=t.device)
+                tensors[t_name] = nn.Parameter(empty, requires_grad=t.requires_grad) if kind == "_parameters" else empty
+                touched = True
+        if touched and "parametrizations" not in name.split("."):
+            _fix_shape_attrs(module, old, state_dict, prefix)
+            changed.append(name)
+        elif touched:
+            changed.append(name)
+    # A parametrized layer's own attributes follow its (reshaped) ``original``.
+    for module in model.modules():
+        if hasattr(module, "parametrizations") and "weight" in module.parametrizations:
+            w = module.parametrizations["weight"].original
+            if _weight_shape_of(module) != tuple(w.shape):
+                _fix_shape_attrs(module, _shape_attrs(module), {"weight": w}, "")
+    return changed
+
+
+def _weight_shape_of(module: nn.Module) -> tuple[int, ...] | None:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        shape = (module.in_channels, module.out_channels // module.groups) if module.transposed else \
+            (module.out_channels, module.in_channels // module.groups)
+        return shape + tuple(module.kernel_size)
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    return None
+
+
+def _shape_attrs(module: nn.Module) -> dict[str, Any]:
+    return {a: getattr(module, a) for a in ("in_channels", "out_channels", "groups") if hasattr(module, a)}
+
+
+def _fix_shape_attrs(module: nn.Module, old: dict[str, Any], state: Mapping[str, Tensor], prefix: str) -> None:
+    def stored(t_name: str) -> Tensor | None:
+        t = state.get(prefix + t_name)
+        return t if t is not None else state.get(f"{prefix}parametrizations.{t_name}.original")
+
+    w = stored("weight")
+    if isinstance(module, nn.modules.conv._ConvNd) and w is not None:
+        depthwise = old["groups"] == old["out_channels"] and old["out_channels"] > 1  # tp.ops.module2type
+        if module.transposed:  # weight (in, out/groups, *k)
+            module.in_channels = int(w.shape[0])
+            module.groups = module.in_channels if depthwise else old["groups"]
+            module.out_channels = int(w.shape[1]) * module.groups
+        else:  # weight (out, in/groups, *k)
+            module.out_channels = int(w.shape[0])
+            module.groups = module.out_channels if depthwise else old["groups"]
+            module.in_channels = int(w.shape[1]) * module.groups
+    elif isinstance(module, nn.Linear) and w is not None:
+        module.out_features, module.in_features = (int(s) for s in w.shape)
+    elif isinstance(module, nn.Bilinear) and w is not None:
+        module.out_features, module.in1_features, module.in2_features = (int(s) for s in w.shape)
+    elif isinstance(module, (nn.modules.batchnorm._NormBase,)):
+        t = w if w is not None else stored("running_mean")
+        if t is not None:
+            module.num_features = int(t.shape[0])
+    elif isinstance(module, nn.GroupNorm) and w is not None:
+        module.num_channels = int(w.shape[0])
+    elif isinstance(module, nn.LayerNorm) and w is not None:
+        module.normalized_shape = tuple(int(s) for s in w.shape)
+    elif isinstance(module, nn.PReLU) and w is not None:
+        module.num_parameters = int(w.numel())
+    elif isinstance(module, nn.Embedding) and w is not None:
+        module.num_embeddings, module.embedding_dim = (int(s) for s in w.shape)
+
+
+def mask_shapes_ok(model: nn.Module) -> bool:
+    """Every mask has its weight's shape (a check after structured pruning of a masked model)."""
+    for m in masked_modules(model).values():
+        mask = get_mask(m)
+        if mask is None or tuple(mask.shape) != tuple(m.parametrizations.weight.original.shape):
+            return False
+    return True

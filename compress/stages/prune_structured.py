@@ -1,0 +1,197 @@
+"""Stage ``prune.structured``: remove channels (filters) with Torch-Pruning's dependency graph.
+
+The amount is a channel ``ratio`` (per group, or overall with ``global: true``), per-layer
+``layer_ratios`` (names or globs), or a target ``mac_speedup`` reached by pruning in small steps
+(DepGraph's progressive pruning, Fang et al. 2023, section 4). ``iterative_steps`` > 1 prunes in
+steps with ``finetune`` after each; ``regularize`` trains with a sparsity regulariser first
+(group norm: DepGraph eq. 6; BN scale: Network Slimming, Liu et al. 2017, eq. 1).
+The classifier's outputs are never pruned (the output layer is found by tracing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from compress.errors import UserError
+from compress.pruning.masks import prunable_layers
+from compress.pruning.structured import (
+    IMPORTANCES,
+    SparsityRegularizer,
+    output_layers,
+    prune_model,
+    resolve_importance,
+)
+from compress.recipe import check_choice, check_range
+from compress.stages.base import STAGES, Context, FinetuneConfig, Stage, StageResult, match_layers
+
+__all__ = ["StructuredPruningStage", "StructuredConfig", "RegularizeConfig"]
+
+
+@dataclass
+class RegularizeConfig:
+    """Sparsity-inducing training before pruning (off unless ``kind`` is set and epochs > 0)."""
+
+    kind: str = "none"  # none | group_norm | bn_scale
+    reg: float = 1e-4  # regularisation coefficient
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+@dataclass
+class StructuredConfig:
+    importance: str = "l2"  # l1 | l2 | bn_scale | taylor | lamp | random | a name registered from Python
+    ratio: float | None = None  # fraction of channels removed (per group; overall when global)
+    layer_ratios: dict[str, float] = field(default_factory=dict)  # layer name/glob -> ratio (others: `ratio` or 0)
+    mac_speedup: float | None = None  # instead of ratios: prune until base MACs / MACs reaches this
+    global_pruning: bool = False  # recipe key `global`: rank channels of all layers together
+    iterative_steps: int = 1  # pruning steps, `finetune` after each
+    round_to: int | None = None  # keep channel counts multiples of this
+    ignore: list[str] = field(default_factory=list)  # layers (names/globs) whose outputs are kept
+    max_layer_ratio: float = 0.9  # no layer loses more than this fraction of its channels
+    taylor_batches: int = 4  # training batches whose gradients the taylor importance uses
+    search_steps: int = 200  # resolution of the mac_speedup search (fine pruning steps)
+    regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+@STAGES.register("prune.structured")
+class StructuredPruningStage(Stage):
+    """``StructuredPruningStage(mac_speedup=2.0).apply(model, Context(dm))``.
+
+    From Python, ``importance`` may also be a Torch-Pruning ``Importance`` object, and
+    ``example_inputs`` a tensor for tracing when there is no data module.
+    """
+
+    Config = StructuredConfig
+    type_name = "prune.structured"
+
+    def __init__(self, config: Any = None, /, *, key: str = "", name: str = "", **kwargs: Any):
+        self.importance_obj = None
+        self.example = kwargs.pop("example_inputs", None)
+        values = config if config is not None else kwargs
+        if isinstance(values, dict) and not isinstance(values.get("importance", ""), str):
+            values = dict(values)
+            self.importance_obj = values.pop("importance")
+        super().__init__(values, key=key, name=name)
+
+    @classmethod
+    def make_config(cls, values: Any, key: str = "") -> Any:
+        """As :meth:`Stage.make_config`, with the recipe key ``global`` read as ``global_pruning``."""
+        if isinstance(values, DictConfig) and not OmegaConf.is_readonly(values):
+            values = OmegaConf.to_container(values, resolve=True)
+        if isinstance(values, dict) and "global" in values:
+            values = dict(values)
+            if "global_pruning" in values:
+                raise UserError(f"{key or cls.type_name}.global: give `global` or `global_pruning`, not both")
+            values["global_pruning"] = values.pop("global")
+        return super().make_config(values, key)
+
+    # -- checks ----------------------------------------------------------------------------------
+    def validate(self) -> None:
+        c, key = self.config, self.key
+        if self.importance_obj is None:
+            IMPORTANCES.get(c.importance, f"{key}.importance")
+        has_ratio = c.ratio is not None or bool(c.layer_ratios)
+        if has_ratio == (c.mac_speedup is not None):
+            raise UserError(f"{key}: give either ratio/layer_ratios (fraction of channels) or mac_speedup, "
+                            f"{'not both' if has_ratio else 'one of them'}")
+        if c.ratio is not None:
+            check_range(c.ratio, f"{key}.ratio", 0.0, 1.0)
+        for pattern, r in c.layer_ratios.items():
+            check_range(r, f"{key}.layer_ratios.{pattern}", 0.0, 1.0)
+        if c.mac_speedup is not None and not c.mac_speedup > 1.0:
+            raise UserError(f"{key}.mac_speedup: {c.mac_speedup} must be > 1 (base MACs / pruned MACs)")
+        if c.iterative_steps < 1:
+            raise UserError(f"{key}.iterative_steps: {c.iterative_steps} must be >= 1")
+        if c.round_to is not None and c.round_to < 1:
+            raise UserError(f"{key}.round_to: {c.round_to} must be >= 1")
+        check_range(c.max_layer_ratio, f"{key}.max_layer_ratio", 0.0, 1.0, lo_open=True)
+        if c.taylor_batches < 1:
+            raise UserError(f"{key}.taylor_batches: {c.taylor_batches} must be >= 1")
+        if c.search_steps < 2:
+            raise UserError(f"{key}.search_steps: {c.search_steps} must be >= 2")
+        check_choice(c.regularize.kind, f"{key}.regularize.kind", ("none",) + SparsityRegularizer.KINDS)
+        if not c.regularize.reg > 0:
+            raise UserError(f"{key}.regularize.reg: {c.regularize.reg} must be > 0")
+
+    def _check_layers(self, model: nn.Module, outputs: list[str]) -> tuple[list[str], list[str]]:
+        """(ignored, touched) layer names; dead globs and a ratio on the output layer are UserErrors."""
+        c, key = self.config, self.key
+        names = list(prunable_layers(model))
+        ignored = set(outputs)
+        if c.ignore:
+            ignored |= set(match_layers(names, list(c.ignore), f"{key}.ignore"))
+        if c.layer_ratios:
+            hits = match_layers(names, list(c.layer_ratios), f"{key}.layer_ratios")
+            for out in outputs:
+                if out in hits:
+                    raise UserError(f"{key}.layer_ratios.{hits[out]}: would prune the output layer '{out}' "
+                                    "(its outputs are the classes; it is never pruned)")
+            if c.ratio is None:
+                return sorted(ignored), [n for n in names if n in hits and n not in ignored]
+        return sorted(ignored), [n for n in names if n not in ignored]
+
+    def plan(self, model: nn.Module) -> list[str]:
+        """Layers whose output channels may be removed (coupled layers follow them).
+
+        Without example inputs the output layer is taken to be the last conv/linear defined.
+        """
+        names = list(prunable_layers(model))
+        outputs = output_layers(model, self.example) if self.example is not None else names[-1:]
+        _, touched = self._check_layers(model, outputs)
+        c = self.config
+        by_pattern = {n: c.layer_ratios[p] for p in c.layer_ratios for n in touched if n == p or fnmatchcase(n, p)}
+        if c.mac_speedup is not None:
+            return [f"{n} -> until {c.mac_speedup:g}x MACs" for n in touched]
+        return [f"{n} -> {by_pattern.get(n, c.ratio):.2f} of channels" for n in touched]
+
+    # -- apply -----------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, ctx: Context | None = None) -> StageResult:
+        ctx = ctx or Context()
+        c, key = self.config, self.key
+        x = self.example if self.example is not None else ctx.example_inputs(batch_size=2)
+        outputs = output_layers(model, x)
+        ignored, _ = self._check_layers(model, outputs)
+        importance = self.importance_obj if self.importance_obj is not None else \
+            resolve_importance(c.importance, f"{key}.importance")
+
+        if c.regularize.kind != "none" and c.regularize.finetune.epochs > 0:
+            regularizer = SparsityRegularizer(c.regularize.kind, x, c.regularize.reg, ignore=ignored)
+            ctx.finetune(model, c.regularize.finetune, callbacks=[regularizer], tag=f"{self.name}/regularize")
+
+        gradient_batches = None
+        if c.importance == "taylor" and self.importance_obj is None:
+            if ctx.datamodule is None:
+                raise UserError(f"{key}.importance: taylor needs training data: pass Context(datamodule=...)")
+            gradient_batches = lambda: _first_batches(ctx.datamodule, c.taylor_batches)  # noqa: E731
+
+        def on_step(m: nn.Module, step: int, steps: int) -> None:
+            ctx.finetune(m, c.finetune, tag=self.name if steps == 1 else f"{self.name}/step{step}")
+
+        torch.manual_seed(ctx.seed + 1000 * ctx.stage_index)  # random/taylor choices replay on resume
+        result = prune_model(model, x, importance=importance, ratio=c.ratio,
+                             layer_ratios=dict(c.layer_ratios) or None, mac_speedup=c.mac_speedup,
+                             global_pruning=c.global_pruning, iterative_steps=c.iterative_steps,
+                             round_to=c.round_to, ignore=[n for n in ignored if n not in outputs],
+                             max_layer_ratio=c.max_layer_ratio, on_step=on_step,
+                             gradient_batches=gradient_batches, search_steps=c.search_steps, key=key)
+        info = result.as_dict()
+        info.update(importance=c.importance if self.importance_obj is None else type(self.importance_obj).__name__,
+                    output_layers=outputs)
+        return StageResult(model, info)
+
+
+def _first_batches(datamodule: Any, n: int) -> list[tuple[Tensor, Tensor]]:
+    """The first ``n`` training batches (gradients for the taylor importance)."""
+    datamodule.setup("fit")
+    out = []
+    for xb, yb in datamodule.train_dataloader():
+        if len(out) >= n:
+            break
+        out.append((xb, yb))
+    return out

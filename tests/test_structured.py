@@ -1,0 +1,373 @@
+"""Structured pruning: channels really go, every zoo model still runs and trains, reloads bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compress.errors import UserError
+from compress.models import build_model
+from compress.pruning.masks import get_mask, masked_modules, set_mask
+from compress.pruning.structured import (
+    IMPORTANCES,
+    SparsityRegularizer,
+    mask_shapes_ok,
+    output_layers,
+    prune_model,
+    restore_structure,
+)
+from compress.stages import STAGES, Context
+from compress.stages.prune_structured import StructuredPruningStage
+
+torch.set_num_threads(1)
+TESTS = Path(__file__).resolve().parent
+
+
+class ConcatNet(nn.Module):
+    """Stem, two branches (1x1; grouped 3x3 then depthwise 3x3) concatenated, a residual add, a classifier."""
+
+    def __init__(self, input_shape=(3, 8, 8), num_classes: int = 10):
+        super().__init__()
+        c = input_shape[0]
+        self.stem = nn.Sequential(nn.Conv2d(c, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.branch_a = nn.Sequential(nn.Conv2d(16, 12, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.branch_b = nn.Sequential(nn.Conv2d(16, 12, 3, padding=1, groups=2, bias=False), nn.BatchNorm2d(12),
+                                      nn.ReLU(), nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False),
+                                      nn.BatchNorm2d(12), nn.ReLU())
+        self.merge = nn.Sequential(nn.Conv2d(24, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.stem(x)
+        y = torch.cat([self.branch_a(s), self.branch_b(s)], dim=1)
+        y = torch.relu(self.merge(y) + s)  # residual: merge's outputs are coupled to the stem's
+        return self.fc(F.adaptive_avg_pool2d(self.head(y), 1).flatten(1))
+
+
+# name for build_model, input shape (small, for speed)
+CASES = {
+    "lenet5": ("lenet5", (1, 8, 8)),
+    "resnet20": ("resnet20", (3, 8, 8)),
+    "resnet56": ("resnet56", (3, 8, 8)),
+    "mobilenetv2_small": ("mobilenetv2_small", (1, 16, 16)),
+    "concat": ("import:test_structured:ConcatNet", (3, 8, 8)),
+}
+
+
+@pytest.fixture(autouse=True)
+def _tests_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))  # so "import:test_structured:ConcatNet" resolves
+
+
+def _build(case: str, seed: int = 0) -> nn.Module:
+    name, shape = CASES[case]
+    torch.manual_seed(seed)
+    model = build_model(name, input_shape=shape, num_classes=10)
+    with torch.no_grad():  # non-trivial BN statistics, so a wrongly reloaded buffer would show
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def _x(case: str, n: int = 4) -> Tensor:
+    torch.manual_seed(1)
+    return torch.randn(n, *CASES[case][1])
+
+
+def _numels(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+_PRUNED: dict[str, tuple] = {}
+
+
+def _pruned(case: str):
+    """(base model, pruned model, PruneResult), pruned once per session to 2x fewer MACs."""
+    if case not in _PRUNED:
+        base = _build(case)
+        model = copy.deepcopy(base)
+        result = prune_model(model, _x(case, 2), mac_speedup=2.0, importance="l2")
+        _PRUNED[case] = (base, model, result)
+    return _PRUNED[case]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_channels_removed_output_kept_and_target_met(case):
+    base, model, result = _pruned(case)
+    before, after = _numels(base), _numels(model)
+    assert before.keys() == after.keys()
+    smaller = [k for k in before if after[k] != before[k]]
+    assert smaller, "no tensor got smaller"
+    assert all(a <= b for k in smaller for a, b in zip(after[k], before[k], strict=True))
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in base.parameters())
+    out_name = output_layers(base, _x(case))[0]
+    out_layer = model.get_submodule(out_name)
+    assert out_layer.out_features == 10  # the classifier's outputs are never pruned
+    x = _x(case)
+    model.eval()
+    assert model(x).shape == base.eval()(x).shape == (4, 10)
+    # mac_speedup reached, and not already one pruning step earlier
+    assert result.mac_speedup >= 2.0
+    assert len(result.history) == 1 or result.history[-2] < 2.0
+    assert result.history[-1] == pytest.approx(result.mac_speedup)
+    assert sum(result.channels_after.values()) < sum(result.channels_before.values())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_step_after_pruning(case):
+    _, pruned, _ = _pruned(case)
+    model = copy.deepcopy(pruned).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = _x(case), torch.tensor([0, 1, 2, 3])
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_reload_in_fresh_process_is_bit_identical(tmp_path):
+    """Checkpoints of pruned models (one also masked) load in a new process with weights_only=True."""
+    from compress.checkpoint import save_checkpoint
+
+    entries = []
+    for case in CASES:
+        _, model, _ = _pruned(case)
+        model = copy.deepcopy(model).eval()
+        if case == "lenet5":  # masked on top: keys `parametrizations.weight.original`
+            layer = model.features[0]
+            set_mask(layer, torch.rand_like(layer.weight) > 0.5)
+        x = _x(case)
+        with torch.no_grad():
+            y = model(x)
+        name, shape = CASES[case]
+        save_checkpoint(tmp_path / f"{case}.pt", model,
+                        model_spec={"name": name, "kwargs": {"input_shape": list(shape), "num_classes": 10}})
+        torch.save({"x": x, "y": y}, tmp_path / f"{case}.io.pt")
+        entries.append(case)
+    script = textwrap.dedent(f"""
+        import torch
+        torch.set_num_threads(1)  # as in this process: float sums are ordered by the thread split
+        from compress.checkpoint import load_model
+        from compress.pruning.masks import masked_modules
+        for case in {entries!r}:
+            model = load_model({str(tmp_path)!r} + f"/{{case}}.pt")
+            io = torch.load({str(tmp_path)!r} + f"/{{case}}.io.pt", weights_only=True)
+            with torch.no_grad():
+                same = torch.equal(model(io["x"]), io["y"])
+            print(case, same, sorted(masked_modules(model)))
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.strip().splitlines())
+    assert set(lines) == set(entries)
+    for case, rest in lines.items():
+        assert rest.startswith("True"), f"{case}: outputs differ after reload ({rest})"
+    assert "features.0" in lines["lenet5"]
+
+
+def test_restore_structure_sets_attributes_for_grouped_and_depthwise():
+    _, model, _ = _pruned("concat")
+    fresh = _build("concat", seed=5)
+    changed = restore_structure(fresh, model.state_dict())
+    assert changed
+    for name, m in model.named_modules():
+        f = fresh.get_submodule(name)
+        for attr in ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features"):
+            if hasattr(m, attr):
+                assert getattr(f, attr) == getattr(m, attr), f"{name}.{attr}"
+    dw = model.branch_b[3]
+    assert dw.groups == dw.out_channels == dw.in_channels < 12  # depthwise stayed depthwise
+    assert model.branch_b[0].groups == 2  # a grouped conv keeps its groups
+
+
+def test_masked_model_keeps_valid_masks():
+    model = _build("lenet5")
+    torch.manual_seed(3)
+    for layer in (model.features[0], model.features[3], model.fc1):
+        set_mask(layer, torch.rand_like(layer.weight) > 0.5)
+    x = _x("lenet5")
+    prune_model(model, x, ratio=0.4)
+    assert sorted(masked_modules(model)) == ["fc1", "features.0", "features.3"]
+    assert mask_shapes_ok(model)
+    assert model.features[0].parametrizations.weight.original.shape[0] < 20
+    for m in masked_modules(model).values():
+        assert torch.all(m.weight[~get_mask(m)] == 0)
+        assert get_mask(m).float().mean() < 0.8  # the old zeros are still masked
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    for m in masked_modules(model).values():
+        assert torch.all(m.weight[~get_mask(m)] == 0)
+
+
+@pytest.mark.parametrize("importance", IMPORTANCES.names())
+def test_every_importance_prunes(importance):
+    model = _build("concat")
+    x = _x("concat")
+    batches = [(x, torch.tensor([0, 1, 2, 3]))]
+    result = prune_model(model, x, importance=importance, ratio=0.25, gradient_batches=batches)
+    assert result.mac_speedup > 1.1
+    assert model(x).shape == (4, 10)
+
+
+def test_custom_importance_by_name_and_object():
+    class FirstChannelsFirst:
+        """Prunes the lowest-indexed channels (scores rise with the index)."""
+
+        def __call__(self, group):
+            return torch.arange(len(group[0][1]), dtype=torch.float) + 1
+
+    if "test_first" not in IMPORTANCES:
+        IMPORTANCES.register("test_first", FirstChannelsFirst)
+    for imp in ("test_first", FirstChannelsFirst()):
+        model = _build("lenet5")
+        w = model.features[0].weight.detach().clone()
+        prune_model(model, _x("lenet5"), importance=imp, layer_ratios={"features.0": 0.5})
+        assert torch.equal(model.features[0].weight, w[10:])
+
+
+def test_layer_ratios_global_round_to_and_ignore():
+    model = _build("resnet20")
+    x = _x("resnet20")
+    r = prune_model(model, x, ratio=0.5, global_pruning=True, round_to=4, ignore=["conv1"])
+    assert r.channels_after["conv1"] == 16  # conv1 and everything coupled to it by residuals
+    assert all(c % 4 == 0 for n, c in r.channels_after.items() if n != "fc")
+    model = _build("resnet20")
+    r = prune_model(model, x, layer_ratios={"layer3.*.conv1": 0.5})
+    changed = {n for n in r.channels_after if r.channels_after[n] != r.channels_before[n]}
+    assert changed == {"layer3.0.conv1", "layer3.1.conv1", "layer3.2.conv1"}
+    assert all(r.channels_after[n] == 32 for n in changed)
+
+
+def test_max_layer_ratio_caps_and_unreachable_target_errors():
+    model = _build("lenet5")
+    r = prune_model(model, _x("lenet5"), ratio=0.5, max_layer_ratio=0.3)
+    assert r.channels_after["features.0"] >= 14
+    with pytest.raises(UserError, match="mac_speedup: reached only"):
+        prune_model(_build("lenet5"), _x("lenet5"), mac_speedup=2.0, importance="bn_scale")  # no BN to rank
+
+
+def test_stage_iterative_with_finetune_between_steps():
+    model = _build("concat")
+    x = _x("concat")
+    calls = []
+
+    class RecordingContext(Context):
+        def finetune(self, m, cfg, callbacks=(), tag="finetune"):
+            calls.append((tag, sum(p.numel() for p in m.parameters())))
+            return {}
+
+    stage = STAGES.get("prune.structured")({"mac_speedup": 2.0, "iterative_steps": 3, "global": True},
+                                           example_inputs=x)
+    result = stage.apply(model, RecordingContext())
+    assert [t for t, _ in calls] == ["prune.structured/step1", "prune.structured/step2", "prune.structured/step3"]
+    assert calls[0][1] > calls[1][1] > calls[2][1]
+    assert result.info["mac_speedup"] >= 2.0
+    assert result.info["channels"]["fc"] == 10
+    assert result.info["output_layers"] == ["fc"]
+
+
+def test_stage_with_data_regularizes_finetunes_and_uses_taylor(synthetic_dm, tmp_path):
+    torch.manual_seed(0)
+    model = ConcatNet((1, 8, 8), num_classes=synthetic_dm.num_classes)
+    stage = StructuredPruningStage(
+        importance="taylor", ratio=0.3, taylor_batches=2,
+        regularize={"kind": "group_norm", "reg": 1e-3, "finetune": {"epochs": 1, "limit_train_batches": 0.25}},
+        finetune={"epochs": 1, "limit_train_batches": 0.25})
+    ctx = Context(synthetic_dm, trainer={"progress_bar": False}, seed=0)
+    result = stage.apply(model, ctx)
+    assert result.info["mac_speedup"] > 1.2
+    assert ctx.fits == 2  # the regularised run and the fine-tune
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, synthetic_dm.num_classes)
+
+
+def test_sparsity_regularizer_changes_gradients():
+    for kind in SparsityRegularizer.KINDS:
+        model = _build("concat")
+        x, y = _x("concat"), torch.tensor([0, 1, 2, 3])
+        F.cross_entropy(model(x), y).backward()
+        plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+        reg = SparsityRegularizer(kind, x, reg=0.1)
+        reg.build(model)
+        reg.regularize()
+        diff = [n for n, p in model.named_parameters() if not torch.equal(p.grad, plain[n])]
+        assert diff, kind
+        assert not any(n.startswith("fc.") for n in diff) or kind == "group_norm"
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"ratio": 1.0}, r"prune\.structured\.ratio: 1\.0 is outside \[0, 1\)"),
+    ({"ratio": -0.1}, r"prune\.structured\.ratio"),
+    ({"importance": "l3", "ratio": 0.5}, r"importance: unknown importance 'l3'; valid: .*l2.*did you mean"),
+    ({}, r"give either ratio/layer_ratios .* or mac_speedup"),
+    ({"ratio": 0.5, "mac_speedup": 2.0}, r"not both"),
+    ({"mac_speedup": 1.0}, r"mac_speedup: 1\.0 must be > 1"),
+    ({"ratio": 0.5, "regularize": {"kind": "l1"}}, r"regularize\.kind: 'l1' is not valid"),
+    ({"ratio": 0.5, "max_layer_ratio": 1.0}, r"max_layer_ratio"),
+])
+def test_config_errors(values, match):
+    with pytest.raises(UserError, match=match):
+        StructuredPruningStage(values)
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"ratio": 0.5, "ignore": ["nothing.*"]}, r"prune\.structured\.ignore: 'nothing\.\*' matches no layer"),
+    ({"layer_ratios": {"layer9.*": 0.5}}, r"layer_ratios: 'layer9\.\*' matches no layer"),
+    ({"layer_ratios": {"fc": 0.5}}, r"would prune the output layer 'fc'"),
+    ({"layer_ratios": {"*": 0.5}}, r"would prune the output layer 'fc'"),
+])
+def test_layer_errors_in_plan_and_apply(values, match):
+    model = _build("resnet20")
+    with pytest.raises(UserError, match=match):
+        StructuredPruningStage(values).plan(model)
+    with pytest.raises(UserError, match=match):
+        StructuredPruningStage(values, example_inputs=_x("resnet20")).apply(model)
+
+
+def test_plan_lists_touched_layers():
+    model = _build("resnet20")
+    plan = StructuredPruningStage(mac_speedup=2.0, ignore=["layer1.*"]).plan(model)
+    assert plan[0] == "conv1 -> until 2x MACs"
+    assert not any(p.startswith(("layer1.", "fc ")) for p in plan)
+
+
+def test_sensitivity_writes_csv_png_and_suggests(tmp_path):
+    from compress.sensitivity import run_sensitivity
+
+    model = _build("concat")
+    x = _x("concat", 16)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)  # the unpruned model is 100% "accurate"
+
+    def evaluate(m):
+        with torch.no_grad():
+            return float((m(x).argmax(1) == y).float().mean())
+
+    out = run_sensitivity(model, evaluate, x, tmp_path, ratios=(0.25, 0.5), max_drop=0.2)
+    assert out["baseline"] == 1.0
+    assert (tmp_path / "sensitivity.csv").read_text().startswith("layer,coupled,ratio")
+    assert (tmp_path / "sensitivity.png").stat().st_size > 1000
+    assert "fc" not in out["curves"]
+    assert "merge.0" not in out["curves"]  # coupled to the stem by the residual: one group
+    assert "stem.0" in out["groups"] and "merge.0" in out["groups"]["stem.0"]
+    assert len(out["rows"]) == 2 * len(out["curves"])
+    for layer, r in out["suggested"].items():
+        assert all(out["baseline"] - out["curves"][layer][q] <= 0.2 for q in (0.25, 0.5) if q <= r)
+    with pytest.raises(UserError, match="outside"):
+        run_sensitivity(model, evaluate, x, tmp_path, ratios=(1.0,))
