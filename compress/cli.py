@@ -15,8 +15,9 @@ __all__ = ["main"]
 
 USAGE = """python run.py RECIPE.yaml [key=value ...] [--dry-run] [--overwrite | --resume]
        python run.py resume RUN_DIR
+       python run.py teacher NAME [key=value ...]
        python run.py export RUN_DIR --format deep [--out FILE]
-       python run.py sensitivity RECIPE.yaml [key=value ...]"""
+       python run.py sensitivity RECIPE.yaml [key=value ...] [--from CKPT] [--max-drop 0.01]"""
 
 
 def _run(argv: Sequence[str]) -> int:
@@ -67,7 +68,74 @@ def _resume(argv: Sequence[str]) -> int:
     return _run([str(recipe_path), f"out_dir={args.run_dir}", "--resume"] + (["--quiet"] if args.quiet else []))
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"resume": _resume}
+def _sensitivity(argv: Sequence[str]) -> int:
+    """``sensitivity RECIPE``: prune each layer alone at several ratios, no fine-tuning; CSV, plot,
+    suggested per-layer ratios (for a ``prune.structured`` stage's ``layer_ratios``)."""
+    p = argparse.ArgumentParser(prog="run.py sensitivity", description=_sensitivity.__doc__)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--from", dest="checkpoint", help="a checkpoint of the trained model (default: run the "
+                   "recipe's leading train stages)")
+    p.add_argument("--ratios", type=float, nargs="+", default=None)
+    p.add_argument("--importance", default="l1")
+    p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop allowed per layer (fraction)")
+    args = p.parse_intermixed_args(list(argv))
+    import json
+    from pathlib import Path
+
+    from compress.checkpoint import load_into, read_checkpoint
+    from compress.metrics import evaluate_accuracy
+    from compress.pipeline import NOT_COMPRESSION, Pipeline
+    from compress.recipe import load_recipe
+    from compress.sensitivity import DEFAULT_RATIOS, run_sensitivity
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    pipeline = Pipeline(recipe)
+    model, ctx = pipeline.prepare()
+    if args.checkpoint:
+        load_into(model, read_checkpoint(args.checkpoint), args.checkpoint)
+    else:
+        for stage in recipe.stages:
+            if stage.type_name not in NOT_COMPRESSION:
+                break
+            model = stage.apply(model, ctx).model
+    out_dir = Path(recipe.cfg.out_dir) / "sensitivity"
+    loader = ctx.datamodule.test_dataloader()
+    result = run_sensitivity(model, lambda m: evaluate_accuracy(m, loader)["accuracy"], ctx.example_inputs(),
+                             out_dir, ratios=args.ratios or DEFAULT_RATIOS, importance=args.importance,
+                             max_drop=args.max_drop)
+    print(f"baseline accuracy {result['baseline']:.4f}; per layer, the largest ratio losing at most {args.max_drop}:")
+    print("layer_ratios:")
+    for name, ratio in result["suggested"].items():
+        print(f"  {name}: {ratio}")
+    print(f"written: {out_dir}/ (sensitivity.csv, sensitivity.png, suggested_ratios.json)")
+    w = recipe.cfg.logger.wandb
+    if w.mode != "disabled":
+        import wandb
+
+        run = wandb.init(project=w.project, entity=w.entity, mode=w.mode, dir=str(out_dir),
+                         name=f"{recipe.cfg.name}-sensitivity", config=recipe.to_container(),
+                         settings=wandb.Settings(quiet=True))
+        rows = result["rows"]
+        run.log({"sensitivity/plot": wandb.Image(str(out_dir / "sensitivity.png")),
+                 "sensitivity/table": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+        artifact = wandb.Artifact(f"{recipe.cfg.name}-sensitivity", type="sensitivity",
+                                  metadata={"suggested": json.loads(json.dumps(result["suggested"]))})
+        for f in ("sensitivity.csv", "sensitivity.png", "suggested_ratios.json"):
+            artifact.add_file(str(out_dir / f))
+        run.log_artifact(artifact)
+        run.finish()
+    return 0
+
+
+def _teacher(argv: Sequence[str]) -> int:
+    """``teacher NAME``: train a named teacher (teachers/NAME.yaml) by its recipe and record it."""
+    from compress.distill.teacher import main as teacher_main
+
+    return teacher_main(list(argv))
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"resume": _resume, "teacher": _teacher, "sensitivity": _sensitivity}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

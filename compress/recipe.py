@@ -219,6 +219,13 @@ class Recipe:
         return OmegaConf.to_yaml(self.cfg, resolve=True)
 
 
+# (earlier stage type, later stage type) -> why that order is refused before any work starts.
+REFUSED_ORDERS = {
+    ("share", "prune.structured"): "structured pruning after weight sharing would re-cluster nothing and break the "
+                                   "codebooks; put prune.structured before share",
+}
+
+
 def build_stages(blocks: Any) -> list[Any]:
     """Stage objects for the recipe's ``stages`` list; each block validated by its stage's Config."""
     from compress.stages import STAGES
@@ -239,6 +246,10 @@ def build_stages(blocks: Any) -> list[Any]:
         if name in names:  # stage names key metrics and checkpoints: keep them unique
             name = f"{name}-{i}"
         names.add(name)
+        for earlier in stages:
+            why = REFUSED_ORDERS.get((earlier.type_name, cls.type_name))
+            if why:
+                raise UserError(f"{key}.type: '{cls.type_name}' after '{earlier.type_name}' ({earlier.key}): {why}")
         stages.append(cls(block, key=key, name=name))
     return stages
 
