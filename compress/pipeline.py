@@ -42,7 +42,7 @@ def model_spec(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> dict
 
 
 def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | None = None,
-            hardware: list[str] = (), repeats: int = 20, warmup: int = 3, latency_batch: int | None = None,
+            hardware: list[str] = (), repeats: int = 30, warmup: int = 10, latency_batch: int | None = None,
             max_batches: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Every per-stage metric, from the model in hand: ``(metrics, layer rows, extras)``."""
     model = model.cpu()

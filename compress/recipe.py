@@ -55,8 +55,8 @@ class LoggerConfig:
 class EvalConfig:
     """How metrics are measured after every stage."""
 
-    latency_repeats: int = 20
-    latency_warmup: int = 3
+    latency_repeats: int = 30
+    latency_warmup: int = 10
     latency_batch_size: int | None = None  # default: data.batch_size
     max_batches: int | None = None  # cap on test batches for accuracy (None: the whole split)
 
