@@ -1,0 +1,203 @@
+"""Teachers: ``self`` (the model before compression), a name under ``teachers/``, or a checkpoint.
+
+A named teacher is a spec file ``<teachers_dir>/<name>.yaml``::
+
+    name: mnist_mlp1200
+    description: the 1200-1200 MLP of Hinton et al. (2015)
+    model: {name: mlp, hidden: [1200, 1200], dropout: 0.5}   # what the checkpoint holds
+    data: mnist
+    recipe: recipes/teachers/mnist_mlp1200.yaml                # the recipe that trains it
+    checkpoint: runs/mnist_mlp1200/stage-1-train.ckpt          # relative to the spec's folder
+    sha256: null                                               # checked when set
+    accuracy: null                                             # test accuracy, for the record
+
+``train_teacher(name)`` runs the spec's recipe so that its last checkpoint lands where the spec
+says, then records the file's sha256 and test accuracy in the spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING
+from torch import nn
+
+from compress.errors import UserError, suggest
+
+__all__ = ["TeacherSpec", "resolve_teacher", "teacher_spec_path", "load_teacher_spec", "check_teacher",
+           "train_teacher", "record_teacher", "sha256_file"]
+
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+
+@dataclass
+class TeacherSpec:
+    name: str = MISSING
+    model: dict[str, Any] = field(default_factory=dict)  # the recipe's model block, for the reader
+    data: str = ""
+    recipe: str = MISSING  # the recipe that trains it (python run.py <recipe>)
+    checkpoint: str = MISSING  # relative to the spec file's folder, or absolute
+    sha256: str | None = None
+    accuracy: float | None = None
+    description: str = ""
+
+
+def _is_path(spec: str) -> bool:
+    return "/" in spec or "\\" in spec or spec.endswith(CHECKPOINT_SUFFIXES)
+
+
+def teacher_spec_path(name: str, teachers_dir: str | Path, key: str = "teacher") -> Path:
+    """``<teachers_dir>/<name>.yaml``, or a UserError listing the valid teacher names."""
+    path = Path(teachers_dir) / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in Path(teachers_dir).glob("*.yaml")) if Path(teachers_dir).is_dir() else []
+        raise UserError(f"{key}: unknown teacher '{name}' (no {path}); use 'self', a checkpoint path, or a name; "
+                        f"{suggest(name, ['self', *names])}")
+    return path
+
+
+def load_teacher_spec(path: str | Path) -> TeacherSpec:
+    """Read and validate a teacher spec file."""
+    import yaml
+
+    from compress.recipe import merge_structured
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: YAML syntax error: {str(e).splitlines()[0]}") from None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(merge_structured(TeacherSpec, data, str(path)))
+
+
+def _checkpoint_path(spec: TeacherSpec, spec_path: Path) -> Path:
+    ckpt = Path(spec.checkpoint)
+    return ckpt if ckpt.is_absolute() else spec_path.parent / ckpt
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_teacher(spec: str, teachers_dir: str | Path = "teachers", key: str = "teacher") -> Path | None:
+    """Check that a teacher can be loaded, without loading it; returns its checkpoint (None: ``self``).
+
+    For an early, pre-training check (``--dry-run``). Raises UserError as :func:`resolve_teacher` would.
+    """
+    if spec == "self":
+        return None
+    if _is_path(spec):
+        if not Path(spec).is_file():
+            raise UserError(f"{key}: teacher checkpoint '{spec}' not found (a name would be looked up in {teachers_dir}/)")
+        return Path(spec)
+    spec_path = teacher_spec_path(spec, teachers_dir, key)
+    ts = load_teacher_spec(spec_path)
+    ckpt = _checkpoint_path(ts, spec_path)
+    if not ckpt.is_file():
+        raise UserError(f"{key}: teacher '{spec}' is not trained yet (no {ckpt}); train it with "
+                        f"`python run.py {ts.recipe}`")
+    if ts.sha256 and sha256_file(ckpt) != ts.sha256:
+        raise UserError(f"{key}: teacher '{spec}': {ckpt} does not match the sha256 in {spec_path} (retrained or "
+                        f"corrupt?); retrain with `python run.py {ts.recipe}` or update sha256 there")
+    return ckpt
+
+
+def resolve_teacher(spec: str | nn.Module, ctx: Any = None, key: str = "teacher") -> nn.Module:
+    """The teacher module for ``spec``: a module as is, ``self``, a checkpoint path or a name.
+
+    ``self`` is ``ctx.reference_model`` (the model before the compression stages). Named teachers
+    are looked up in ``ctx.teachers_dir`` (default ``teachers/``). Checkpoints are compress
+    checkpoints, loaded with ``weights_only=True`` by :func:`compress.checkpoint.load_model`.
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    spec = str(spec)
+    if spec == "self":
+        ref = getattr(ctx, "reference_model", None)
+        if ref is None:
+            raise UserError(f"{key}: 'self' is the model before compression, but there is none here; in Python pass "
+                            "Context(reference_model=...) or a teacher module / name / checkpoint path")
+        return ref
+    ckpt = check_teacher(spec, getattr(ctx, "teachers_dir", "teachers"), key)
+    from compress.checkpoint import load_model
+
+    return load_model(ckpt)
+
+
+def record_teacher(name: str, teachers_dir: str | Path = "teachers") -> TeacherSpec:
+    """Write the checkpoint's sha256 and stored test accuracy into the spec (other lines kept)."""
+    from compress.checkpoint import read_checkpoint
+
+    spec_path = teacher_spec_path(name, teachers_dir)
+    ts = load_teacher_spec(spec_path)
+    ckpt = _checkpoint_path(ts, spec_path)
+    digest = sha256_file(ckpt)
+    accuracy = read_checkpoint(ckpt).get("metrics", {}).get("accuracy")
+    text = spec_path.read_text()
+    for field_name, value in (("sha256", digest), ("accuracy", None if accuracy is None else round(float(accuracy), 6))):
+        line = f"{field_name}: {'null' if value is None else value}"
+        pattern = re.compile(rf"^{field_name}:.*$", re.MULTILINE)
+        text = pattern.sub(line, text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n" + line + "\n"
+    spec_path.write_text(text)
+    return load_teacher_spec(spec_path)
+
+
+def train_teacher(name: str, teachers_dir: str | Path = "teachers", *, overrides: tuple[str, ...] = (),
+                  quiet: bool = False, record: bool = True) -> Path:
+    """Run the recipe that trains teacher ``name``; its last checkpoint lands where the spec says.
+
+    The recipe's ``out_dir`` is set to the checkpoint's folder. Returns the checkpoint path.
+    """
+    from compress.pipeline import Pipeline
+    from compress.recipe import load_recipe
+
+    spec_path = teacher_spec_path(name, teachers_dir)
+    ts = load_teacher_spec(spec_path)
+    ckpt = _checkpoint_path(ts, spec_path)
+    recipe = load_recipe(ts.recipe, [f"out_dir={ckpt.parent}", *overrides])
+    pipeline = Pipeline(recipe, overwrite=True, quiet=quiet)
+    pipeline.run()
+    if not ckpt.is_file():
+        written = sorted(p.name for p in ckpt.parent.glob("stage-*.ckpt"))
+        raise UserError(f"{spec_path}: checkpoint: {ts.recipe} wrote {', '.join(written) or 'no checkpoint'} in "
+                        f"{ckpt.parent}, not {ckpt.name}; fix the spec's checkpoint or the recipe's stage names")
+    if record:
+        record_teacher(name, teachers_dir)
+    return ckpt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m compress.distill.teacher NAME [--record-only]``: train (or just record) a teacher."""
+    p = argparse.ArgumentParser(prog="python -m compress.distill.teacher", description=main.__doc__)
+    p.add_argument("name")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for the teacher's recipe")
+    p.add_argument("--teachers-dir", default="teachers")
+    p.add_argument("--record-only", action="store_true", help="only write sha256/accuracy of an existing checkpoint")
+    args = p.parse_args(argv)
+    try:
+        if args.record_only:
+            ts = record_teacher(args.name, args.teachers_dir)
+        else:
+            train_teacher(args.name, args.teachers_dir, overrides=tuple(args.overrides))
+            ts = load_teacher_spec(teacher_spec_path(args.name, args.teachers_dir))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"teacher {ts.name}: accuracy {ts.accuracy}, sha256 {ts.sha256}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
