@@ -16,7 +16,7 @@ __all__ = ["main"]
 USAGE = """python run.py RECIPE.yaml [key=value ...] [--dry-run] [--overwrite | --resume]
        python run.py resume RUN_DIR
        python run.py teacher NAME [key=value ...]
-       python run.py export RUN_DIR --format deep [--out FILE]
+       python run.py export RUN_DIR --format deep [--out FILE] [--stage K]
        python run.py sensitivity RECIPE.yaml [key=value ...] [--from CKPT] [--max-drop 0.01]"""
 
 
@@ -128,6 +128,36 @@ def _sensitivity(argv: Sequence[str]) -> int:
     return 0
 
 
+def _export(argv: Sequence[str]) -> int:
+    """``export RUN_DIR --format deep``: the last stage's model as a Deep Compression file."""
+    p = argparse.ArgumentParser(prog="run.py export", description=_export.__doc__)
+    p.add_argument("run_dir")
+    p.add_argument("--format", default="deep", choices=["deep"])
+    p.add_argument("--stage", type=int, default=None, help="stage index (default: the last finished)")
+    p.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.dc)")
+    args = p.parse_args(list(argv))
+    from pathlib import Path
+
+    from compress.checkpoint import model_from_checkpoint, read_checkpoint
+    from compress.encoding import model_storage, write_compressed
+
+    run_dir = Path(args.run_dir)
+    ckpts = sorted(run_dir.glob("stage-*.ckpt"), key=lambda f: int(f.name.split("-")[1]))
+    if args.stage is not None:
+        ckpts = [c for c in ckpts if int(c.name.split("-")[1]) == args.stage]
+    if not ckpts:
+        raise UserError(f"{run_dir}: no stage checkpoint{' for --stage ' + str(args.stage) if args.stage is not None else ''}"
+                        " there; is it a run folder (out_dir of a recipe)?")
+    data = read_checkpoint(ckpts[-1])
+    model = model_from_checkpoint(data, ckpts[-1])
+    out = Path(args.out) if args.out else run_dir / "model.dc"
+    written = write_compressed(model, out, data["model_spec"])
+    reported = model_storage(model)["total"]["compressed_bytes"]
+    print(f"{out}: {written:,} bytes on disk from {ckpts[-1].name}; reported compressed_bytes {reported:,} "
+          f"({100 * (written - reported) / reported:+.2f}%)")
+    return 0
+
+
 def _teacher(argv: Sequence[str]) -> int:
     """``teacher NAME``: train a named teacher (teachers/NAME.yaml) by its recipe and record it."""
     from compress.distill.teacher import main as teacher_main
@@ -135,7 +165,7 @@ def _teacher(argv: Sequence[str]) -> int:
     return teacher_main(list(argv))
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"resume": _resume, "teacher": _teacher, "sensitivity": _sensitivity}
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"resume": _resume, "teacher": _teacher, "sensitivity": _sensitivity, "export": _export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

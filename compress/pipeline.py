@@ -20,6 +20,7 @@ from torch import nn
 
 from compress.checkpoint import atomic_write, load_into, read_checkpoint, save_checkpoint
 from compress.data import build_datamodule, example_batch
+from compress.encoding import model_storage
 from compress.errors import UserError
 from compress.metrics import count_layers, evaluate_accuracy, measure_latency_ms, summarize
 from compress.models import build_model
@@ -51,11 +52,10 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     metrics: dict[str, Any] = evaluate_accuracy(model, datamodule.test_dataloader(), max_batches)
     metrics.update(summarize(model, layers))
     extras: dict[str, Any] = {}
-    storage = _storage(model)
+    storage = model_storage(model)
     metrics["stored_bytes"] = storage["total"]["compressed_bytes"]
     metrics["compression_ratio"] = metrics["dense_bytes"] / max(1, metrics["stored_bytes"])
-    if storage.get("layers"):
-        extras["storage"] = storage
+    metrics["compressed_bytes"] = storage["total"]["compressed_bytes"]
     # Time the model as it would be deployed: parametrizations (masks, codebooks) baked in.
     deployed = deployed_copy(model).eval()
     batch = latency_batch or datamodule.config.batch_size
@@ -68,10 +68,12 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     metrics["measured_speedup"] = base["measured_latency_ms"] / metrics["measured_latency_ms"]
     metrics["measured_speedup_batch"] = base["measured_latency_ms_batch"] / metrics["measured_latency_ms_batch"]
     rows = [s.as_dict() for s in layers]
+    for row in rows:  # Deep Compression's per-layer terms (Tables 2-3): bits per weight and index
+        row.update(storage["layers"].get(row["name"], {}))
     if hardware:
         from compress.hardware import hardware_metrics
 
-        hw, hw_layers, notes = hardware_metrics(deployed, x1, list(hardware), baseline)
+        hw, hw_layers, notes = hardware_metrics(model, x1, list(hardware), baseline)
         metrics.update(hw)
         by_name = {r["name"]: r for r in rows}
         for name, per_profile in hw_layers.items():
@@ -79,15 +81,6 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
                 by_name[name]["hardware"] = per_profile
         extras["notes"] = notes
     return metrics, rows, extras
-
-
-def _storage(model: nn.Module) -> dict[str, Any]:
-    try:
-        from compress.encoding import model_storage
-    except ImportError:  # TEMP until the encoding package lands
-        dense = sum(p.numel() for p in model.parameters()) * 4
-        return {"total": {"compressed_bytes": dense}}
-    return model_storage(model)
 
 
 class Pipeline:

@@ -27,3 +27,11 @@ def test_sensitivity_bad_ratio_is_exit_2(tmp_path, capsys):
     path.write_text(yaml.safe_dump(quick_recipe(tmp_path, stages=[])))
     assert main(["sensitivity", str(path), "--ratios", "1.5"]) == 2
     assert "sensitivity.ratios: 1.5 is outside (0, 1)" in capsys.readouterr().err
+def test_structured_after_share_is_refused_up_front(tmp_path, capsys):
+    stages = [{"type": "share", "bits": 4}, {"type": "prune.structured", "ratio": 0.5}]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(quick_recipe(tmp_path, stages=stages)))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "stages[1].type: 'prune.structured' after 'share' (stages[0])" in err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,149 @@
+"""Deep Compression encoding: Huffman, relative indices with fillers, size accounting, the file."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compress.encoding import model_storage, read_compressed, write_compressed
+from compress.encoding.csr import absolute_positions, relative_indices
+from compress.encoding.huffman import canonical_codes, code_lengths, decode, encode
+from compress.models import build_model
+from compress.pruning.masks import set_mask
+from compress.sharing import share_layer
+from tests.conftest import ROOT, quick_recipe
+
+
+def test_huffman_lengths_are_optimal_on_a_dyadic_distribution():
+    assert code_lengths(np.array([8, 4, 2, 1, 1])).tolist() == [1, 2, 3, 4, 4]
+    assert code_lengths(np.array([0, 5, 0])).tolist() == [0, 1, 0]
+    lengths = code_lengths(np.array([5, 9, 12, 13, 16, 45]))  # CLRS's example: 224 bits for 100 symbols
+    assert int((lengths * np.array([5, 9, 12, 13, 16, 45])).sum()) == 224
+    assert sum(2.0 ** -lengths) == pytest.approx(1.0)  # a complete prefix code
+
+
+def test_huffman_round_trip_and_prefix_free():
+    rng = np.random.default_rng(0)
+    symbols = rng.choice(6, size=5000, p=[0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
+    lengths = code_lengths(np.bincount(symbols, minlength=6))
+    bits = encode(symbols, lengths)
+    assert len(bits) == int(lengths[symbols].sum())
+    assert np.array_equal(decode(bits, lengths, len(symbols)), symbols)
+    codes = canonical_codes(lengths)
+    words = [format(int(c), f"0{int(n)}b") for c, n in zip(codes, lengths, strict=True)]
+    assert not any(a != b and b.startswith(a) for a in words for b in words)
+
+
+def test_relative_indices_insert_a_filler_when_a_gap_does_not_fit():
+    # 3-bit indices reach 8 positions: the jump from 4 to 20 needs one filler zero (paper, Fig. 2)
+    stored, filler = relative_indices(np.array([1, 4, 20, 21]), 3)
+    assert stored.tolist() == [1, 2, 7, 7, 0]
+    assert filler.tolist() == [False, False, True, False, False]
+    assert absolute_positions(stored, filler).tolist() == [1, 4, 20, 21]
+
+
+def _tiny_layer(shared: bool) -> nn.Module:
+    layer = nn.Linear(8, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight.view(-1)[[0, 3, 15]] = torch.tensor([1.0, -1.0, 1.0])
+    if shared:
+        share_layer(layer, 1)
+    return nn.Sequential(layer)
+
+
+def test_bits_and_bytes_of_a_tiny_layer_by_hand():
+    # positions 0, 3, 15 with 2-bit indices: gaps 0, 2, 11 -> stored 0, 2, 3*, 3*, 3 (two fillers)
+    # index symbols {0: 1, 2: 1, 3: 3} -> Huffman lengths 2, 2, 1 -> 7 bits -> 1 byte
+    csr = model_storage(_tiny_layer(False), index_bits=2)["layers"]["0"]
+    assert (csr["nonzero"], csr["entries"], csr["format"]) == (3, 5, "csr")
+    assert csr["index_bits_huffman"] == pytest.approx(7 / 5)
+    assert csr["weight_bits"] == 32 and csr["compressed_bytes"] == 5 * 4 + 1
+    assert csr["compression_ratio"] == pytest.approx(64 / 21)
+    # shared, 1 bit: codebook {-1, +1} (64 bits) + filler symbol; symbols 1,0,F,F,1 -> 8 Huffman bits
+    sh = model_storage(_tiny_layer(True), index_bits=2)["layers"]["0"]
+    assert sh["format"] == "shared" and sh["weight_bits"] == 2  # two centroids and the filler zero
+    assert sh["weight_bits_huffman"] == pytest.approx(8 / 5)
+    assert sh["compressed_bytes"] == 8 + 1 + 1
+    assert sh["kept"] == pytest.approx(3 / 16)
+
+
+def _compressed_lenet5(structured: bool = False) -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    spec = {"name": "lenet5", "kwargs": {"input_shape": [1, 28, 28], "num_classes": 10}}
+    model = build_model(spec["name"], **spec["kwargs"])
+    if structured:
+        from compress.data import build_datamodule
+        from compress.stages import STAGES
+        from compress.stages.base import Context
+
+        dm = build_datamodule({"name": "synthetic", "shape": [1, 28, 28], "train_size": 8, "test_size": 8})
+        dm.setup()
+        STAGES.get("prune.structured")(ratio=0.5).apply(model, Context(dm))
+        assert model.features[0].out_channels < 20
+    for i, (_name, m) in enumerate(n for n in model.named_modules() if isinstance(n[1], (nn.Conv2d, nn.Linear))):
+        keep = (m.weight.abs() > m.weight.abs().flatten().quantile(0.9 if i % 2 else 0.7)).float()
+        set_mask(m, keep)
+        share_layer(m, 8 if isinstance(m, nn.Conv2d) else 5)
+    return model, spec
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_file_decodes_to_identical_weights_and_its_size_is_the_reported_one(tmp_path, structured):
+    model, spec = _compressed_lenet5(structured)
+    path = tmp_path / "m.dc"
+    written = write_compressed(model, path, spec)
+    assert path.stat().st_size == written
+    reported = model_storage(model)["total"]["compressed_bytes"]
+    assert abs(written - reported) / reported < 0.01
+    back = read_compressed(path)
+    from compress.pruning.masks import deployed_copy
+
+    expected = deployed_copy(model).state_dict()
+    got = back.state_dict()
+    assert expected.keys() == got.keys()
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(back(x), model.eval()(x))
+    assert model_storage(model)["total"]["compression_ratio"] > 10
+
+
+def test_a_file_that_is_not_deep_compression_is_a_user_error(tmp_path):
+    from compress.errors import UserError
+
+    bad = tmp_path / "x.dc"
+    bad.write_bytes(b"PK\x03\x04 not ours")
+    with pytest.raises(UserError, match="x.dc"):
+        read_compressed(bad)
+
+
+def test_pipeline_reports_paper_terms_and_cli_export_writes_the_reported_size(tmp_path):
+    from compress.pipeline import Pipeline
+    from compress.recipe import load_recipe
+
+    recipe = quick_recipe(tmp_path, stages=[
+        {"type": "train", "epochs": 2, "optimizer": {"lr": 0.05}},
+        {"type": "prune.unstructured", "sparsity": 0.9, "finetune": {"epochs": 1, "optimizer": {"lr": 0.01}}},
+        {"type": "share", "bits": 4, "finetune": {"epochs": 1, "optimizer": {"lr": 0.001}}},
+    ])
+    Pipeline(load_recipe(recipe), quiet=True).run()
+    out = tmp_path / "run"
+    report = json.loads((out / "report.json").read_text())
+    last = report["stages"][-1]
+    fc = next(r for r in last["layers"] if r["name"] == "features.0")
+    assert fc["format"] == "shared" and fc["weight_bits"] == 5 and fc["index_bits"] == 5  # 16 centroids + filler
+    assert fc["weight_bits_huffman"] <= fc["weight_bits"] and fc["index_bits_huffman"] <= 5
+    assert last["metrics"]["compression_ratio"] > report["stages"][2]["metrics"]["compression_ratio"] > 1
+    proc = subprocess.run([sys.executable, "run.py", "export", str(out), "--format", "deep"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    size = (out / "model.dc").stat().st_size
+    assert abs(size - last["metrics"]["compressed_bytes"]) / size < 0.01
+    bad = subprocess.run([sys.executable, "run.py", "export", str(tmp_path / "nope")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr

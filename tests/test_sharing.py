@@ -1,0 +1,147 @@
+"""Weight sharing: k-means codebooks whose centroids train with per-cluster gradient sums."""
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from compress.checkpoint import load_into, read_checkpoint, save_checkpoint
+from compress.pruning.masks import set_mask
+from compress.sharing import kmeans_1d, share_layer
+from compress.sharing.kmeans import init_centroids
+from compress.sharing.shared import get_shared
+from compress.stages import STAGES
+from compress.stages.base import Context
+from compress.stages.share import ShareStage
+
+
+def _sgd_steps(model: nn.Module, steps: int = 20, lr: float = 0.01) -> None:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(16, *model.input_shape, generator=g)
+        loss = nn.functional.cross_entropy(model(x), torch.randint(0, 10, (16,), generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+class Net(nn.Module):
+    input_shape = (1, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3)
+        self.fc = nn.Linear(6 * 6 * 6, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_kmeans_1d_matches_lloyd_on_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([-3.0, 0.5, 4.0])
+    w = (centers[torch.randint(0, 3, (3000,), generator=g)] + 0.1 * torch.randn(3000, generator=g)).view(30, 100)
+    c, labels = kmeans_1d(w, 3)
+    assert labels.shape == w.shape
+    assert torch.allclose(c, centers, atol=0.02)
+    # each value sits in the cluster of its nearest centroid, and every centroid is its cluster's mean
+    assert torch.equal(labels, (w.unsqueeze(-1) - c).abs().argmin(-1))
+    for j in range(3):
+        assert c[j] == pytest.approx(float(w[labels == j].mean()), abs=1e-5)
+
+
+def test_linear_init_spans_min_to_max_evenly():
+    w = torch.tensor([-2.0, -1.0, 0.1, 0.2, 6.0]).sort().values
+    assert torch.allclose(init_centroids(w, 5, "linear"), torch.tensor([-2.0, 0.0, 2.0, 4.0, 6.0]))
+    d = init_centroids(torch.arange(101.0), 3, "density")
+    assert torch.allclose(d, torch.tensor([0.0, 50.0, 100.0]))
+
+
+def test_kmeans_is_fast_on_25m_weights():
+    w = torch.randn(25_000_000)
+    t = time.perf_counter()
+    c, labels = kmeans_1d(w, 256)
+    elapsed = time.perf_counter() - t
+    assert c.numel() <= 256 and labels.max() < c.numel()
+    # not a speed target (bench/ holds those): a dense (n x k) implementation would need ~50 GB here
+    assert elapsed < 120
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_at_most_2_pow_bits_values_and_pruned_zeros_stay_zero_through_finetuning(bits):
+    torch.manual_seed(0)
+    model = Net()
+    mask = (torch.rand_like(model.fc.weight) > 0.7).float()
+    set_mask(model.fc, mask)
+    before = model.fc.weight.detach().clone()
+    share_layer(model.fc, bits)
+    share_layer(model.conv, bits)
+    w0 = model.fc.weight.detach().clone()
+    assert torch.equal(w0 == 0, before == 0)
+    _sgd_steps(model)
+    for m in (model.conv, model.fc):
+        values = m.weight.detach().unique()
+        assert values[values != 0].numel() <= 2 ** bits
+    assert torch.isfinite(model.fc.weight).all() and torch.all(model.fc.weight[mask == 0] == 0)
+    assert not torch.equal(model.fc.weight.detach(), w0)  # the centroids did train
+    # only the codebook, never the per-weight values, is a parameter
+    names = {n for n, p in model.named_parameters()}
+    assert "fc.parametrizations.weight.0.centroids" in names and "fc.weight" not in names
+
+
+def test_centroid_gradient_is_the_per_cluster_sum_of_weight_gradients():
+    layer = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 1.1, -1.0], [0.0, -0.9, 0.95]]))
+    shared = share_layer(layer, 1)  # two clusters: about -1 and about +1; the zero is pruned
+    idx = shared.indices.long()
+    assert torch.equal(idx, torch.tensor([[1, 1, 0], [0, 0, 1]]))
+    x = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+    upstream = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    (layer(x) * upstream).sum().backward()
+    dw = upstream.t() @ x  # dL/dW of a linear layer, by hand
+    dw[1, 0] = 0  # the pruned weight sends nothing to any centroid
+    expected = torch.stack([dw[idx == 0].sum(), dw[idx == 1].sum()])
+    assert torch.allclose(shared.centroids.grad, expected)
+
+
+def test_shared_model_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    ShareStage(bits=3).apply(model)
+    _sgd_steps(model, steps=3)
+    path = tmp_path / "m.ckpt"
+    save_checkpoint(path, model, model_spec=None, stage_index=1, stage_name="share")
+    back = Net()
+    load_into(back, read_checkpoint(path))
+    assert get_shared(back.fc) is not None and get_shared(back.fc).bits == 3
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(back(x), model(x))
+
+
+def test_share_stage_from_python_bits_by_type_and_name(synthetic_dm):
+    from compress.models import build_model
+
+    model = build_model("lenet5", input_shape=[1, 8, 8], num_classes=10)
+    stage = STAGES.get("share")(bits=4, types={"conv": 6}, layers={"fc_out": 3}, ignore=["features.0"])
+    bits = stage.bits_per_layer(model)
+    assert bits == {"features.3": 6, "fc1": 4, "fc_out": 3}
+    result = stage.apply(model, Context(synthetic_dm, trainer={"progress_bar": False}))
+    assert result.info["bits"] == bits
+    assert get_shared(model.features[0]) is None
+    for name, b in bits.items():
+        w = model.get_submodule(name).weight.detach()
+        assert w.unique().numel() <= 2 ** b + 1  # codebook values and the pruned zero
+    x = torch.randn(2, 1, 8, 8)
+    assert model(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"bits": 0}, "bits"), ({"types": {"lstm": 4}}, "types"),
+                                          ({"init": "kmeans++"}, "init")])
+def test_bad_share_configs_are_user_errors(kwargs, match):
+    from compress.errors import UserError
+
+    with pytest.raises(UserError, match=match):
+        ShareStage(**kwargs)
