@@ -135,11 +135,14 @@ def _export(argv: Sequence[str]) -> int:
     p.add_argument("--format", default="deep", choices=["deep"])
     p.add_argument("--stage", type=int, default=None, help="stage index (default: the last finished)")
     p.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.dc)")
+    p.add_argument("--index-bits", default=None,
+                   help="relative-index width, 1-16 or 'auto' (default: the run's encoding.index_bits)")
     args = p.parse_args(list(argv))
     from pathlib import Path
 
     from compress.checkpoint import model_from_checkpoint, read_checkpoint
     from compress.encoding import model_storage, write_compressed
+    from compress.recipe import check_index_bits
 
     run_dir = Path(args.run_dir)
     ckpts = sorted(run_dir.glob("stage-*.ckpt"), key=lambda f: int(f.name.split("-")[1]))
@@ -150,9 +153,14 @@ def _export(argv: Sequence[str]) -> int:
                         " there; is it a run folder (out_dir of a recipe)?")
     data = read_checkpoint(ckpts[-1])
     model = model_from_checkpoint(data, ckpts[-1])
+    index_bits: int | str = ((data.get("recipe") or {}).get("encoding") or {}).get("index_bits", 5)
+    if args.index_bits is not None:
+        index_bits = "auto" if args.index_bits == "auto" else int(args.index_bits) if args.index_bits.isdigit() \
+            else args.index_bits
+    check_index_bits(index_bits, "--index-bits")
     out = Path(args.out) if args.out else run_dir / "model.dc"
-    written = write_compressed(model, out, data["model_spec"])
-    reported = model_storage(model)["total"]["compressed_bytes"]
+    written = write_compressed(model, out, data["model_spec"], index_bits)
+    reported = model_storage(model, index_bits)["total"]["compressed_bytes"]
     print(f"{out}: {written:,} bytes on disk from {ckpts[-1].name}; reported compressed_bytes {reported:,} "
           f"({100 * (written - reported) / reported:+.2f}%)")
     return 0

@@ -44,7 +44,8 @@ def model_spec(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> dict
 
 def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | None = None,
             hardware: list[str] = (), repeats: int = 30, warmup: int = 10, latency_batch: int | None = None,
-            max_batches: int | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+            max_batches: int | None = None, index_bits: int | str = 5,
+            ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Every per-stage metric, from the model in hand: ``(metrics, layer rows, extras)``."""
     model = model.cpu()
     x1 = example_batch(datamodule, 1)[0]
@@ -52,7 +53,7 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     metrics: dict[str, Any] = evaluate_accuracy(model, datamodule.test_dataloader(), max_batches)
     metrics.update(summarize(model, layers))
     extras: dict[str, Any] = {}
-    storage = model_storage(model)
+    storage = model_storage(model, index_bits)
     metrics["stored_bytes"] = storage["total"]["compressed_bytes"]
     metrics["compression_ratio"] = metrics["dense_bytes"] / max(1, metrics["stored_bytes"])
     metrics["compressed_bytes"] = storage["total"]["compressed_bytes"]
@@ -229,7 +230,8 @@ class Pipeline:
         e = self.cfg.eval
         metrics, layers, extras = measure(model, ctx.datamodule, baseline=baseline, hardware=list(self.cfg.hardware),
                                           repeats=e.latency_repeats, warmup=e.latency_warmup,
-                                          latency_batch=e.latency_batch_size, max_batches=e.max_batches)
+                                          latency_batch=e.latency_batch_size, max_batches=e.max_batches,
+                                          index_bits=self.cfg.encoding.index_bits)
         metrics["wall_s"] = wall
         record = {"index": index, "name": name, "type": type_, "metrics": metrics, "layers": layers,
                   "info": _plain(info), **extras}

@@ -62,6 +62,13 @@ class EvalConfig:
 
 
 @dataclass
+class EncodingConfig:
+    """How sizes are accounted and models exported (Deep Compression's storage format)."""
+
+    index_bits: Any = 5  # relative-index width in bits (1-16), or "auto": the smallest file per layer
+
+
+@dataclass
 class RecipeConfig:
     name: str = "run"
     seed: int = 0
@@ -71,6 +78,7 @@ class RecipeConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    encoding: EncodingConfig = field(default_factory=EncodingConfig)
     hardware: list[str] = field(default_factory=list)
     teachers_dir: str = "teachers"
     stages: list[Any] = field(default_factory=list)
@@ -278,6 +286,12 @@ def load_recipe(source: str | Path | dict[str, Any] | DictConfig, overrides: lis
     return Recipe(cfg, path)
 
 
+def check_index_bits(value: Any, key: str) -> None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 16):
+        return
+    raise UserError(f"{key}: {value!r} is not a width; use an integer in [1, 16] (the paper: 5) or 'auto'")
+
+
 def _validate_top(cfg: DictConfig) -> None:
     from compress.data import DATAMODULES
     from compress.models import model_class
@@ -298,6 +312,7 @@ def _validate_top(cfg: DictConfig) -> None:
         raise UserError(f"eval.latency_repeats: {cfg.eval.latency_repeats} must be >= 1")
     if not cfg.out_dir:
         raise UserError("out_dir: must not be empty")
+    check_index_bits(cfg.encoding.index_bits, "encoding.index_bits")
     try:
         from compress.hardware import check_profiles
     except ImportError:  # the hardware package is optional at this point of the build

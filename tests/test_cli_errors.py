@@ -56,6 +56,8 @@ CASES = [
     ("missing MNIST files", {"data": {"name": "mnist", "root": "/nonexistent"}},
      r"data.root: MNIST file 'train-images-idx3-ubyte\[.gz\]' not found under '/nonexistent'"),
     ("stage not a mapping", {"stages": ["train"]}, r"stages\[0\]: a stage is a mapping with a 'type'"),
+    ("bad index width", {"encoding": {"index_bits": "five"}}, r"encoding.index_bits: 'five' is not a width.*'auto'"),
+    ("share bits out of range", {"stages": [{"type": "share", "bits": 40}]}, r"stages\[0\]\.bits: 40 bits is outside \[1, 16\]"),
 ]
 
 

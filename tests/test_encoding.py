@@ -72,6 +72,20 @@ def test_bits_and_bytes_of_a_tiny_layer_by_hand():
     assert sh["kept"] == pytest.approx(3 / 16)
 
 
+def test_auto_index_width_is_never_larger_than_any_fixed_width_and_decodes(tmp_path):
+    model, spec = _compressed_lenet5()
+    auto = model_storage(model, "auto")
+    for bits in (2, 3, 4, 5, 6, 7, 8):
+        fixed = model_storage(model, bits)
+        for name, layer in auto["layers"].items():
+            assert layer["compressed_bytes"] <= fixed["layers"][name]["compressed_bytes"]
+    assert {layer["index_bits"] for layer in auto["layers"].values()} <= set(range(2, 9))
+    written = write_compressed(model, tmp_path / "a.dc", spec, "auto")
+    assert abs(written - auto["total"]["compressed_bytes"]) / written < 0.01
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(read_compressed(tmp_path / "a.dc")(x), model.eval()(x))
+
+
 def _compressed_lenet5(structured: bool = False) -> tuple[nn.Module, dict]:
     torch.manual_seed(0)
     spec = {"name": "lenet5", "kwargs": {"input_shape": [1, 28, 28], "num_classes": 10}}

@@ -34,8 +34,17 @@ __all__ = ["model_storage", "write_compressed", "read_compressed", "MAGIC"]
 MAGIC = b"DCMP1"
 
 
-def _layer_plan(name: str, module: nn.Module, index_bits: int) -> dict[str, Any]:
-    """How one prunable layer's weight is stored, with its symbol streams and sizes."""
+AUTO_WIDTHS = range(2, 9)  # relative-index widths tried by ``index_bits="auto"``
+
+
+def _layer_plan(name: str, module: nn.Module, index_bits: int | str) -> dict[str, Any]:
+    """How one prunable layer's weight is stored, with its symbol streams and sizes.
+
+    ``index_bits="auto"`` tries every width in :data:`AUTO_WIDTHS` and keeps the smallest layer
+    (narrow widths need more fillers, wide ones code each gap in more bits).
+    """
+    if index_bits == "auto":
+        return min((_layer_plan(name, module, b) for b in AUTO_WIDTHS), key=lambda p: p["payload_bytes"])
     from compress.sharing.shared import get_shared
 
     with torch.no_grad():
@@ -71,7 +80,7 @@ def _layer_plan(name: str, module: nn.Module, index_bits: int) -> dict[str, Any]
     return plan
 
 
-def _plan(model: nn.Module, index_bits: int) -> tuple[list[dict[str, Any]], nn.Module]:
+def _plan(model: nn.Module, index_bits: int | str) -> tuple[list[dict[str, Any]], nn.Module]:
     deployed = deployed_copy(model).cpu()
     layers = prunable_layers(model)
     plans = [_layer_plan(n, m, index_bits) for n, m in layers.items()]
@@ -85,7 +94,7 @@ def _plan(model: nn.Module, index_bits: int) -> tuple[list[dict[str, Any]], nn.M
     return plans, deployed
 
 
-def _header(plans: list[dict[str, Any]], spec: dict[str, Any] | None, index_bits: int) -> bytes:
+def _header(plans: list[dict[str, Any]], spec: dict[str, Any] | None) -> bytes:
     tensors = []
     for p in plans:
         entry = {"name": p["name"], "shape": p["shape"], "kind": p["kind"]}
@@ -93,19 +102,20 @@ def _header(plans: list[dict[str, Any]], spec: dict[str, Any] | None, index_bits
             entry["dtype"] = p.get("dtype", "float32")
         else:
             entry["entries"] = p["entries"]
+            entry["ib"] = p["index_bits"]
             entry["il"] = p["index_lengths"].tolist()
             if p["kind"] == "shared":
                 entry["wl"] = p["weight_lengths"].tolist()
         tensors.append(entry)
-    text = json.dumps({"spec": spec, "index_bits": index_bits, "tensors": tensors}, separators=(",", ":"))
+    text = json.dumps({"spec": spec, "tensors": tensors}, separators=(",", ":"))
     return zlib.compress(text.encode(), 9)
 
 
-def model_storage(model: nn.Module, index_bits: int = 5) -> dict[str, Any]:
+def model_storage(model: nn.Module, index_bits: int | str = 5) -> dict[str, Any]:
     """Per prunable layer and in total: bits per stored weight and index (before and after Huffman,
     the terms of the paper's Tables 2-3), ``compressed_bytes``, ``dense_bytes``,
     ``compression_ratio``; ``total.compressed_bytes`` is the file :func:`write_compressed` writes
-    (less its model spec)."""
+    (less its model spec). ``index_bits``: the relative-index width, or ``"auto"`` per layer."""
     plans, _ = _plan(model, index_bits)
     layers: dict[str, dict[str, Any]] = {}
     for p in plans:
@@ -115,13 +125,13 @@ def model_storage(model: nn.Module, index_bits: int = 5) -> dict[str, Any]:
         layers[p["name"].removesuffix(".weight")] = {
             "format": p["kind"], "kept": p["nonzero"] / max(1, p["numel"]), "nonzero": p["nonzero"],
             "entries": p["entries"], "weight_bits": p["weight_bits"],
-            "weight_bits_huffman": p["weight_stream_bits"] / e, "index_bits": index_bits,
+            "weight_bits_huffman": p["weight_stream_bits"] / e, "index_bits": p["index_bits"],
             "index_bits_huffman": p["index_stream_bits"] / e, "compressed_bytes": p["payload_bytes"],
             "dense_bytes": 4 * p["numel"], "compression_ratio": 4 * p["numel"] / max(1, p["payload_bytes"]),
         }
     payload = sum(p["payload_bytes"] for p in plans)
     dense = sum(4 * p["numel"] for p in plans if p.get("dtype", "float32").startswith("float"))
-    total_bytes = len(MAGIC) + 4 + len(_header(plans, None, index_bits)) + payload
+    total_bytes = len(MAGIC) + 4 + len(_header(plans, None)) + payload
     return {"total": {"compressed_bytes": total_bytes, "dense_bytes": dense,
                       "compression_ratio": dense / max(1, total_bytes)}, "layers": layers}
 
@@ -130,7 +140,8 @@ def _bits_to_bytes(bits: np.ndarray) -> bytes:
     return np.packbits(bits).tobytes()
 
 
-def write_compressed(model: nn.Module, path: str | Path, model_spec: dict[str, Any], index_bits: int = 5) -> int:
+def write_compressed(model: nn.Module, path: str | Path, model_spec: dict[str, Any],
+                     index_bits: int | str = 5) -> int:
     """Write the encoded model; returns the bytes written."""
     plans, _ = _plan(model, index_bits)
     chunks = []
@@ -144,7 +155,7 @@ def write_compressed(model: nn.Module, path: str | Path, model_spec: dict[str, A
         else:
             chunks.append(p["values"].tobytes())
         chunks.append(_bits_to_bytes(encode(p["stored_index"], p["index_lengths"])))
-    header = _header(plans, model_spec, index_bits)
+    header = _header(plans, model_spec)
     data = MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
     from compress.checkpoint import atomic_write
 
