@@ -18,7 +18,7 @@ DRIVER = textwrap.dedent('''
     from dataclasses import dataclass
     import torch
     from compress.cli import main
-    from compress.pruning.masks import get_mask, masked_modules
+    from compress.pruning.masks import get_mask, masked_modules, prunable_layers
     from compress.stages import STAGES, Stage, StageResult
 
     @dataclass
@@ -33,11 +33,13 @@ DRIVER = textwrap.dedent('''
         def apply(self, model, ctx=None):
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             layers = {}
-            for name, m in masked_modules(model).items():
+            for name, m in prunable_layers(model).items():
                 w = m.weight.detach()
-                layers[name] = {"mask_kept": int(get_mask(m).sum()), "nonzero": int(torch.count_nonzero(w)),
-                                "zeros_where_masked": bool((w[~get_mask(m)] == 0).all()),
-                                "distinct": int(torch.unique(w).numel()), "sum": float(w.double().sum())}
+                layers[name] = {"nonzero": int(torch.count_nonzero(w)), "distinct": int(torch.unique(w).numel()),
+                                "sum": float(w.double().sum())}
+                if name in masked_modules(model):
+                    layers[name].update(mask_kept=int(get_mask(m).sum()),
+                                        zeros_where_masked=bool((w[~get_mask(m)] == 0).all()))
             with open(f"{self.config.path}-{rank}.json", "w") as f:
                 json.dump(layers, f)
             return StageResult(model)
@@ -55,6 +57,9 @@ def run(tmp_path, name, trainer):
         {"type": "prune.unstructured", "sparsity": 0.6, "schedule": "agp",
          "finetune": {"epochs": 2, "optimizer": {"lr": 0.01}}},
         {"type": "test.probe", "path": str(tmp_path / f"{name}-probe")},
+        {"type": "share", "bits": 3, "finetune": {"epochs": 1, "optimizer": {"lr": 0.001},
+                                                  "distill": {"teacher": "self", "T": 4.0}}},
+        {"type": "test.probe", "path": str(tmp_path / f"{name}-shared")},
     ]
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -75,6 +80,11 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     assert probes[0] == probes[1], "the ranks hold different models"
     for layer in probes[0].values():
         assert layer["zeros_where_masked"] and layer["nonzero"] == layer["mask_kept"]
+    # weight sharing fine-tuned by distillation under DDP: same codebooks on both ranks, <= 2^3 values
+    shared = [json.loads((tmp_path / f"ddp-shared-{r}.json").read_text()) for r in (0, 1)]
+    assert shared[0] == shared[1], "the ranks hold different codebooks"
+    for name, layer in shared[0].items():
+        assert layer["distinct"] <= 2 ** 3 + 1 and layer["nonzero"] == probes[0][name]["nonzero"]
     # only rank zero writes: one report, one wandb run, one set of stage checkpoints
     assert len(list((tmp_path / "ddp" / "wandb").glob("offline-run-*"))) == 1
     assert not list(tmp_path.glob("ddp/stage-*.ckpt.*"))
