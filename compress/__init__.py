@@ -13,6 +13,7 @@ From a recipe: ``python run.py recipes/quickstart.yaml key=value ...`` or
 
 from compress.checkpoint import load_model, save_checkpoint
 from compress.data import DATAMODULES, build_datamodule
+from compress.encoding import model_storage, read_compressed, write_compressed
 from compress.errors import UserError
 from compress.models import MODELS, build_model
 from compress.pipeline import Pipeline, measure
@@ -21,16 +22,20 @@ from compress.registry import Registry
 from compress.stages import (
     STAGES,
     Context,
+    DistillStage,
     EvaluateStage,
     FinetuneConfig,
+    ShareStage,
     Stage,
     StageResult,
+    StructuredPruningStage,
     TrainStage,
     UnstructuredPruningStage,
 )
 
 __all__ = [
-    "Context", "DATAMODULES", "EvaluateStage", "FinetuneConfig", "MODELS", "Pipeline", "Registry", "STAGES", "Stage",
-    "StageResult", "TrainStage", "UnstructuredPruningStage", "UserError", "build_datamodule", "build_model",
-    "load_model", "load_recipe", "measure", "save_checkpoint",
+    "Context", "DATAMODULES", "DistillStage", "EvaluateStage", "FinetuneConfig", "MODELS", "Pipeline", "Registry",
+    "STAGES", "ShareStage", "Stage", "StageResult", "StructuredPruningStage", "TrainStage", "UnstructuredPruningStage",
+    "UserError", "build_datamodule", "build_model", "load_model", "load_recipe", "measure", "model_storage",
+    "read_compressed", "save_checkpoint", "write_compressed",
 ]
