@@ -48,6 +48,9 @@ def atomic_write(path: str | Path, write: Any) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make every checkpoint private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

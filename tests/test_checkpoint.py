@@ -1,6 +1,7 @@
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,16 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "f.json", boom)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):
+    import os
+    import stat
+
+    from compress.checkpoint import atomic_write
+
+    path = tmp_path / "model.dc"
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"x"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
