@@ -92,3 +92,29 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_finished_stages(tmp_path,
     assert "Traceback" not in proc.stderr
     out = tmp_path / "run"
     assert (out / "stage-1-train.ckpt").is_file() and not list(out.glob("stage-2-*.ckpt"))
+
+
+def test_killed_while_fine_tuning_codebooks_with_distillation_resumes_to_the_same_report(tmp_path):
+    """Codebook, adapter and optimizer state all come back from the interrupted stage's checkpoint."""
+    recipe = quick_recipe(tmp_path)
+    recipe["stages"] = [
+        {"type": "train", "epochs": 2, "optimizer": {"lr": 0.05}},
+        {"type": "prune.unstructured", "sparsity": 0.8},
+        {"type": "share", "bits": 4, "finetune": {
+            "epochs": 3, "optimizer": {"lr": 0.001},
+            "distill": {"teacher": "self", "T": 4.0,
+                        "features": [{"student": "features.1", "teacher": "features.1", "kind": "hint"}]}}},
+    ]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    reference = cli(str(path), "out_dir=" + str(tmp_path / "ref"), "--quiet")
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "run"
+    killed = cli(str(path), "--quiet", env={"COMPRESS_KILL_AT": "3:1:5"})
+    assert killed.returncode == -9
+    assert (out / "lightning" / "stage-3" / "fit-1" / "last.ckpt").is_file()
+    resumed = cli("resume", str(out), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    got = json.loads((out / "report.json").read_text())
+    want = json.loads((tmp_path / "ref" / "report.json").read_text())
+    assert comparable(got) == comparable(want)
