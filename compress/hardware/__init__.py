@@ -1,0 +1,107 @@
+"""Simulated hardware: roofline profiles and a per-layer simulator, for a speedup that is honest.
+
+A FLOP ratio is not a speedup: a layer is compute-bound or bandwidth-bound, depthwise and
+element-wise ops are bandwidth-heavy, sparsity pays only where the hardware exploits it, and
+fused kernels read their data once. :func:`hardware_metrics` traces the model's forward pass at
+the aten level and prices every op on each profile (``profiles/*.yaml``, or a user's file).
+
+    from compress.hardware import simulate_model
+    sims = simulate_model(model, x, ["cpu-local", "jetson-tx2"])
+    sims["jetson-tx2"].latency_ms, sims["jetson-tx2"].bottlenecks()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from compress.hardware.notes import hardware_notes
+from compress.hardware.profiles import (
+    PROFILES,
+    HardwareProfile,
+    check_profiles,
+    load_profile,
+    profile_from_dict,
+    resolve_profile,
+)
+from compress.hardware.roofline import OpCost, Simulation, WeightInfo, simulate, weight_infos
+from compress.hardware.trace import Trace, trace_ops
+
+__all__ = ["PROFILES", "HardwareProfile", "check_profiles", "load_profile", "profile_from_dict", "resolve_profile",
+           "simulate", "simulate_model", "hardware_metrics", "trace_ops", "weight_infos", "hardware_notes",
+           "Simulation", "OpCost", "Trace", "WeightInfo", "LAYER_FIELDS"]
+
+# Per-layer figures each profile adds to a report row (under row["hardware"][profile]).
+LAYER_FIELDS = ("time_us", "bound", "compute_us", "memory_us", "overhead_us", "flops", "dram_bytes", "chip_bytes",
+                "weight_bytes", "weight_format", "fused")
+TOP_BOTTLENECKS = 5
+
+
+def simulate_model(model: nn.Module, example: Tensor, profiles: Sequence[str | HardwareProfile],
+                   deployed: nn.Module | None = None) -> dict[str, Simulation]:
+    """Trace ``model(example)`` once and simulate it on every profile (name, path or object).
+
+    ``model`` may carry masks and codebooks (their formats are read from it); the trace runs on
+    ``deployed`` (default: ``deployed_copy(model)``), where they are baked in.
+    """
+    from compress.pruning.masks import deployed_copy
+
+    resolved = [resolve_profile(p, f"hardware[{i}]") for i, p in enumerate(profiles)]
+    deployed = deployed if deployed is not None else deployed_copy(model)
+    trace = trace_ops(deployed, example)
+    weights = weight_infos(model, deployed)
+    return {p.name: simulate(trace, weights, p) for p in resolved}
+
+
+def hardware_metrics(model: nn.Module, x1: Tensor, profiles: list[str], baseline: dict[str, Any] | None
+                     ) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Any]]], list[str]]:
+    """Per-stage simulated figures: ``(metrics, per-layer rows by profile, notes)``.
+
+    Metrics: ``sim_latency_ms``/``sim_speedup`` (the first profile) and, per profile P,
+    ``sim_latency_ms/P``, ``sim_speedup/P`` (against ``baseline``, stage 0),
+    ``sim_memory_bound_share/P``, ``sim_overhead_share/P`` and ``sim_bottlenecks/P`` (a list: in
+    report.json, left out of the CSV and wandb scalars).
+    """
+    from compress.pruning.masks import deployed_copy
+
+    resolved = [load_profile(p, f"hardware[{i}]") for i, p in enumerate(profiles)]
+    deployed = deployed_copy(model).eval()
+    trace = trace_ops(deployed, x1)
+    weights = weight_infos(model, deployed)
+    metrics: dict[str, Any] = {}
+    layers: dict[str, dict[str, dict[str, Any]]] = {}
+    notes: list[str] = []
+    base = baseline or {}
+    for i, profile in enumerate(resolved):
+        p = profile.name
+        sim = simulate(trace, weights, profile)
+        ms = sim.latency_ms
+        base_ms = base.get(f"sim_latency_ms/{p}", ms if baseline is None else None)
+        speedup = base_ms / ms if base_ms is not None and ms > 0 else None
+        metrics[f"sim_latency_ms/{p}"] = ms
+        metrics[f"sim_speedup/{p}"] = speedup
+        metrics[f"sim_memory_bound_share/{p}"] = sim.share("memory")
+        metrics[f"sim_overhead_share/{p}"] = sim.overhead_share
+        metrics[f"sim_bottlenecks/{p}"] = [
+            {"name": o.name, "op": o.op, "time_us": round(o.time_us, 3), "share": round(o.time_us / sim.latency_us, 4),
+             "bound": o.bound} for o in sim.bottlenecks(TOP_BOTTLENECKS)]
+        if i == 0:
+            metrics["sim_latency_ms"] = ms
+            metrics["sim_speedup"] = speedup
+        for name, cost in sim.by_layer().items():
+            row = cost.as_row()
+            layers.setdefault(name, {})[p] = {k: row[k] for k in LAYER_FIELDS}
+        if baseline is None and profile.calibrate:
+            notes.append(_calibration_note(profile))
+        notes += hardware_notes(sim, profile, weights)
+    return metrics, layers, notes
+
+
+def _calibration_note(p: HardwareProfile) -> str:
+    o = p.overhead_us
+    return (f"{p.name}: calibrated on this machine: {p.peak_gflops.fp32:.0f} GFLOP/s fp32 GEMM, conv "
+            f"{p.efficiency.conv:.0%} and depthwise {p.efficiency.grouped_conv:.0%} of it, {p.memory_gbps:.0f} GB/s "
+            f"DRAM, {p.on_chip_gbps:.0f} GB/s from cache, {o.op:.1f} us per op, {o.conv:.1f} per conv, "
+            f"{o.module:.1f} per module call")
