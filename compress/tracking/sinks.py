@@ -13,7 +13,7 @@ from typing import Any
 
 from compress.checkpoint import atomic_write
 
-__all__ = ["Sink", "TerminalSink", "ReportSink", "CSVSink", "WandbSink", "flatten", "TABLE_COLUMNS"]
+__all__ = ["Sink", "TerminalSink", "ReportSink", "CSVSink", "WandbSink", "flatten", "TABLE_COLUMNS", "table_columns"]
 
 # (header, metric key, format) of the terminal and Markdown tables.
 TABLE_COLUMNS = [
@@ -52,8 +52,22 @@ def _cell(record: dict[str, Any], key: str, fmt: str) -> str:
     return fmt.format(value)
 
 
-def table_rows(records: list[dict[str, Any]]) -> list[list[str]]:
-    return [[_cell(r, key, fmt) for _, key, fmt in TABLE_COLUMNS] for r in records]
+def table_columns(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """TABLE_COLUMNS plus a ``sim <profile>`` column for each simulated profile after the first
+    (``sim`` is the first profile's)."""
+    extra: list[str] = []
+    for r in records:
+        extra += [k.split("/", 1)[1] for k in r["metrics"] if k.startswith("sim_speedup/")
+                  and k.split("/", 1)[1] not in extra]
+    cols = list(TABLE_COLUMNS)
+    at = next(i for i, (_, key, _) in enumerate(cols) if key == "sim_speedup") + 1
+    cols[at:at] = [(f"sim {p}", f"sim_speedup/{p}", "{:.2f}x") for p in extra[1:]]
+    return cols
+
+
+def table_rows(records: list[dict[str, Any]], columns: list[tuple[str, str, str]] | None = None) -> list[list[str]]:
+    columns = columns or TABLE_COLUMNS
+    return [[_cell(r, key, fmt) for _, key, fmt in columns] for r in records]
 
 
 class Sink:
@@ -65,9 +79,10 @@ class Sink:
 class TerminalSink(Sink):
     """A rich table of every stage so far, printed after each stage."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_notes: int = 12) -> None:
         from rich.console import Console
 
+        self.max_notes = max_notes
         console = Console()
         # Not a terminal (CI, a log file): wide enough that the table is not squeezed.
         self.console = console if console.is_terminal else Console(width=200)
@@ -76,13 +91,17 @@ class TerminalSink(Sink):
         from rich.table import Table
 
         table = Table(title=f"after stage {record['index']}: {record['name']}", title_justify="left")
-        for header, _, _ in TABLE_COLUMNS:
+        columns = table_columns(records)
+        for header, _, _ in columns:
             table.add_column(header, justify="left" if header == "stage" else "right")
-        for row in table_rows(records):
+        for row in table_rows(records, columns):
             table.add_row(*row)
         self.console.print(table)
-        for note in record.get("notes", [])[:5]:
-            self.console.print(f"  note: {note}")
+        notes = record.get("notes", [])
+        for note in notes[:self.max_notes]:
+            self.console.print(f"  note: {note}", highlight=False, soft_wrap=True)
+        if len(notes) > self.max_notes:
+            self.console.print(f"  ({len(notes) - self.max_notes} more notes in report.json)")
 
 
 class ReportSink(Sink):
@@ -96,10 +115,14 @@ class ReportSink(Sink):
         report = {"recipe": self.recipe, "stages": records}
         text = json.dumps(report, indent=1, default=float)
         atomic_write(self.out_dir / "report.json", lambda tmp: Path(tmp).write_text(text))
-        header = [h for h, _, _ in TABLE_COLUMNS]
+        columns = table_columns(records)
+        header = [h for h, _, _ in columns]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in table_rows(records)]
+        lines += ["| " + " | ".join(row) + " |" for row in table_rows(records, columns)]
         md = f"# {self.recipe.get('name', 'run')}\n\n" + "\n".join(lines) + "\n"
+        notes = [f"- stage {r['index']} ({r['name']}): {n}" for r in records for n in r.get("notes", [])]
+        if notes:
+            md += "\n## Notes\n\n" + "\n".join(notes) + "\n"
         atomic_write(self.out_dir / "report.md", lambda tmp: Path(tmp).write_text(md))
 
 
@@ -138,9 +161,11 @@ class WandbSink(Sink):
 
         payload = {f"stage/{k}": v for k, v in flatten(record["metrics"]).items() if isinstance(v, int | float)}
         payload["stage/index"] = record["index"]
-        layers = record.get("layers", [])
+        layers = [flatten(row) for row in record.get("layers", [])]  # hardware/<profile>/time_us, ...
         if layers:
-            columns = list(layers[0])
+            columns: list[str] = []
+            for row in layers:
+                columns += [c for c in row if c not in columns]
             payload[f"layers/{record['index']}-{record['name']}"] = wandb.Table(
                 columns=columns, data=[[row.get(c) for c in columns] for row in layers])
         self.run.log(payload)
