@@ -208,6 +208,7 @@ def fixed_cpu(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(cal, "measure_cpu", lambda: calls.append(1) or dict(FIXED_CPU))
+    monkeypatch.setattr(cal, "_busy", lambda threads: False)
     return calls
 
 
@@ -242,6 +243,18 @@ def test_cpu_local_calibration_is_cached_per_thread_count(fixed_cpu, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert len(fixed_cpu) == 2  # another key: measured again
+
+
+def test_calibration_taken_on_a_busy_machine_is_redone_once_it_is_idle(fixed_cpu, monkeypatch):
+    import compress.hardware.calibrate as cal
+
+    monkeypatch.setattr(cal, "_busy", lambda threads: True)
+    assert "busy" in load_profile("cpu-local").description
+    load_profile("cpu-local")
+    assert len(fixed_cpu) == 1  # still busy: the cached figures are the best there are
+    monkeypatch.setattr(cal, "_busy", lambda threads: False)
+    assert "busy" not in load_profile("cpu-local").description
+    assert len(fixed_cpu) == 2
 
 
 def test_unknown_profile_names_the_key_and_the_nearest(tmp_path):
@@ -309,7 +322,7 @@ def test_hardware_metrics_contract(tmp_path, fixed_cpu):
         assert base[f"sim_bottlenecks/{p}"][0]["time_us"] > 0
     assert set(layers["features.0"]) == set(profiles)
     assert layers["features.0"]["jetson-tx2"]["fused"] == ["features.1"]  # linear + ReLU
-    assert any(n.startswith("cpu-local: calibrated") for n in notes)
+    assert any(n.startswith("cpu-local: this machine") for n in notes)
 
     half = torch.zeros(300, 64, dtype=torch.bool)
     half[:150] = True  # structured in effect: half the rows of the first layer are zero
@@ -317,7 +330,7 @@ def test_hardware_metrics_contract(tmp_path, fixed_cpu):
     after, _, notes = hardware_metrics(model, x1, profiles, base)
     assert after["sim_speedup/jetson-tx2"] == 1.0  # zeros computed anyway: no sparse support
     assert after["sim_speedup"] == pytest.approx(base["sim_latency_ms"] / after["sim_latency_ms"])
-    assert any("jetson-tx2: 1 layer hold 50% zeros" in n for n in notes)
+    assert any("jetson-tx2: 1 layer holds 50% zeros" in n for n in notes)
 
 
 def test_jetson_depthwise_net_gains_less_than_its_mac_ratio():

@@ -101,7 +101,7 @@ def hardware_metrics(model: nn.Module, x1: Tensor, profiles: list[str], baseline
 
 def _calibration_note(p: HardwareProfile) -> str:
     o = p.overhead_us
-    return (f"{p.name}: calibrated on this machine: {p.peak_gflops.fp32:.0f} GFLOP/s fp32 GEMM, conv "
+    return (f"{p.name}: {p.description}: {p.peak_gflops.fp32:.0f} GFLOP/s fp32 GEMM, conv "
             f"{p.efficiency.conv:.0%} and depthwise {p.efficiency.grouped_conv:.0%} of it, {p.memory_gbps:.0f} GB/s "
             f"DRAM, {p.on_chip_gbps:.0f} GB/s from cache, {o.op:.1f} us per op, {o.conv:.1f} per conv, "
-            f"{o.module:.1f} per module call")
+            f"{o.module:.1f} per module call (python -m compress.hardware.calibrate --force measures again)")

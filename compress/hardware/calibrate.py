@@ -36,8 +36,8 @@ from compress.hardware.profiles import HardwareProfile, profile_from_dict
 
 __all__ = ["calibrated_profile", "measure_cpu", "cache_path", "cache_key"]
 
-SAMPLE_S = 0.005  # each timed sample loops the op this long
-SAMPLES = 9
+CHUNK_S = 50e-6  # calls timed together
+BUDGET_S = 0.05  # time spent on each measurement
 
 
 def cache_dir() -> Path:
@@ -65,24 +65,28 @@ def cache_path(key: dict[str, Any] | None = None) -> Path:
 
 
 def _time_us(fn: Callable[[], Any]) -> float:
-    """Microseconds per call: the fastest of SAMPLES loops of about SAMPLE_S each.
+    """Microseconds per call: the fastest of many short chunks of calls (about CHUNK_S each).
 
-    The fastest, not the median: other processes only ever slow a sample down, and a calibration
-    taken on a busy machine is cached for every later run.
+    The fastest, not the median: other processes only ever slow a chunk down, and a calibration
+    taken on a busy machine is cached for every later run. Chunks are short so that some fall
+    between the other processes' time slices.
     """
     for _ in range(3):
         fn()
     t0 = time.perf_counter()
     fn()
     once = max(time.perf_counter() - t0, 1e-7)
-    inner = max(1, min(20000, int(SAMPLE_S / once)))
-    times = []
-    for _ in range(SAMPLES):
+    inner = max(1, min(1000, int(CHUNK_S / once)))
+    best = float("inf")
+    deadline = time.perf_counter() + BUDGET_S
+    chunks = 0
+    while chunks < 3 or time.perf_counter() < deadline:
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
-        times.append((time.perf_counter() - t0) / inner * 1e6)
-    return min(times)
+        best = min(best, (time.perf_counter() - t0) / inner * 1e6)
+        chunks += 1
+    return best
 
 
 def _largest_cache_bytes() -> int:
@@ -149,7 +153,7 @@ def measure_cpu() -> dict[str, Any]:
 
     big = torch.empty(8 * 1024 ** 2 // 4 * max(1, _largest_cache_bytes() // (4 * 1024 ** 2)))  # > LLC
     src = torch.randn_like(big)
-    copy_us = min(_time_us(lambda: big.copy_(src)) for _ in range(2))
+    copy_us = _time_us(lambda: big.copy_(src))
     dram_gbps = 2 * big.numel() * 4 / copy_us / 1e3
     return {
         "peak_gflops.fp32": round(peak, 2),
@@ -169,6 +173,13 @@ def measure_cpu() -> dict[str, Any]:
         "efficiency.unaligned": round(unaligned, 4),
         "efficiency.pool": round(min(1.0, max(1e-4, pool_gflops / peak)), 5),
     }
+
+
+def _busy(threads: int) -> bool:
+    """Other processes hold cores this calibration's threads need (1-minute load average)."""
+    if not hasattr(os, "getloadavg"):
+        return False
+    return os.getloadavg()[0] > (os.cpu_count() or 1) - threads + 0.5
 
 
 def _apply(profile: HardwareProfile, figures: dict[str, Any]) -> HardwareProfile:
@@ -192,14 +203,21 @@ def calibrated_profile(profile: HardwareProfile, force: bool = False,
         try:
             data = json.loads(path.read_text())
             figures = data["figures"] if data.get("key") == key else None
+            if figures is not None and data.get("busy") and not _busy(key["threads"]):
+                figures = None  # measured while other processes held the cores; now they do not
         except (OSError, ValueError, KeyError):
             figures = None
     if figures is None:
+        busy = _busy(key["threads"])
         figures = (measure or measure_cpu)()
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        figures["description"] = (f"this machine's CPU under PyTorch eager, calibrated {time.strftime('%Y-%m-%d')} "
+                                  f"at {key['threads']} thread(s), load {load:.1f} on {os.cpu_count()} cores"
+                                  + (" (busy: measured again once the machine is idle)" if busy else ""))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "figures": figures, "measured": time.strftime("%Y-%m-%dT%H:%M:%S")},
-                                  indent=1))
+        tmp.write_text(json.dumps({"key": key, "figures": figures, "busy": busy,
+                                   "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
         os.replace(tmp, path)
     return _apply(copy.deepcopy(profile), figures)
 

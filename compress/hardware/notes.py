@@ -42,7 +42,7 @@ def hardware_notes(sim: Simulation, profile: HardwareProfile, weights: dict[str,
             if wasted:
                 items = [f"{o.name} {o.out_channels}->{-(-o.out_channels // profile.lanes) * profile.lanes}" for o in wasted]
                 share = sum(o.time_us for o in wasted) / total
-                notes.append(f"{p}: {_plural(len(wasted), 'layer')} ({share:.0%} of the time) have channel counts that leave "
+                notes.append(f"{p}: {_plural(len(wasted), 'layer')} ({share:.0%} of the time) {'has' if len(wasted) == 1 else 'have'} channel counts that leave "
                              f">={LANE_WASTE:.0%} of its {profile.lanes} lanes idle ({_examples(items)}); "
                              f"prune.structured round_to: {profile.lanes} keeps them aligned")
 
@@ -81,11 +81,11 @@ def hardware_notes(sim: Simulation, profile: HardwareProfile, weights: dict[str,
         dens = sum(w.nonzero for w in sparse) / sum(w.elements for w in sparse)
         used = [o for o in matrix if "csr" in o.weight_format or ":" in o.weight_format]
         if profile.sparsity.unstructured.format == "none" and not profile.nm_pattern:
-            notes.append(f"{p}: {_plural(len(sparse), 'layer')} hold {1 - dens:.0%} zeros, which this hardware computes anyway "
+            notes.append(f"{p}: {_plural(len(sparse), 'layer')} {'holds' if len(sparse) == 1 else 'hold'} {1 - dens:.0%} zeros, which this hardware computes anyway "
                          "(no sparse support): structured pruning is what speeds it up")
         elif not used:
             what = f"{profile.sparsity.nm} sparsity" if profile.nm_pattern else "sparse kernels"
-            notes.append(f"{p}: {_plural(len(sparse), 'layer')} hold {1 - dens:.0%} zeros but none runs faster with "
+            notes.append(f"{p}: {_plural(len(sparse), 'layer')} {'holds' if len(sparse) == 1 else 'hold'} {1 - dens:.0%} zeros but none runs faster with "
                          f"{what}" + (f" (no layer's zeros follow the {profile.sparsity.nm} pattern)"
                                       if profile.nm_pattern else " (not sparse enough to pay for the indices)"))
     return notes

@@ -227,10 +227,13 @@ def trace_ops(model: nn.Module, example: Tensor) -> Trace:
     was_training = model.training
     model.eval()
     recorder = _Recorder(params, stack)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the values are not what is measured: keep the trace off the other cores
     try:
         with recorder:
             out = model(example)
     finally:
+        torch.set_num_threads(threads)
         for h in handles:
             h.remove()
         model.train(was_training)
