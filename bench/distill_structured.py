@@ -9,7 +9,10 @@ features through a learned 1x1 adapter). Prints the accuracies per seed and writ
 Usage::
 
     python bench/distill_structured.py [--data ../shared/data] [--from runs/X/stage-1-train.ckpt]
-                                       [--mac-speedup 3] [--epochs 3] [--seeds 0 1 2] [--out FILE]
+                                       [--mac-speedup 3] [--epochs 1] [--seeds 0 1 2] [--out FILE]
+
+On our LeNet-5 (99.31%) at 3.03x MACs: one epoch, plain 99.16%, distilled 99.25-99.30%; at three
+epochs both reach the dense accuracy (99.32 vs 99.29%), so a short budget is the informative one.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from", dest="ckpt", default=None, help="a trained LeNet-5 stage checkpoint (else: train)")
     p.add_argument("--train-epochs", type=int, default=10)
     p.add_argument("--mac-speedup", type=float, default=3.0)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=1)  # at 3 epochs both arms recover the dense accuracy
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--T", type=float, default=4.0)
