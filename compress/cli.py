@@ -155,8 +155,7 @@ def _export(argv: Sequence[str]) -> int:
     model = model_from_checkpoint(data, ckpts[-1])
     index_bits: int | str = ((data.get("recipe") or {}).get("encoding") or {}).get("index_bits", 5)
     if args.index_bits is not None:
-        index_bits = "auto" if args.index_bits == "auto" else int(args.index_bits) if args.index_bits.isdigit() \
-            else args.index_bits
+        index_bits = int(args.index_bits) if args.index_bits.isdigit() else args.index_bits
     check_index_bits(index_bits, "--index-bits")
     out = Path(args.out) if args.out else run_dir / "model.dc"
     written = write_compressed(model, out, data["model_spec"], index_bits)

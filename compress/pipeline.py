@@ -53,12 +53,12 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     metrics: dict[str, Any] = evaluate_accuracy(model, datamodule.test_dataloader(), max_batches)
     metrics.update(summarize(model, layers))
     extras: dict[str, Any] = {}
-    storage = model_storage(model, index_bits)
+    # The model as it would be deployed: parametrizations (masks, codebooks) baked in.
+    deployed = deployed_copy(model).eval()
+    storage = model_storage(model, index_bits, deployed)
     metrics["stored_bytes"] = storage["total"]["compressed_bytes"]
     metrics["compression_ratio"] = metrics["dense_bytes"] / max(1, metrics["stored_bytes"])
     metrics["compressed_bytes"] = storage["total"]["compressed_bytes"]
-    # Time the model as it would be deployed: parametrizations (masks, codebooks) baked in.
-    deployed = deployed_copy(model).eval()
     batch = latency_batch or datamodule.config.batch_size
     xb = example_batch(datamodule, batch)[0]
     metrics["measured_latency_ms"] = measure_latency_ms(deployed, x1, repeats, warmup)
@@ -74,7 +74,7 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     if hardware:
         from compress.hardware import hardware_metrics
 
-        hw, hw_layers, notes = hardware_metrics(model, x1, list(hardware), baseline)
+        hw, hw_layers, notes = hardware_metrics(model, x1, list(hardware), baseline, deployed)
         metrics.update(hw)
         by_name = {r["name"]: r for r in rows}
         for name, per_profile in hw_layers.items():

@@ -80,8 +80,8 @@ def _layer_plan(name: str, module: nn.Module, index_bits: int | str) -> dict[str
     return plan
 
 
-def _plan(model: nn.Module, index_bits: int | str) -> tuple[list[dict[str, Any]], nn.Module]:
-    deployed = deployed_copy(model).cpu()
+def _plan(model: nn.Module, index_bits: int | str, deployed: nn.Module | None = None) -> list[dict[str, Any]]:
+    deployed = (deployed if deployed is not None else deployed_copy(model)).cpu()
     layers = prunable_layers(model)
     plans = [_layer_plan(n, m, index_bits) for n, m in layers.items()]
     encoded = {p["name"] for p in plans}
@@ -91,7 +91,7 @@ def _plan(model: nn.Module, index_bits: int | str) -> tuple[list[dict[str, Any]]
         arr = t.detach().cpu().numpy()
         plans.append({"name": key, "shape": list(arr.shape), "kind": "dense", "dtype": str(arr.dtype),
                       "data": arr, "payload_bytes": arr.nbytes, "numel": int(arr.size)})
-    return plans, deployed
+    return plans
 
 
 def _header(plans: list[dict[str, Any]], spec: dict[str, Any] | None) -> bytes:
@@ -111,12 +111,13 @@ def _header(plans: list[dict[str, Any]], spec: dict[str, Any] | None) -> bytes:
     return zlib.compress(text.encode(), 9)
 
 
-def model_storage(model: nn.Module, index_bits: int | str = 5) -> dict[str, Any]:
+def model_storage(model: nn.Module, index_bits: int | str = 5, deployed: nn.Module | None = None) -> dict[str, Any]:
     """Per prunable layer and in total: bits per stored weight and index (before and after Huffman,
     the terms of the paper's Tables 2-3), ``compressed_bytes``, ``dense_bytes``,
     ``compression_ratio``; ``total.compressed_bytes`` is the file :func:`write_compressed` writes
-    (less its model spec). ``index_bits``: the relative-index width, or ``"auto"`` per layer."""
-    plans, _ = _plan(model, index_bits)
+    (less its model spec). ``index_bits``: the relative-index width, or ``"auto"`` per layer;
+    ``deployed``: ``deployed_copy(model)`` when the caller already has it."""
+    plans = _plan(model, index_bits, deployed)
     layers: dict[str, dict[str, Any]] = {}
     for p in plans:
         if "entries" not in p:
@@ -143,7 +144,7 @@ def _bits_to_bytes(bits: np.ndarray) -> bytes:
 def write_compressed(model: nn.Module, path: str | Path, model_spec: dict[str, Any],
                      index_bits: int | str = 5) -> int:
     """Write the encoded model; returns the bytes written."""
-    plans, _ = _plan(model, index_bits)
+    plans = _plan(model, index_bits)
     chunks = []
     for p in plans:
         if p["kind"] == "dense":

@@ -55,7 +55,8 @@ def simulate_model(model: nn.Module, example: Tensor, profiles: Sequence[str | H
     return {p.name: simulate(trace, weights, p) for p in resolved}
 
 
-def hardware_metrics(model: nn.Module, x1: Tensor, profiles: list[str], baseline: dict[str, Any] | None
+def hardware_metrics(model: nn.Module, x1: Tensor, profiles: list[str], baseline: dict[str, Any] | None,
+                     deployed: nn.Module | None = None,
                      ) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Any]]], list[str]]:
     """Per-stage simulated figures: ``(metrics, per-layer rows by profile, notes)``.
 
@@ -67,7 +68,7 @@ def hardware_metrics(model: nn.Module, x1: Tensor, profiles: list[str], baseline
     from compress.pruning.masks import deployed_copy
 
     resolved = [load_profile(p, f"hardware[{i}]") for i, p in enumerate(profiles)]
-    deployed = deployed_copy(model).eval()
+    deployed = (deployed if deployed is not None else deployed_copy(model)).eval()
     trace = trace_ops(deployed, x1)
     weights = weight_infos(model, deployed)
     metrics: dict[str, Any] = {}

@@ -54,10 +54,10 @@ def kmeans_1d(w: Tensor, k: int, init: str = "linear", iters: int = 30,
         sums = prefix[ends] - prefix[starts]
         new = torch.where(counts > 0, sums / counts.clamp(min=1), c)
         empty = int((counts == 0).sum())
-        if empty and n > k - empty:  # relocate empty clusters to the worst-served values (as sklearn does)
+        if empty:  # relocate empty clusters to the worst-served values (as sklearn does); n >= k here
             labels = torch.repeat_interleave(torch.arange(k), counts)
-            far = (sorted_w - new[labels]).abs().topk(min(empty, n)).indices
-            new[counts == 0] = sorted_w[far][:empty] if far.numel() >= empty else new[counts == 0]
+            far = (sorted_w - new[labels]).abs().topk(empty).indices
+            new[counts == 0] = sorted_w[far]
         new = new.sort().values
         if torch.allclose(new, c, rtol=0, atol=1e-12):
             c = new
