@@ -1,6 +1,5 @@
 """Weight sharing: k-means codebooks whose centroids train with per-cluster gradient sums."""
 
-import time
 
 import pytest
 import torch
@@ -59,14 +58,13 @@ def test_linear_init_spans_min_to_max_evenly():
     assert torch.allclose(d, torch.tensor([0.0, 50.0, 100.0]))
 
 
-def test_kmeans_is_fast_on_25m_weights():
+def test_kmeans_runs_on_25m_weights_without_an_n_by_k_matrix():
+    # a dense (n x k) distance matrix would need ~50 GB here, twice this machine's memory;
+    # the time it takes is bench/kmeans.py's business
     w = torch.randn(25_000_000)
-    t = time.perf_counter()
     c, labels = kmeans_1d(w, 256)
-    elapsed = time.perf_counter() - t
-    assert c.numel() <= 256 and labels.max() < c.numel()
-    # not a speed target (bench/ holds those): a dense (n x k) implementation would need ~50 GB here
-    assert elapsed < 120
+    assert c.numel() == 256 and labels.max() == 255
+    assert torch.all(c[1:] > c[:-1])
 
 
 @pytest.mark.parametrize("bits", [2, 4])
