@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 from compress.data import build_datamodule
-from compress.distill import check_teacher, resolve_teacher, train_teacher
+from compress.distill import check_teacher, resolve_teacher
 from compress.errors import UserError
 from compress.metrics import evaluate_accuracy
 from compress.models import build_model
 from compress.stages import Context, TrainStage
+from compress.teachers import train_teacher
 
 
 def test_errors(model: torch.nn.Module, dm) -> int:

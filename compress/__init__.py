@@ -9,33 +9,43 @@ From Python::
 
 From a recipe: ``python run.py recipes/quickstart.yaml key=value ...`` or
 ``Pipeline(load_recipe("recipes/quickstart.yaml")).run()``.
+
+The public API is the top layer: each name loads its module on first use (PEP 562), so
+``import compress`` and ``python run.py --help`` stay fast and Lightning loads only when a run
+needs it.
 """
 
-from compress.checkpoint import load_model, save_checkpoint
-from compress.data import DATAMODULES, build_datamodule
-from compress.encoding import model_storage, read_compressed, write_compressed
-from compress.errors import UserError
-from compress.models import MODELS, build_model
-from compress.pipeline import Pipeline, measure
-from compress.recipe import load_recipe
-from compress.registry import Registry
-from compress.stages import (
-    STAGES,
-    Context,
-    DistillStage,
-    EvaluateStage,
-    FinetuneConfig,
-    ShareStage,
-    Stage,
-    StageResult,
-    StructuredPruningStage,
-    TrainStage,
-    UnstructuredPruningStage,
-)
+from __future__ import annotations
 
-__all__ = [
-    "Context", "DATAMODULES", "DistillStage", "EvaluateStage", "FinetuneConfig", "MODELS", "Pipeline", "Registry",
-    "STAGES", "ShareStage", "Stage", "StageResult", "StructuredPruningStage", "TrainStage", "UnstructuredPruningStage",
-    "UserError", "build_datamodule", "build_model", "load_model", "load_recipe", "measure", "model_storage",
-    "read_compressed", "save_checkpoint", "write_compressed",
-]
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_API = {
+    "Context": "compress.stages", "DistillStage": "compress.stages", "EvaluateStage": "compress.stages",
+    "FinetuneConfig": "compress.stages", "ShareStage": "compress.stages", "Stage": "compress.stages",
+    "StageResult": "compress.stages", "STAGES": "compress.stages", "StructuredPruningStage": "compress.stages",
+    "TrainStage": "compress.stages", "UnstructuredPruningStage": "compress.stages",
+    "DATAMODULES": "compress.data", "build_datamodule": "compress.data",
+    "MODELS": "compress.models", "build_model": "compress.models",
+    "load_model": "compress.checkpoint", "save_checkpoint": "compress.checkpoint",
+    "model_storage": "compress.encoding", "read_compressed": "compress.encoding",
+    "write_compressed": "compress.encoding",
+    "UserError": "compress.errors", "Registry": "compress.registry",
+    "Pipeline": "compress.pipeline", "measure": "compress.pipeline",
+    "load_recipe": "compress.recipe",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'compress' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -8,9 +8,7 @@ state_dict strictly.
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from compress.errors import UserError
+from compress.files import atomic_write
+from compress.models import build_model
+from compress.pruning.masks import set_mask
+from compress.pruning.structured import restore_structure
 from compress.registry import Registry
+from compress.sharing.shared import reinstall_shared_weight
 
 __all__ = ["FORMAT", "PARAMETRIZATIONS", "atomic_write", "save_checkpoint", "read_checkpoint", "load_model",
            "model_from_checkpoint", "describe_parametrizations"]
@@ -33,28 +36,10 @@ PARAMETRIZATIONS: Registry[Any] = Registry("parametrization")
 
 @PARAMETRIZATIONS.register("Mask")
 def _reinstall_mask(module: nn.Module, tensor: str, state_dict: dict[str, Any], prefix: str) -> None:
-    from compress.pruning.masks import set_mask
-
     set_mask(module, torch.ones_like(getattr(module, tensor), dtype=torch.bool), tensor)
 
 
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make every checkpoint private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+PARAMETRIZATIONS.register("SharedWeight", reinstall_shared_weight)
 
 
 def describe_parametrizations(model: nn.Module) -> dict[str, dict[str, list[str]]]:
@@ -105,8 +90,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def model_from_checkpoint(data: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
     """Rebuild the model a checkpoint describes."""
-    from compress.models import build_model
-
     spec = dict(data["model_spec"])
     model = build_model(spec.pop("name"), key="model", **spec.get("kwargs", {}))
     load_into(model, data, path)
@@ -116,7 +99,7 @@ def model_from_checkpoint(data: dict[str, Any], path: str | Path = "checkpoint")
 def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
     """Load a checkpoint's weights into ``model``, reshaping pruned layers and re-installing parametrizations."""
     state = data["state_dict"]
-    _restore_structure(model, state)
+    restore_structure(model, state)
     for mod_name, tensors in data.get("parametrizations", {}).items():
         try:
             module = model.get_submodule(mod_name)
@@ -124,7 +107,6 @@ def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkp
             raise UserError(f"{path}: checkpoint is of another architecture (no module '{mod_name}')") from None
         for tensor, kinds in tensors.items():
             for kind in kinds:
-                _ensure_parametrization_registry()
                 PARAMETRIZATIONS.get(kind)(module, tensor, state, f"{mod_name}.parametrizations.{tensor}.")
     try:
         model.load_state_dict(state, strict=True)
@@ -133,22 +115,6 @@ def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkp
         detail = lines[1] if len(lines) > 1 else lines[0]
         raise UserError(f"{path}: checkpoint does not fit this model (another architecture?): {detail[:200]}") from None
     return model
-
-
-def _restore_structure(model: nn.Module, state: dict[str, Any]) -> None:
-    """Give layers whose channels were removed the shapes stored in ``state``."""
-    try:
-        from compress.pruning.structured import restore_structure
-    except ImportError:
-        return
-    restore_structure(model, state)
-
-
-def _ensure_parametrization_registry() -> None:
-    try:  # registers the weight-sharing parametrization when that package is present
-        import compress.sharing  # noqa: F401
-    except ImportError:
-        pass
 
 
 def load_model(path: str | Path) -> nn.Module:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from compress.errors import UserError
+from compress.errors import TrainingDiverged, UserError
 
 __all__ = ["main"]
 
@@ -31,10 +31,11 @@ def _run(argv: Sequence[str]) -> int:
                         "from its last epoch")
     p.add_argument("--quiet", action="store_true", help="no tables on the terminal")
     args = p.parse_intermixed_args(list(argv))
-    from compress.pipeline import Pipeline
     from compress.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)  # a recipe error answers before Lightning loads
+    from compress.pipeline import Pipeline
+
     pipeline = Pipeline(recipe, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
     if args.dry_run:
         model, _ = pipeline.prepare()
@@ -142,7 +143,7 @@ def _export(argv: Sequence[str]) -> int:
 
     from compress.checkpoint import model_from_checkpoint, read_checkpoint
     from compress.encoding import model_storage, write_compressed
-    from compress.recipe import check_index_bits
+    from compress.schema import check_index_bits
 
     run_dir = Path(args.run_dir)
     ckpts = sorted(run_dir.glob("stage-*.ckpt"), key=lambda f: int(f.name.split("-")[1]))
@@ -167,9 +168,23 @@ def _export(argv: Sequence[str]) -> int:
 
 def _teacher(argv: Sequence[str]) -> int:
     """``teacher NAME``: train a named teacher (teachers/NAME.yaml) by its recipe and record it."""
-    from compress.distill.teacher import main as teacher_main
+    p = argparse.ArgumentParser(prog="run.py teacher", description=_teacher.__doc__)
+    p.add_argument("name")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for the teacher's recipe")
+    p.add_argument("--teachers-dir", default="teachers")
+    p.add_argument("--record-only", action="store_true", help="only write sha256/accuracy of an existing checkpoint")
+    args = p.parse_args(list(argv))
+    from compress.distill.teacher import load_teacher_spec, record_teacher, teacher_spec_path
 
-    return teacher_main(list(argv))
+    if args.record_only:
+        ts = record_teacher(args.name, args.teachers_dir)
+    else:
+        from compress.teachers import train_teacher
+
+        train_teacher(args.name, args.teachers_dir, overrides=tuple(args.overrides))
+        ts = load_teacher_spec(teacher_spec_path(args.name, args.teachers_dir))
+    print(f"teacher {ts.name}: accuracy {ts.accuracy}, sha256 {ts.sha256}")
+    return 0
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"resume": _resume, "teacher": _teacher, "sensitivity": _sensitivity, "export": _export}
@@ -183,8 +198,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*(LeafSpec|treespec|does not have many workers|num_workers).*")
-    from compress.lit.system import TrainingDiverged
-
     command = COMMANDS.get(argv[0])
     try:
         return command(argv[1:]) if command else _run(argv)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["UserError", "nearest", "suggest"]
+__all__ = ["UserError", "TrainingDiverged", "nearest", "suggest"]
 
 
 class UserError(Exception):
@@ -13,6 +13,10 @@ class UserError(Exception):
 
     The CLI prints ``error: <message>`` on one line and exits with status 2, no traceback.
     """
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the stage stops and the last good checkpoint stays (exit 1)."""
 
 
 def nearest(name: str, choices: Iterable[str]) -> str | None:

@@ -18,10 +18,12 @@ from omegaconf import OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
-from compress.checkpoint import atomic_write, load_into, read_checkpoint, save_checkpoint
+from compress.checkpoint import load_into, read_checkpoint, save_checkpoint
 from compress.data import build_datamodule, example_batch
 from compress.encoding import model_storage
 from compress.errors import UserError
+from compress.files import atomic_write
+from compress.hardware import hardware_metrics
 from compress.metrics import count_layers, evaluate_accuracy, measure_latency_ms, summarize
 from compress.models import build_model
 from compress.pruning.masks import deployed_copy
@@ -72,8 +74,6 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     for row in rows:  # Deep Compression's per-layer terms (Tables 2-3): bits per weight and index
         row.update(storage["layers"].get(row["name"], {}))
     if hardware:
-        from compress.hardware import hardware_metrics
-
         hw, hw_layers, notes = hardware_metrics(model, x1, list(hardware), baseline, deployed)
         metrics.update(hw)
         by_name = {r["name"]: r for r in rows}

@@ -6,19 +6,22 @@ Every problem becomes one :class:`UserError` line naming the key path and what w
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
 from compress.errors import UserError, suggest
+from compress.hardware import check_profiles
+from compress.models import model_class
+from compress.schema import check_choice, check_finite, check_index_bits, schema_error
+from compress.stages import STAGES
 
 __all__ = ["RecipeConfig", "TrainerConfig", "LoggerConfig", "WandbConfig", "EvalConfig", "Recipe",
-           "load_recipe", "merge_structured", "build_stages"]
+           "load_recipe", "build_stages"]
 
 
 @dataclass
@@ -85,77 +88,6 @@ class RecipeConfig:
 
 
 WANDB_MODES = ("offline", "online", "disabled")
-SCHEDULES_LR = ("none", "cosine", "step")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-
-
-def _join(prefix: str, key: str) -> str:
-    if not prefix:
-        return key
-    if not key:
-        return prefix
-    return f"{prefix}{key}" if key.startswith("[") else f"{prefix}.{key}"
-
-
-def _schema_error(e: OmegaConfBaseException, prefix: str) -> UserError:
-    full_key = _join(prefix, str(getattr(e, "full_key", "") or ""))
-    msg = str(getattr(e, "msg", e)).splitlines()[0]
-    if isinstance(e, ConfigKeyError) and getattr(e, "parent_node", None) is not None:
-        key = str(getattr(e, "key", ""))
-        node = e.parent_node
-        valid = list(node.keys()) if isinstance(node, DictConfig) else []
-        if valid:
-            return UserError(f"{full_key}: unknown key '{key}'; {suggest(key, valid)}")
-    return UserError(f"{full_key}: {msg}")
-
-
-def merge_structured(schema: type, values: Any, key: str = "") -> DictConfig:
-    """``values`` (dict or DictConfig) merged into ``OmegaConf.structured(schema)``; read-only.
-
-    Unknown keys, wrong types and missing required values raise one-line UserErrors naming
-    ``key`` + the path inside.
-    """
-    if isinstance(values, DictConfig | ListConfig):
-        values = OmegaConf.to_container(values, resolve=True)
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise UserError(f"{key}: expected a mapping, got {type(values).__name__} ({values!r})")
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(schema), values)
-    except OmegaConfBaseException as e:
-        raise _schema_error(e, key) from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise UserError(f"{_join(key, missing[0])}: required value is missing")
-    _check_floats(cfg, key)
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
-
-
-def _check_floats(cfg: Any, key: str) -> None:
-    """NaN/inf are never meaningful in a recipe (a NaN learning rate trains nothing)."""
-    items = cfg.items() if isinstance(cfg, DictConfig) else enumerate(cfg) if isinstance(cfg, ListConfig) else []
-    for k, v in items:
-        path = _join(key, f"[{k}]" if isinstance(cfg, ListConfig) else str(k))
-        if isinstance(v, DictConfig | ListConfig):
-            _check_floats(v, path)
-        elif isinstance(v, float) and not math.isfinite(v):
-            raise UserError(f"{path}: {v} is not a finite number")
-
-
-def check_range(value: float, key: str, lo: float, hi: float, hi_open: bool = True, lo_open: bool = False) -> None:
-    """Raise a UserError unless ``lo <= value < hi`` (bounds as chosen)."""
-    ok_lo = value > lo if lo_open else value >= lo
-    ok_hi = value < hi if hi_open else value <= hi
-    if not (ok_lo and ok_hi):
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise UserError(f"{key}: {value} is outside {interval}")
-
-
-def check_choice(value: str, key: str, choices: tuple[str, ...] | list[str]) -> None:
-    if value not in choices:
-        raise UserError(f"{key}: '{value}' is not valid; {suggest(value, choices)}")
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -236,8 +168,6 @@ REFUSED_ORDERS = {
 
 def build_stages(blocks: Any) -> list[Any]:
     """Stage objects for the recipe's ``stages`` list; each block validated by its stage's Config."""
-    from compress.stages import STAGES
-
     stages = []
     names: set[str] = set()
     for i, block in enumerate(blocks or []):
@@ -274,37 +204,27 @@ def load_recipe(source: str | Path | dict[str, Any] | DictConfig, overrides: lis
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), raw)
     except OmegaConfBaseException as e:
-        raise _schema_error(e, "") from None
+        raise schema_error(e, "") from None
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or "?"
         raise UserError(f"{key}: interpolation does not resolve: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None
-    _check_floats(cfg, "")
+    check_finite(cfg, "")
     _validate_top(cfg)
     OmegaConf.set_readonly(cfg, True)
-    return Recipe(cfg, path)
-
-
-def check_index_bits(value: Any, key: str) -> None:
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 16):
-        return
-    raise UserError(f"{key}: {value!r} is not a width; use an integer in [1, 16] (the paper: 5) or 'auto'")
+    recipe = Recipe(cfg, path)  # every stage block checked before the data sets load (they bring Lightning)
+    _validate_data(cfg)
+    return recipe
 
 
 def _validate_top(cfg: DictConfig) -> None:
-    from compress.data import DATAMODULES
-    from compress.models import model_class
-
     if not isinstance(cfg.model, DictConfig) or "name" not in cfg.model:
         raise UserError("model.name: required (a zoo name such as lenet300, or import:pkg.module:Class)")
     model_class(str(cfg.model.name), "model.name")
     ckpt = cfg.model.get("checkpoint")
     if ckpt is not None and not Path(str(ckpt)).is_file():
         raise UserError(f"model.checkpoint: file '{ckpt}' not found")
-    if "name" not in cfg.data:
-        raise UserError(f"data.name: required; {suggest('', DATAMODULES.names())}")
-    DATAMODULES.get(str(cfg.data.name), "data.name")
     check_choice(cfg.logger.wandb.mode, "logger.wandb.mode", WANDB_MODES)
     if cfg.seed < 0:
         raise UserError(f"seed: {cfg.seed} must be >= 0")
@@ -313,9 +233,14 @@ def _validate_top(cfg: DictConfig) -> None:
     if not cfg.out_dir:
         raise UserError("out_dir: must not be empty")
     check_index_bits(cfg.encoding.index_bits, "encoding.index_bits")
-    try:
-        from compress.hardware import check_profiles
-    except ImportError:  # the hardware package is optional at this point of the build
-        check_profiles = None
-    if check_profiles is not None:
-        check_profiles(list(cfg.hardware), "hardware")
+    check_profiles(list(cfg.hardware), "hardware")
+
+
+def _validate_data(cfg: DictConfig) -> None:
+    from compress.data import (
+        DATAMODULES,  # data modules are Lightning classes: loaded after every other check
+    )
+
+    if "name" not in cfg.data:
+        raise UserError(f"data.name: required; {suggest('', DATAMODULES.names())}")
+    DATAMODULES.get(str(cfg.data.name), "data.name")

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from compress.errors import UserError
 from compress.pruning.masks import deployed_copy, prunable_layers
-from compress.pruning.structured import count_macs, match_names, output_layers, resolve_importance
+from compress.pruning.structured import count_macs, output_layers, resolve_importance
+from compress.schema import match_layers
 
 __all__ = ["run_sensitivity", "suggest_ratios", "DEFAULT_RATIOS"]
 
@@ -97,8 +98,8 @@ def run_sensitivity(model: nn.Module, evaluate_fn: Callable[[nn.Module], float],
     base = deployed_copy(model).eval()
     all_layers = prunable_layers(base)
     outputs = output_layers(base, example_inputs)
-    ignored = set(outputs) | (set(match_names(list(all_layers), ignore, "sensitivity.ignore")) if ignore else set())
-    names = list(match_names(list(all_layers), layers, "sensitivity.layers")) if layers else list(all_layers)
+    ignored = set(outputs) | (set(match_layers(list(all_layers), list(ignore), "sensitivity.ignore")) if ignore else set())
+    names = list(match_layers(list(all_layers), list(layers), "sensitivity.layers")) if layers else list(all_layers)
     names = [n for n in all_layers if n in names and n not in ignored]
     groups = _coupled_groups(copy.deepcopy(base), example_inputs, names, sorted(ignored))
 

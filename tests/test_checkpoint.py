@@ -84,7 +84,7 @@ def test_truncated_missing_and_foreign_checkpoints(tmp_path):
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
-    from compress.checkpoint import atomic_write
+    from compress.files import atomic_write
 
     def boom(tmp):
         open(tmp, "w").write("half")
@@ -99,7 +99,7 @@ def test_atomic_writes_get_the_usual_permissions_not_mkstemps_private_ones(tmp_p
     import os
     import stat
 
-    from compress.checkpoint import atomic_write
+    from compress.files import atomic_write
 
     path = tmp_path / "model.dc"
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"x"))

@@ -10,12 +10,9 @@ from typing import Any
 
 from torch import Tensor
 
-from compress.registry import Registry
-
-DATAMODULES: Registry[type] = Registry("dataset")
-
-from compress.data import cifar10, digits, mnist, synthetic  # noqa: E402,F401
-from compress.data.base import TensorDataModule  # noqa: E402
+from compress.data import cifar10, digits, mnist, synthetic  # noqa: F401  (imported for their registrations)
+from compress.data._registry import DATAMODULES
+from compress.data.base import TensorDataModule
 
 __all__ = ["DATAMODULES", "TensorDataModule", "build_datamodule", "example_batch"]
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from compress.errors import UserError
+from compress.schema import merge_structured
 
 __all__ = ["DataConfig", "EpochShuffleSampler", "TensorDataModule"]
 
@@ -62,8 +63,6 @@ class TensorDataModule(pl.LightningDataModule):
 
     @classmethod
     def make_config(cls, values: Any, key: str = "data") -> Any:
-        from compress.recipe import merge_structured
-
         return merge_structured(cls.Config, values, key)
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # pragma: no cover

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from compress.data import DATAMODULES
+from compress.data._registry import DATAMODULES
 from compress.data.base import DataConfig, TensorDataModule
 from compress.errors import UserError
 

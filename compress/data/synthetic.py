@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from compress.data import DATAMODULES
+from compress.data._registry import DATAMODULES
 from compress.data.base import DataConfig, TensorDataModule
 
 

@@ -8,8 +8,8 @@
   (``hint``: FitNets with an adapter; ``attention``: attention transfer); register your own.
 * :func:`capture_outputs` — forward-hook capture of named submodules, removed on exit.
 * :func:`make_adapter` — 1x1 conv / linear adapters from observed shapes.
-* :func:`resolve_teacher`, :func:`train_teacher` — ``self``, named teachers under ``teachers/``,
-  checkpoint paths.
+* :func:`resolve_teacher` — ``self``, named teachers under ``teachers/``, checkpoint paths
+  (:func:`compress.teachers.train_teacher` trains a named one by its recipe).
 * :func:`build_objective` — the objective for a recipe's ``distill`` block and a ``Context``.
 """
 
@@ -36,12 +36,11 @@ from compress.distill.teacher import (
     load_teacher_spec,
     record_teacher,
     resolve_teacher,
-    train_teacher,
 )
 
 __all__ = [
     "AttentionLoss", "ConvAdapter", "DistillationObjective", "FEATURE_LOSSES", "HintLoss", "KDLoss", "KD_LOSSES",
     "LinearAdapter", "TeacherSpec", "attention_map", "build_objective", "capture_outputs", "check_feature_paths",
     "check_teacher", "feature_pairs", "find_module", "kd_loss", "load_teacher_spec", "make_adapter", "record_teacher",
-    "resize_spatial", "resolve_teacher", "train_teacher",
+    "resize_spatial", "resolve_teacher",
 ]

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from compress.config import FeaturePairConfig
 from compress.distill.hooks import capture_outputs, find_module
 from compress.distill.losses import FEATURE_LOSSES, KD_LOSSES
 from compress.distill.teacher import resolve_teacher
 from compress.errors import UserError
-from compress.stages.base import FeaturePairConfig
 
 __all__ = ["DistillationObjective", "build_objective", "feature_pairs", "check_feature_paths"]
 

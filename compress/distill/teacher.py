@@ -11,16 +11,15 @@ A named teacher is a spec file ``<teachers_dir>/<name>.yaml``::
     sha256: null                                               # checked when set
     accuracy: null                                             # test accuracy, for the record
 
-``train_teacher(name)`` runs the spec's recipe so that its last checkpoint lands where the spec
-says, then records the file's sha256 and test accuracy in the spec.
+:func:`compress.teachers.train_teacher` (``python run.py teacher NAME``) runs the spec's recipe so
+that its last checkpoint lands where the spec says, then :func:`record_teacher` writes the file's
+sha256 and test accuracy into the spec.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +27,12 @@ from typing import Any
 from omegaconf import MISSING
 from torch import nn
 
+from compress.checkpoint import load_model, read_checkpoint
 from compress.errors import UserError, suggest
+from compress.schema import merge_structured
 
 __all__ = ["TeacherSpec", "resolve_teacher", "teacher_spec_path", "load_teacher_spec", "check_teacher",
-           "train_teacher", "record_teacher", "sha256_file"]
+           "record_teacher", "sha256_file"]
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
@@ -65,8 +66,6 @@ def teacher_spec_path(name: str, teachers_dir: str | Path, key: str = "teacher")
 def load_teacher_spec(path: str | Path) -> TeacherSpec:
     """Read and validate a teacher spec file."""
     import yaml
-
-    from compress.recipe import merge_structured
 
     path = Path(path)
     try:
@@ -131,15 +130,11 @@ def resolve_teacher(spec: str | nn.Module, ctx: Any = None, key: str = "teacher"
                             "Context(reference_model=...) or a teacher module / name / checkpoint path")
         return ref
     ckpt = check_teacher(spec, getattr(ctx, "teachers_dir", "teachers"), key)
-    from compress.checkpoint import load_model
-
     return load_model(ckpt)
 
 
 def record_teacher(name: str, teachers_dir: str | Path = "teachers") -> TeacherSpec:
     """Write the checkpoint's sha256 and stored test accuracy into the spec (other lines kept)."""
-    from compress.checkpoint import read_checkpoint
-
     spec_path = teacher_spec_path(name, teachers_dir)
     ts = load_teacher_spec(spec_path)
     ckpt = _checkpoint_path(ts, spec_path)
@@ -152,52 +147,3 @@ def record_teacher(name: str, teachers_dir: str | Path = "teachers") -> TeacherS
         text = pattern.sub(line, text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n" + line + "\n"
     spec_path.write_text(text)
     return load_teacher_spec(spec_path)
-
-
-def train_teacher(name: str, teachers_dir: str | Path = "teachers", *, overrides: tuple[str, ...] = (),
-                  quiet: bool = False, record: bool = True) -> Path:
-    """Run the recipe that trains teacher ``name``; its last checkpoint lands where the spec says.
-
-    The recipe's ``out_dir`` is set to the checkpoint's folder. Returns the checkpoint path.
-    """
-    from compress.pipeline import Pipeline
-    from compress.recipe import load_recipe
-
-    spec_path = teacher_spec_path(name, teachers_dir)
-    ts = load_teacher_spec(spec_path)
-    ckpt = _checkpoint_path(ts, spec_path)
-    recipe = load_recipe(ts.recipe, [f"out_dir={ckpt.parent}", *overrides])
-    pipeline = Pipeline(recipe, overwrite=True, quiet=quiet)
-    pipeline.run()
-    if not ckpt.is_file():
-        written = sorted(p.name for p in ckpt.parent.glob("stage-*.ckpt"))
-        raise UserError(f"{spec_path}: checkpoint: {ts.recipe} wrote {', '.join(written) or 'no checkpoint'} in "
-                        f"{ckpt.parent}, not {ckpt.name}; fix the spec's checkpoint or the recipe's stage names")
-    if record:
-        record_teacher(name, teachers_dir)
-    return ckpt
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m compress.distill.teacher NAME [--record-only]``: train (or just record) a teacher."""
-    p = argparse.ArgumentParser(prog="python -m compress.distill.teacher", description=main.__doc__)
-    p.add_argument("name")
-    p.add_argument("overrides", nargs="*", help="key=value overrides for the teacher's recipe")
-    p.add_argument("--teachers-dir", default="teachers")
-    p.add_argument("--record-only", action="store_true", help="only write sha256/accuracy of an existing checkpoint")
-    args = p.parse_args(argv)
-    try:
-        if args.record_only:
-            ts = record_teacher(args.name, args.teachers_dir)
-        else:
-            train_teacher(args.name, args.teachers_dir, overrides=tuple(args.overrides))
-            ts = load_teacher_spec(teacher_spec_path(args.name, args.teachers_dir))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"teacher {ts.name}: accuracy {ts.accuracy}, sha256 {ts.sha256}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,7 +27,12 @@ from torch import nn
 
 from compress.encoding.csr import absolute_positions, relative_indices
 from compress.encoding.huffman import code_lengths, decode, encode
+from compress.errors import UserError
+from compress.files import atomic_write
+from compress.models import build_model
 from compress.pruning.masks import deployed_copy, prunable_layers
+from compress.pruning.structured import restore_structure
+from compress.sharing.shared import get_shared
 
 __all__ = ["model_storage", "write_compressed", "read_compressed", "MAGIC"]
 
@@ -45,8 +50,6 @@ def _layer_plan(name: str, module: nn.Module, index_bits: int | str) -> dict[str
     """
     if index_bits == "auto":
         return min((_layer_plan(name, module, b) for b in AUTO_WIDTHS), key=lambda p: p["payload_bytes"])
-    from compress.sharing.shared import get_shared
-
     with torch.no_grad():
         w = module.weight.detach().cpu()
     flat = w.flatten().numpy()
@@ -158,17 +161,12 @@ def write_compressed(model: nn.Module, path: str | Path, model_spec: dict[str, A
         chunks.append(_bits_to_bytes(encode(p["stored_index"], p["index_lengths"])))
     header = _header(plans, model_spec)
     data = MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
-    from compress.checkpoint import atomic_write
-
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return len(data)
 
 
 def read_compressed(path: str | Path) -> nn.Module:
     """Decode a file written by :func:`write_compressed` into a working model (eval mode)."""
-    from compress.errors import UserError
-    from compress.models import build_model
-
     raw = Path(path).read_bytes()
     if raw[:5] != MAGIC:
         raise UserError(f"{path}: not a Deep Compression file (bad magic)")
@@ -216,11 +214,6 @@ def read_compressed(path: str | Path) -> nn.Module:
         state[t["name"]] = torch.from_numpy(flat.reshape(shape))
     spec = head["spec"] or {}
     model = build_model(spec["name"], key="model", **spec.get("kwargs", {}))
-    try:
-        from compress.pruning.structured import restore_structure
-
-        restore_structure(model, state)
-    except ImportError:
-        pass
+    restore_structure(model, state)
     model.load_state_dict(state, strict=True)
     return model.eval()

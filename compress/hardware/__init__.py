@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from compress.hardware import calibrate  # noqa: F401  (registers the `cpu` calibration)
 from compress.hardware.notes import hardware_notes
 from compress.hardware.profiles import (
     PROFILES,
@@ -28,6 +29,7 @@ from compress.hardware.profiles import (
 )
 from compress.hardware.roofline import OpCost, Simulation, WeightInfo, simulate, weight_infos
 from compress.hardware.trace import Trace, trace_ops
+from compress.pruning.masks import deployed_copy
 
 __all__ = ["PROFILES", "HardwareProfile", "check_profiles", "load_profile", "profile_from_dict", "resolve_profile",
            "simulate", "simulate_model", "hardware_metrics", "trace_ops", "weight_infos", "hardware_notes",
@@ -46,8 +48,6 @@ def simulate_model(model: nn.Module, example: Tensor, profiles: Sequence[str | H
     ``model`` may carry masks and codebooks (their formats are read from it); the trace runs on
     ``deployed`` (default: ``deployed_copy(model)``), where they are baked in.
     """
-    from compress.pruning.masks import deployed_copy
-
     resolved = [resolve_profile(p, f"hardware[{i}]") for i, p in enumerate(profiles)]
     deployed = deployed if deployed is not None else deployed_copy(model)
     trace = trace_ops(deployed, example)
@@ -65,8 +65,6 @@ def hardware_metrics(model: nn.Module, x1: Tensor, profiles: list[str], baseline
     ``sim_memory_bound_share/P``, ``sim_overhead_share/P`` and ``sim_bottlenecks/P`` (a list: in
     report.json, left out of the CSV and wandb scalars).
     """
-    from compress.pruning.masks import deployed_copy
-
     resolved = [load_profile(p, f"hardware[{i}]") for i, p in enumerate(profiles)]
     deployed = (deployed if deployed is not None else deployed_copy(model)).eval()
     trace = trace_ops(deployed, x1)

@@ -32,7 +32,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from compress.hardware.profiles import HardwareProfile, profile_from_dict
+from compress.hardware.profiles import CALIBRATORS, HardwareProfile, load_profile, profile_from_dict
 
 __all__ = ["calibrated_profile", "measure_cpu", "cache_path", "cache_key"]
 
@@ -222,6 +222,9 @@ def calibrated_profile(profile: HardwareProfile, force: bool = False,
     return _apply(copy.deepcopy(profile), figures)
 
 
+CALIBRATORS.register("cpu", calibrated_profile)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m compress.hardware.calibrate", description=__doc__.splitlines()[0])
     p.add_argument("--force", action="store_true", help="measure again even if cached")
@@ -229,8 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from compress.hardware.profiles import load_profile
-
     t0 = time.perf_counter()
     prof = calibrated_profile(load_profile("cpu-local", calibrate=False), force=args.force)
     print(json.dumps(json.loads(cache_path().read_text()), indent=1))

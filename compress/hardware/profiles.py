@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -25,10 +26,11 @@ from omegaconf import OmegaConf
 
 from compress.errors import UserError, nearest, suggest
 from compress.registry import Registry
+from compress.schema import merge_structured
 
 __all__ = ["HardwareProfile", "PeakConfig", "OverheadConfig", "EfficiencyConfig", "UnstructuredConfig",
            "SparsityConfig", "FusionConfig", "PROFILES", "PROFILE_DIR", "DTYPE_BYTES", "load_profile",
-           "resolve_profile", "check_profiles", "profile_from_dict"]
+           "resolve_profile", "check_profiles", "profile_from_dict", "CALIBRATORS"]
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
@@ -140,6 +142,10 @@ PROFILES: Registry[Path] = Registry("hardware profile")
 for _path in sorted(PROFILE_DIR.glob("*.yaml")):
     PROFILES.register(_path.stem, _path)
 
+# ``calibrate: KIND`` in a profile -> fn(profile) -> the profile with measured figures filled in.
+# :mod:`compress.hardware.calibrate` registers ``cpu``; this module never imports it.
+CALIBRATORS: Registry[Callable[[HardwareProfile], HardwareProfile]] = Registry("calibration")
+
 
 def _looks_like_path(name: str) -> bool:
     return name.endswith((".yaml", ".yml")) or "/" in name or "\\" in name
@@ -165,8 +171,6 @@ def _read_file(path: Path, key: str) -> dict[str, Any]:
 
 def profile_from_dict(data: dict[str, Any], where: str) -> HardwareProfile:
     """Validate ``data`` against the schema; ``where`` (file or key) starts every error line."""
-    from compress.recipe import merge_structured
-
     try:
         cfg = merge_structured(HardwareProfile, data, "")
         profile: HardwareProfile = OmegaConf.to_object(cfg)  # type: ignore[assignment]
@@ -252,10 +256,8 @@ def load_profile(name_or_path: str, key: str = "", calibrate: bool = True) -> Ha
                         f"{', '.join(PROFILES.names())}; or give the path of a YAML file")
     mtime = path.stat().st_mtime_ns if path.is_file() else 0
     profile = copy.deepcopy(_load_file(str(path), key, mtime))
-    if profile.calibrate == "cpu" and calibrate:
-        from compress.hardware.calibrate import calibrated_profile
-
-        profile = calibrated_profile(profile)
+    if profile.calibrate is not None and calibrate:
+        profile = CALIBRATORS.get(profile.calibrate, f"{key or name_or_path}.calibrate")(profile)
     return profile
 
 

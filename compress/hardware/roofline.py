@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from compress.hardware.profiles import HardwareProfile
 from compress.hardware.trace import Op, Trace
+from compress.pruning.masks import deployed_copy, prunable_layers
+from compress.sharing.shared import shared_bits
 
 __all__ = ["WeightInfo", "weight_infos", "OpCost", "Simulation", "simulate", "nm_compliant", "FUSIBLE"]
 
@@ -56,9 +58,6 @@ def weight_infos(model: nn.Module, deployed: nn.Module | None = None) -> dict[st
     Zeros are counted on the deployed values (whatever made them: a mask, structured removal,
     a codebook over pruned weights); codebook bits come from ``SharedWeight``.
     """
-    from compress.pruning.masks import deployed_copy, prunable_layers
-    from compress.sharing.shared import shared_bits
-
     deployed = deployed if deployed is not None else deployed_copy(model)
     plain = prunable_layers(deployed)
     out: dict[str, WeightInfo] = {}

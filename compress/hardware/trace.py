@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from compress.pruning.masks import prunable_layers
+
 __all__ = ["Op", "Trace", "trace_ops", "op_kind"]
 
 _KINDS = {
@@ -204,8 +206,6 @@ def trace_ops(model: nn.Module, example: Tensor) -> Trace:
     ``model`` should hold plain weights (``deployed_copy``), so a weight is one tensor the
     conv/linear reads; the layers' stored formats are looked up by the weight names returned.
     """
-    from compress.pruning.masks import prunable_layers
-
     params: dict[int, str] = {}
     for mname, m in model.named_modules():
         for pname, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):

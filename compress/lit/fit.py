@@ -14,11 +14,17 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from compress.checkpoint import atomic_write
+from compress.config import FinetuneConfig
+from compress.distill import build_objective
+from compress.files import atomic_write
 from compress.lit.system import ClassificationSystem
-from compress.stages.base import Context, FinetuneConfig
 
-__all__ = ["fit", "make_trainer", "AtomicCheckpointIO"]
+__all__ = ["fit", "make_trainer", "as_callback", "AtomicCheckpointIO"]
+
+# ``ctx`` below is a :class:`compress.stages.Context` or anything with its attributes (datamodule,
+# trainer, loggers, out_dir, seed, stage_index, fits, stage_checkpoint_dir()): this layer sits
+# below the stages and does not import them.
+TrainingContext = Any
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -32,7 +38,7 @@ for _name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
-def make_trainer(ctx: Context, epochs: int, callbacks: Sequence[Any] = (), **overrides: Any) -> pl.Trainer:
+def make_trainer(ctx: TrainingContext, epochs: int, callbacks: Sequence[Any] = (), **overrides: Any) -> pl.Trainer:
     """A Trainer from the recipe's ``trainer`` block (accelerator, devices, strategy, precision...)."""
     t = dict(ctx.trainer)
     show_bar = bool(t.pop("progress_bar", True)) and sys.stderr.isatty()
@@ -59,7 +65,7 @@ def make_trainer(ctx: Context, epochs: int, callbacks: Sequence[Any] = (), **ove
     return pl.Trainer(**kwargs)
 
 
-def fit(model: nn.Module, ctx: Context, cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
+def fit(model: nn.Module, ctx: TrainingContext, cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
         tag: str = "finetune") -> dict[str, float]:
     """Train ``model`` in place for ``cfg.epochs``; returns the last logged metrics.
 
@@ -70,11 +76,9 @@ def fit(model: nn.Module, ctx: Context, cfg: FinetuneConfig, callbacks: Sequence
     pl.seed_everything(ctx.seed + 1000 * ctx.stage_index + ctx.fits, workers=True, verbose=False)
     objective = None
     if cfg.distill is not None:
-        from compress.distill import build_objective
-
         objective = build_objective(model, cfg.distill, ctx)
     system = ClassificationSystem(model, cfg, objective, tag=tag)
-    callbacks = list(callbacks)
+    callbacks = [as_callback(c) for c in callbacks]
     resume_from = None
     stage_dir = ctx.stage_checkpoint_dir()
     if stage_dir is not None:  # resumable: the last epoch of every fine-tuning run is kept
@@ -91,6 +95,50 @@ def fit(model: nn.Module, ctx: Context, cfg: FinetuneConfig, callbacks: Sequence
     model.train(was_training)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
+
+
+# Lightning's hooks that a plain object may implement to be driven by :func:`fit`.
+HOOKS = tuple(n for n in vars(pl.Callback) if n.startswith("on_") or n in ("setup", "teardown"))
+
+
+class _Forward(pl.Callback):
+    """A plain object with hook methods (``on_train_batch_start`` ...) driven as a Lightning callback.
+
+    Lower layers (pruning schedules, regularisers) write their callbacks without importing Lightning;
+    ``state_key``, ``state_dict`` and ``load_state_dict`` forward too, so their state resumes.
+    """
+
+    def __init__(self, target: Any):
+        self.target = target
+
+    @property
+    def state_key(self) -> str:
+        return type(self.target).__qualname__
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.target.state_dict() if hasattr(self.target, "state_dict") else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if hasattr(self.target, "load_state_dict"):
+            self.target.load_state_dict(state_dict)
+
+
+def _forwarder(name: str) -> Any:
+    def hook(self: _Forward, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(self.target, name, None)
+        return method(*args, **kwargs) if method is not None else None
+
+    hook.__name__ = name
+    return hook
+
+
+for _hook in HOOKS:
+    setattr(_Forward, _hook, _forwarder(_hook))
+
+
+def as_callback(obj: Any) -> pl.Callback:
+    """``obj`` itself when it is a Lightning callback, else an adapter calling its hook methods."""
+    return obj if isinstance(obj, pl.Callback) else _Forward(obj)
 
 
 class _KillAt(pl.Callback):

@@ -10,13 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compress.stages.base import FinetuneConfig
+from compress.config import FinetuneConfig
+from compress.errors import TrainingDiverged
 
 __all__ = ["CrossEntropyObjective", "ClassificationSystem", "TrainingDiverged", "build_optimizer"]
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the stage stops and the last good checkpoint stays."""
 
 
 class CrossEntropyObjective(nn.Module):

@@ -13,12 +13,8 @@ from typing import Any
 from torch import nn
 
 from compress.errors import UserError
-from compress.registry import Registry
-
-MODELS: Registry[type[nn.Module]] = Registry("model")
-
-# Imported for their registrations.
-from compress.models import lenet, mlp, mobilenet, resnet  # noqa: E402,F401
+from compress.models import lenet, mlp, mobilenet, resnet  # noqa: F401  (imported for their registrations)
+from compress.models._registry import MODELS
 
 __all__ = ["MODELS", "build_model", "model_class"]
 

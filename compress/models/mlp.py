@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from compress.models import MODELS
+from compress.models._registry import MODELS
 
 
 @MODELS.register("mlp")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from compress.models import MODELS
+from compress.models._registry import MODELS
 
 
 def _divisible(v: float, divisor: int = 8) -> int:

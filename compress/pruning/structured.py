@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
@@ -29,9 +28,10 @@ from torch import Tensor, nn
 from compress.errors import UserError
 from compress.pruning.masks import get_mask, make_permanent, masked_modules, prunable_layers, set_mask
 from compress.registry import Registry
+from compress.schema import match_layers
 
 __all__ = ["IMPORTANCES", "resolve_importance", "PruneResult", "prune_model", "count_macs", "output_layers",
-           "channel_counts", "SparsityRegularizer", "restore_structure", "match_names", "mask_shapes_ok"]
+           "channel_counts", "SparsityRegularizer", "restore_structure", "mask_shapes_ok"]
 
 # ---------------------------------------------------------------------------------------------
 # Importance criteria: factories returning a Torch-Pruning ``Importance`` (callable on a group).
@@ -142,13 +142,6 @@ def channel_counts(model: nn.Module) -> dict[str, int]:
     return {n: int(getattr(m, "out_channels", getattr(m, "out_features", 0))) for n, m in prunable_layers(model).items()}
 
 
-def match_names(names: Sequence[str], patterns: Iterable[str], key: str) -> dict[str, str]:
-    """Layer name -> the first pattern (exact name or glob) matching it; a dead pattern is a UserError."""
-    from compress.stages.base import match_layers
-
-    return match_layers(list(names), list(patterns), key)
-
-
 # ---------------------------------------------------------------------------------------------
 # Pruning
 # ---------------------------------------------------------------------------------------------
@@ -230,11 +223,11 @@ def prune_model(model: nn.Module, example_inputs: Tensor, *, importance: Any = "
     outputs = output_layers(model, example_inputs)
     ignored = set(outputs)
     if ignore:
-        ignored |= set(match_names(list(layers), ignore, f"{key}.ignore"))
+        ignored |= set(match_layers(list(layers), list(ignore), f"{key}.ignore"))
     ratio_dict: dict[nn.Module, float] = {}
     default_ratio = float(ratio) if ratio is not None else 0.0
     if layer_ratios:
-        hits = match_names(list(layers), list(layer_ratios), f"{key}.layer_ratios")
+        hits = match_layers(list(layers), list(layer_ratios), f"{key}.layer_ratios")
         bad = sorted(set(hits) & set(outputs))
         if bad:
             raise UserError(f"{key}.layer_ratios: '{hits[bad[0]]}' would prune the output layer '{bad[0]}' "
@@ -339,7 +332,7 @@ def _reinstall_masks(model: nn.Module, names: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Sparsity-inducing training before pruning
 # ---------------------------------------------------------------------------------------------
-class SparsityRegularizer(pl.Callback):
+class SparsityRegularizer:
     """Adds a sparsity gradient after every backward pass, so pruning later removes little.
 
     ``kind="group_norm"``: DepGraph's group regulariser (Fang et al. 2023, eq. 6), through
@@ -380,10 +373,10 @@ class SparsityRegularizer(pl.Callback):
         model.train(was_training)
         self.model = model
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.build(getattr(pl_module, "model", pl_module))
 
-    def on_after_backward(self, trainer: pl.Trainer, pl_module: Any) -> None:
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         self.regularize()
 
     def regularize(self) -> None:

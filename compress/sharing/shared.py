@@ -16,11 +16,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from compress.checkpoint import PARAMETRIZATIONS
 from compress.pruning.masks import make_permanent
 from compress.sharing.kmeans import kmeans_1d
 
-__all__ = ["SharedWeight", "share_layer", "shared_bits", "get_shared"]
+__all__ = ["SharedWeight", "share_layer", "shared_bits", "get_shared", "reinstall_shared_weight"]
 
 
 class SharedWeight(nn.Module):
@@ -78,9 +77,11 @@ def share_layer(module: nn.Module, bits: int, init: str = "linear") -> SharedWei
     return shared
 
 
-@PARAMETRIZATIONS.register("SharedWeight")
-def _reinstall(module: nn.Module, tensor: str, state_dict: dict, prefix: str) -> None:
-    """Checkpoint replay: a placeholder of the stored shapes, filled by ``load_state_dict``."""
+def reinstall_shared_weight(module: nn.Module, tensor: str, state_dict: dict, prefix: str) -> None:
+    """Checkpoint replay: a placeholder of the stored shapes, filled by ``load_state_dict``.
+
+    Registered by :mod:`compress.checkpoint` under the parametrization's class name.
+    """
     centroids = state_dict[prefix + "0.centroids"]
     indices = state_dict[prefix + "0.indices"]
     bits = max(1, math.ceil(math.log2(max(2, centroids.numel()))))

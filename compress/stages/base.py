@@ -10,47 +10,19 @@ from typing import Any, ClassVar
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import nn
 
+from compress.config import (
+    DistillConfig,
+    FeaturePairConfig,
+    FinetuneConfig,
+    OptimizerConfig,
+    validate_finetune,
+)
 from compress.errors import UserError
 from compress.registry import Registry
+from compress.schema import match_layers, merge_structured
 
 __all__ = ["OptimizerConfig", "FinetuneConfig", "DistillConfig", "FeaturePairConfig", "Stage", "StageResult",
-           "Context", "STAGES", "MISSING", "match_layers"]
-
-
-@dataclass
-class OptimizerConfig:
-    name: str = "sgd"  # sgd | adam | adamw
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    nesterov: bool = False
-
-
-@dataclass
-class FeaturePairConfig:
-    student: str = MISSING  # module path in the student, e.g. "layer2.0"
-    teacher: str = MISSING  # module path in the teacher
-    kind: str = "hint"  # hint (FitNets, adapter + MSE) | attention (Zagoruyko & Komodakis)
-    weight: float = 1.0
-
-
-@dataclass
-class DistillConfig:
-    """Knowledge distillation as a fine-tuning objective (Hinton et al. 2015; FitNets)."""
-
-    teacher: str = "self"  # self | a name under teachers/ | a checkpoint path
-    T: float = 4.0
-    alpha: float = 0.9  # weight of the soft (KD) term; (1 - alpha) on the hard labels
-    features: list[FeaturePairConfig] = field(default_factory=list)
-
-
-@dataclass
-class FinetuneConfig:
-    epochs: int = 0
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    lr_schedule: str = "cosine"  # none | cosine | step
-    distill: DistillConfig | None = None
-    limit_train_batches: float = 1.0  # fraction of the training batches per epoch (quick tests)
+           "Context", "STAGES", "MISSING", "match_layers", "validate_finetune"]
 
 
 @dataclass
@@ -93,7 +65,9 @@ class Context:
 
     def example_inputs(self, batch_size: int = 2):
         """A batch of real inputs (for tracing graphs), from the data module's test split."""
-        from compress.data import example_batch
+        from compress.data import (
+            example_batch,  # data modules are Lightning classes: loaded when data is used
+        )
 
         if self.datamodule is None:
             raise UserError("this stage needs example inputs: pass Context(datamodule=...)")
@@ -106,7 +80,9 @@ class Context:
             return {}
         if self.datamodule is None:
             raise UserError("finetune.epochs > 0 needs data: pass Context(datamodule=...)")
-        from compress.lit.fit import fit
+        from compress.lit.fit import (
+            fit,  # Lightning loads only when a stage trains (fast --help, recipe errors)
+        )
 
         return fit(model, self, cfg, callbacks=callbacks, tag=tag)
 
@@ -134,11 +110,9 @@ class Stage:
 
     @classmethod
     def make_config(cls, values: Any, key: str = "") -> Any:
+        """Merge ``values`` into the structured ``Config``; returns a read-only DictConfig."""
         if isinstance(values, DictConfig) and OmegaConf.is_readonly(values):
             return values
-        """Merge ``values`` into the structured ``Config``; returns a read-only DictConfig."""
-        from compress.recipe import merge_structured
-
         return merge_structured(cls.Config, values, key or cls.type_name or cls.__name__)
 
     def validate(self) -> None:
@@ -155,45 +129,3 @@ class Stage:
     def finetune_config(self) -> FinetuneConfig:
         ft = self.config.get("finetune") if isinstance(self.config, DictConfig) else None
         return OmegaConf.to_object(ft) if ft is not None else FinetuneConfig()
-
-
-
-def validate_finetune(cfg: Any, key: str) -> None:
-    """Range checks for a FinetuneConfig-shaped block (types are checked by the schema)."""
-    from compress.recipe import check_choice, check_range
-
-    if cfg.epochs < 0:
-        raise UserError(f"{key}.epochs: {cfg.epochs} must be >= 0")
-    check_choice(cfg.optimizer.name, f"{key}.optimizer.name", ("sgd", "adam", "adamw"))
-    if not cfg.optimizer.lr > 0:
-        raise UserError(f"{key}.optimizer.lr: {cfg.optimizer.lr} must be > 0")
-    check_range(cfg.optimizer.momentum, f"{key}.optimizer.momentum", 0.0, 1.0)
-    if cfg.optimizer.weight_decay < 0:
-        raise UserError(f"{key}.optimizer.weight_decay: {cfg.optimizer.weight_decay} must be >= 0")
-    check_choice(cfg.lr_schedule, f"{key}.lr_schedule", ("none", "cosine", "step"))
-    check_range(cfg.limit_train_batches, f"{key}.limit_train_batches", 0.0, 1.0, hi_open=False, lo_open=True)
-    if cfg.distill is not None:
-        check_range(cfg.distill.alpha, f"{key}.distill.alpha", 0.0, 1.0, hi_open=False)
-        if not cfg.distill.T > 0:
-            raise UserError(f"{key}.distill.T: {cfg.distill.T} must be > 0")
-
-
-def match_layers(names: Sequence[str], patterns: Sequence[str] | dict[str, Any], key: str) -> dict[str, str]:
-    """Map each layer name to the first pattern (exact name or glob) that matches it.
-
-    A pattern that matches no layer is a recipe mistake: UserError naming ``key`` and the nearest name.
-    """
-    from fnmatch import fnmatchcase
-
-    from compress.errors import nearest
-
-    out: dict[str, str] = {}
-    for pattern in patterns:
-        hits = [n for n in names if n == pattern or fnmatchcase(n, pattern)]
-        if not hits:
-            near = nearest(pattern, names)
-            hint = f" (did you mean '{near}'?)" if near else ""
-            raise UserError(f"{key}: '{pattern}' matches no layer{hint}; layers: {', '.join(names)}")
-        for n in hits:
-            out.setdefault(n, pattern)
-    return out

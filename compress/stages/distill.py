@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 from torch import nn
 
+from compress.config import DistillConfig, FinetuneConfig
+from compress.distill import FEATURE_LOSSES, check_feature_paths, resolve_teacher
 from compress.errors import UserError
-from compress.stages.base import STAGES, Context, DistillConfig, FinetuneConfig, Stage, StageResult
+from compress.schema import check_range
+from compress.stages.base import STAGES, Context, Stage, StageResult
 
 __all__ = ["DistillStage", "DistillStageConfig"]
 
@@ -42,9 +45,6 @@ class DistillStage(Stage):
         return f"{self.key}.distill"
 
     def validate(self) -> None:
-        from compress.distill import FEATURE_LOSSES
-        from compress.recipe import check_range
-
         c, key = self.config, self.distill_key
         if c.finetune.epochs < 1:
             raise UserError(f"{self.key}.finetune.epochs: {c.finetune.epochs}; a distill stage needs at least 1 epoch")
@@ -59,8 +59,6 @@ class DistillStage(Stage):
 
     def plan(self, model: nn.Module) -> list[str]:
         """Check the student's module paths (and the teacher's, for ``self``) before any training."""
-        from compress.distill import check_feature_paths
-
         d = self.config.distill
         check_feature_paths(model, model if d.teacher == "self" else None, d.features, self.distill_key)
         lines = [f"teacher {d.teacher}, T={d.T:g}, alpha={d.alpha:g}"]
@@ -68,8 +66,6 @@ class DistillStage(Stage):
         return lines
 
     def apply(self, model: nn.Module, ctx: Context | None = None) -> StageResult:
-        from compress.distill import check_feature_paths, resolve_teacher
-
         ctx = ctx or Context()
         key = self.distill_key
         cfg = self.finetune_config

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from compress.config import FinetuneConfig
 from compress.errors import UserError
 from compress.pruning.masks import prunable_layers
 from compress.pruning.structured import (
@@ -27,8 +28,8 @@ from compress.pruning.structured import (
     prune_model,
     resolve_importance,
 )
-from compress.recipe import check_choice, check_range
-from compress.stages.base import STAGES, Context, FinetuneConfig, Stage, StageResult, match_layers
+from compress.schema import check_choice, check_range, match_layers
+from compress.stages.base import STAGES, Context, Stage, StageResult
 
 __all__ = ["StructuredPruningStage", "StructuredConfig", "RegularizeConfig"]
 

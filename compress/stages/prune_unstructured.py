@@ -12,14 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from compress.config import FinetuneConfig
 from compress.errors import UserError
 from compress.pruning.masks import get_mask, prunable_layers, set_mask
-from compress.recipe import check_choice, check_range
-from compress.stages.base import STAGES, Context, FinetuneConfig, Stage, StageResult, match_layers
+from compress.schema import check_choice, check_range, match_layers
+from compress.stages.base import STAGES, Context, Stage, StageResult
 
 __all__ = ["UnstructuredPruningStage", "agp_sparsity", "magnitude_masks", "std_masks", "GradualPruningCallback"]
 
@@ -188,8 +188,12 @@ class UnstructuredPruningStage(Stage):
         return StageResult(model, {"layer_sparsity": self.report(model)})
 
 
-class GradualPruningCallback(pl.Callback):
-    """Raises the sparsity in ``steps`` steps over the first ``ramp`` of training (step 1 at the start)."""
+class GradualPruningCallback:
+    """Raises the sparsity in ``steps`` steps over the first ``ramp`` of training (step 1 at the start).
+
+    A plain object with Lightning's hook names: :func:`compress.lit.fit.fit` adapts it, so this module
+    needs no Lightning.
+    """
 
     def __init__(self, stage: UnstructuredPruningStage, model: nn.Module, steps: int, ramp: float):
         self.stage, self.model, self.steps, self.ramp = stage, model, steps, ramp
@@ -201,7 +205,7 @@ class GradualPruningCallback(pl.Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.done = int(state["done"])
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         per_epoch = max(1, int(trainer.num_training_batches))
         progress = (trainer.current_epoch + batch_idx / per_epoch) / max(1e-9, self.ramp * trainer.max_epochs)
         step = min(self.steps, int(progress * self.steps) + 1)

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from compress.config import FinetuneConfig
 from compress.errors import UserError
 from compress.pruning.masks import prunable_layers
-from compress.recipe import check_choice
-from compress.stages.base import STAGES, Context, FinetuneConfig, Stage, StageResult, match_layers
+from compress.schema import check_choice, match_layers
+from compress.sharing import share_layer
+from compress.stages.base import STAGES, Context, Stage, StageResult
 
 __all__ = ["ShareStage"]
 
@@ -66,8 +68,6 @@ class ShareStage(Stage):
         return [f"{n} -> {b} bits" for n, b in self.bits_per_layer(model).items()]
 
     def apply(self, model: nn.Module, ctx: Context | None = None) -> StageResult:
-        from compress.sharing import share_layer
-
         ctx = ctx or Context()
         bits = self.bits_per_layer(model)
         layers = prunable_layers(model)

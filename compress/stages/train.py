@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from compress.stages.base import STAGES, Context, FinetuneConfig, Stage, StageResult, validate_finetune
+from compress.config import FinetuneConfig, validate_finetune
+from compress.stages.base import STAGES, Context, Stage, StageResult
 
 __all__ = ["TrainStage", "EvaluateStage"]
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compress.checkpoint import atomic_write
+from compress.files import atomic_write
 
 __all__ = ["Sink", "TerminalSink", "ReportSink", "CSVSink", "WandbSink", "flatten", "TABLE_COLUMNS", "table_columns"]
 

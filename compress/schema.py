@@ -1,0 +1,113 @@
+"""Schema helpers every layer may use: typed merges, range and choice checks, layer-name matching.
+
+Foundation layer: imports nothing of ``compress`` but :mod:`compress.errors`. Every check raises a
+one-line :class:`~compress.errors.UserError` naming the recipe key path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from compress.errors import UserError, nearest, suggest
+
+__all__ = ["merge_structured", "check_range", "check_choice", "check_finite", "check_index_bits", "match_layers",
+           "schema_error", "join_key"]
+
+
+def join_key(prefix: str, key: str) -> str:
+    if not prefix:
+        return key
+    if not key:
+        return prefix
+    return f"{prefix}{key}" if key.startswith("[") else f"{prefix}.{key}"
+
+
+def schema_error(e: OmegaConfBaseException, prefix: str) -> UserError:
+    full_key = join_key(prefix, str(getattr(e, "full_key", "") or ""))
+    msg = str(getattr(e, "msg", e)).splitlines()[0]
+    if isinstance(e, ConfigKeyError) and getattr(e, "parent_node", None) is not None:
+        key = str(getattr(e, "key", ""))
+        node = e.parent_node
+        valid = list(node.keys()) if isinstance(node, DictConfig) else []
+        if valid:
+            return UserError(f"{full_key}: unknown key '{key}'; {suggest(key, valid)}")
+    return UserError(f"{full_key}: {msg}")
+
+
+def merge_structured(schema: type, values: Any, key: str = "") -> DictConfig:
+    """``values`` (dict or DictConfig) merged into ``OmegaConf.structured(schema)``; read-only.
+
+    Unknown keys, wrong types and missing required values raise one-line UserErrors naming
+    ``key`` + the path inside.
+    """
+    if isinstance(values, DictConfig | ListConfig):
+        values = OmegaConf.to_container(values, resolve=True)
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise UserError(f"{key}: expected a mapping, got {type(values).__name__} ({values!r})")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), values)
+    except OmegaConfBaseException as e:
+        raise schema_error(e, key) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"{join_key(key, missing[0])}: required value is missing")
+    check_finite(cfg, key)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def check_finite(cfg: Any, key: str) -> None:
+    """NaN/inf are never meaningful in a recipe (a NaN learning rate trains nothing)."""
+    items = cfg.items() if isinstance(cfg, DictConfig) else enumerate(cfg) if isinstance(cfg, ListConfig) else []
+    for k, v in items:
+        path = join_key(key, f"[{k}]" if isinstance(cfg, ListConfig) else str(k))
+        if isinstance(v, DictConfig | ListConfig):
+            check_finite(v, path)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"{path}: {v} is not a finite number")
+
+
+def check_range(value: float, key: str, lo: float, hi: float, hi_open: bool = True, lo_open: bool = False) -> None:
+    """Raise a UserError unless ``lo <= value < hi`` (bounds as chosen)."""
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi):
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise UserError(f"{key}: {value} is outside {interval}")
+
+
+def check_choice(value: str, key: str, choices: tuple[str, ...] | list[str]) -> None:
+    if value not in choices:
+        raise UserError(f"{key}: '{value}' is not valid; {suggest(value, choices)}")
+
+
+
+def check_index_bits(value: Any, key: str) -> None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 16):
+        return
+    raise UserError(f"{key}: {value!r} is not a width; use an integer in [1, 16] (the paper: 5) or 'auto'")
+
+
+def match_layers(names: Sequence[str], patterns: Sequence[str] | dict[str, Any], key: str) -> dict[str, str]:
+    """Map each layer name to the first pattern (exact name or glob) that matches it.
+
+    A pattern that matches no layer is a recipe mistake: UserError naming ``key`` and the nearest name.
+    """
+    out: dict[str, str] = {}
+    for pattern in patterns:
+        hits = [n for n in names if n == pattern or fnmatchcase(n, pattern)]
+        if not hits:
+            near = nearest(pattern, names)
+            hint = f" (did you mean '{near}'?)" if near else ""
+            raise UserError(f"{key}: '{pattern}' matches no layer{hint}; layers: {', '.join(names)}")
+        for n in hits:
+            out.setdefault(n, pattern)
+    return out
