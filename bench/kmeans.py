@@ -10,11 +10,11 @@ Shares a model of about 25M parameters (five 2236x2236 linear layers, 80% pruned
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from common import print_table, write_json
 from torch import nn
 
 from compress.pruning.masks import set_mask
@@ -50,13 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             seconds = sum(timed(share_layer, m, bits) for m in model)
             rows.append({"what": f"share model, {pruned:.0%} pruned", "values": nonzero, "params": params,
                          "clusters": 2 ** bits, "seconds": seconds})
-    print(f"{'what':<24} {'values':>12} {'clusters':>8} {'seconds':>8}")
-    for r in rows:
-        print(f"{r['what']:<24} {r['values']:>12,} {r['clusters']:>8} {r['seconds']:>8.2f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2))
-        print(f"wrote {args.out}")
+    print_table(rows, [("what", "what", ""), ("values", "values", ","), ("clusters", "clusters", "d"),
+                        ("seconds", "seconds", ".2f")])
+    write_json(args.out, {"threads": args.threads, "rows": rows})
     return 0
 
 

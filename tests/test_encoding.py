@@ -182,3 +182,53 @@ def test_deep_compression_lenet300_recipe_meets_the_goal_row_on_mnist(tmp_path, 
     dm = build_datamodule({"name": "mnist", "root": str(mnist_root)})
     dm.setup()
     assert evaluate_accuracy(read_compressed(out / "model.dc"), dm.test_dataloader())["accuracy"] == last["accuracy"]
+
+
+def _decode_bit_by_bit(bits, lengths, count):
+    """Reference: the textbook decoder, one bit at a time against the canonical code table."""
+    codes = canonical_codes(lengths)
+    table = {(int(lengths[s]), int(codes[s])): s for s in np.flatnonzero(lengths)}
+    out, code, n = [], 0, 0
+    for b in bits.tolist():
+        if len(out) == count:
+            break
+        code, n = (code << 1) | b, n + 1
+        if (n, code) in table:
+            out.append(table[(n, code)])
+            code = n = 0
+    return np.array(out)
+
+
+@pytest.mark.parametrize("dist", ["skewed", "uniform16", "two", "single", "geometric"])
+def test_vectorised_decode_equals_bit_by_bit_decoding(dist):
+    """Many lanes (streams far longer than LANE_BITS), codes that do and do not self-synchronise."""
+    from compress.encoding.huffman import LANE_BITS, decode_packed
+
+    rng = np.random.default_rng(0)
+    n = 60_000
+    symbols = {
+        "skewed": rng.choice(33, n, p=np.r_[0.5, np.full(32, 0.5 / 32)]),
+        "uniform16": rng.integers(0, 16, n),  # every code 4 bits long: lanes sync only by phase
+        "two": rng.integers(0, 2, n),
+        "single": np.full(n, 7),
+        "geometric": np.minimum(rng.geometric(0.3, n), 40),
+    }[dist]
+    lengths = code_lengths(np.bincount(symbols, minlength=41))
+    bits = encode(symbols, lengths)
+    assert len(bits) > 10 * LANE_BITS
+    got = decode(bits, lengths, n)
+    np.testing.assert_array_equal(got, symbols)
+    np.testing.assert_array_equal(got[:5000], _decode_bit_by_bit(bits, lengths, 5000))
+    # from packed bytes, starting mid-byte after other data, with trailing data after the stream
+    prefix = np.array([1, 0, 1], dtype=np.uint8)
+    packed = np.packbits(np.concatenate([prefix, bits, rng.integers(0, 2, 999).astype(np.uint8)]))
+    out, used = decode_packed(packed, lengths, n, bit_offset=3)
+    np.testing.assert_array_equal(out, symbols)
+    assert used == len(bits)
+
+
+def test_decode_of_a_short_stream_raises():
+    lengths = code_lengths(np.array([5, 3, 1, 1]))
+    bits = encode(np.array([0, 1, 2, 3, 0]), lengths)
+    with pytest.raises(ValueError, match="ended early"):
+        decode(bits[:-3], lengths, 5)

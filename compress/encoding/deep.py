@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from compress.encoding.csr import absolute_positions, relative_indices
-from compress.encoding.huffman import code_lengths, decode, encode
+from compress.encoding.huffman import code_lengths, decode_packed, encode
 from compress.errors import UserError
 from compress.files import atomic_write
 from compress.models import build_model
@@ -181,11 +181,11 @@ def read_compressed(path: str | Path) -> nn.Module:
         pos += n
         return chunk
 
+    data = np.frombuffer(raw, dtype=np.uint8)
+
     def decode_from(lengths: np.ndarray, count: int) -> np.ndarray:
         nonlocal pos
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8, offset=pos))
-        symbols = decode(bits, lengths, count)
-        used = int(lengths[symbols].sum())
+        symbols, used = decode_packed(data, lengths, count, bit_offset=8 * pos)
         pos += math.ceil(used / 8)
         return symbols
 

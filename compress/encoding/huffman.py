@@ -6,7 +6,7 @@ import heapq
 
 import numpy as np
 
-__all__ = ["code_lengths", "canonical_codes", "encode", "decode"]
+__all__ = ["code_lengths", "canonical_codes", "encode", "decode", "decode_packed"]
 
 
 def code_lengths(freqs: np.ndarray) -> np.ndarray:
@@ -56,21 +56,107 @@ def encode(symbols: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def decode(bits: np.ndarray, lengths: np.ndarray, count: int) -> np.ndarray:
-    """``count`` symbols from a bit stream written by :func:`encode`."""
+    """``count`` symbols from a bit stream (uint8 array of 0/1) written by :func:`encode`."""
+    symbols, _ = decode_packed(np.packbits(np.asarray(bits, dtype=np.uint8)), lengths, count,
+                               nbits=len(bits))
+    return symbols
+
+
+LANE_BITS = 4096  # bits each decoding lane starts apart
+
+
+def decode_packed(data: np.ndarray | bytes, lengths: np.ndarray, count: int, bit_offset: int = 0,
+                  nbits: int | None = None) -> tuple[np.ndarray, int]:
+    """``count`` symbols from packed bytes (MSB first) starting at ``bit_offset``; ``(symbols, bits used)``.
+
+    Table-driven and vectorised across lanes: the stream is cut every :data:`LANE_BITS` bits and
+    numpy advances every lane by one symbol per step (one look-up of the next ``max length`` bits).
+    The true symbol boundary in each cut is found without a sequential decode: (1) every lane is
+    walked from its cut, marking the positions it visits; (2) from each other bit of its first
+    codeword it is walked again until it lands on a marked position (a Huffman code falls into step
+    within a few symbols: Klein & Wiseman 2003) or leaves the lane, which gives each lane's end for
+    each possible start; (3) chaining those ends from the stream's start gives every lane's true
+    start, and (4) one last walk from the true starts yields the symbols.
+    """
+    data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) else np.asarray(data, np.uint8)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if count == 0:
+        return np.empty(0, dtype=np.int64), 0
+    used = np.flatnonzero(lengths)
+    width = int(lengths.max())
+    if len(used) == 0 or width > 56:
+        raise ValueError("no code, or a code longer than 56 bits")
     codes = canonical_codes(lengths)
-    table = {(int(lengths[s]), int(codes[s])): s for s in np.flatnonzero(lengths)}
-    out = np.empty(count, dtype=np.int64)
-    code = n = i = 0
-    for b in bits.tolist():
-        if i == count:
-            break
-        code = (code << 1) | b
-        n += 1
-        s = table.get((n, code))
-        if s is not None:
-            out[i] = s
-            i += 1
-            code = n = 0
-    if i != count:
+    table = np.full(1 << width, -1, dtype=np.int32)  # every `width`-bit window -> the symbol it starts with
+    for sym in used:
+        shift = width - int(lengths[sym])
+        table[int(codes[sym]) << shift:(int(codes[sym]) + 1) << shift] = sym
+    table_len = np.where(table >= 0, lengths[np.maximum(table, 0)], 1)
+    first_byte = bit_offset // 8  # work on the bytes this stream can occupy only
+    end = bit_offset + (nbits if nbits is not None else count * width)
+    data = data[first_byte:min(len(data), -(-min(end, bit_offset + count * width) // 8))]
+    start = bit_offset - 8 * first_byte
+    end = min(8 * len(data), start + count * width, end - 8 * first_byte)
+    words = np.zeros(len(data) + 1, dtype=np.uint64)  # the 8 bytes from each byte on, big-endian
+    padded = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
+    for k in range(8):
+        words |= padded[k:k + len(words)].astype(np.uint64) << np.uint64(56 - 8 * k)
+    mask = np.uint64((1 << width) - 1)
+    visited = np.zeros(8 * len(data) + 64, dtype=bool)
+
+    def step(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(symbol, its length) of the codeword at each bit position."""
+        p = np.minimum(pos, 8 * len(data))
+        w = ((words[p >> 3] >> (np.uint64(64 - width) - (p & 7).astype(np.uint64))) & mask).astype(np.int64)
+        return table[w], table_len[w]
+
+    def walk(starts: np.ndarray, stops: np.ndarray, *, mark: bool = False, until_marked: bool = False,
+             keep: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Advance lanes from ``starts`` until they pass ``stops``: (end positions, landed on a mark)."""
+        pos, merged = starts.copy(), np.zeros(len(starts), dtype=bool)
+        live = np.flatnonzero(pos < stops)
+        while live.size:
+            p = pos[live]
+            if mark:
+                visited[p] = True
+            sym, n = step(p)
+            if keep is not None:
+                keep.append((live, sym))
+            p = p + n
+            pos[live] = p
+            done = p >= stops[live]
+            if until_marked:
+                hit = ~done & visited[np.minimum(p, len(visited) - 1)]
+                merged[live[hit]] = True
+                done |= hit
+            live = live[~done]
+        return pos, merged
+
+    lanes = np.arange(start, max(end, start + 1), LANE_BITS, dtype=np.int64)
+    stops = np.append(lanes[1:], end)
+    ends0, _ = walk(lanes, stops, mark=True)  # (1)
+    phases = np.arange(1, width)  # (2) every other start inside a lane's first codeword
+    j = np.repeat(np.arange(len(lanes)), len(phases))
+    alt = lanes[j] + np.tile(phases, len(lanes))
+    alt_ends, merged = walk(alt, stops[j], until_marked=True)
+    alt_ends = np.where(merged | visited[np.minimum(alt, len(visited) - 1)], ends0[j], alt_ends)
+    alt_ends = alt_ends.reshape(len(lanes), len(phases))
+    true_starts = np.empty(len(lanes), dtype=np.int64)  # (3)
+    t = start
+    for k in range(len(lanes)):
+        true_starts[k] = t
+        r = t - lanes[k]
+        t = int(ends0[k]) if r == 0 else int(alt_ends[k, r - 1]) if r < width else t
+    steps: list[tuple[np.ndarray, np.ndarray]] = []
+    walk(true_starts, np.maximum(stops, true_starts), keep=steps)  # (4)
+    per_lane = np.zeros(len(lanes), dtype=np.int64)
+    for live, _ in steps:
+        per_lane[live] += 1
+    offsets = np.cumsum(per_lane) - per_lane
+    out = np.empty(int(per_lane.sum()), dtype=np.int64)
+    for k, (live, sym) in enumerate(steps):  # a lane's k-th symbol comes from step k
+        out[offsets[live] + k] = sym
+    symbols = out[:count]
+    if len(symbols) < count or (symbols < 0).any():
         raise ValueError("bit stream ended early")
-    return out
+    return symbols, int(lengths[symbols].sum())
