@@ -47,7 +47,7 @@ class ActivationQuantizer(nn.Module):
     range from each batch seen (all-time min/max, or an exponential moving average with
     ``averaging_constant`` for QAT), ``enabled`` applies the fake quantisation. PTQ calibrates with
     ``observing`` on and ``enabled`` off (ranges of the float model, as ONNX Runtime calibrates),
-    then freezes; QAT turns both on while training.
+    then freezes; QAT turns both on, and observes only in ``train()`` mode.
     """
 
     def __init__(self, averaging_constant: float = 0.0):
@@ -87,7 +87,9 @@ class ActivationQuantizer(nn.Module):
         self.zero_point.copy_(torch.clamp(ACT_QMIN - torch.round(lo / scale), ACT_QMIN, ACT_QMAX).to(torch.int32))
 
     def forward(self, x: Tensor) -> Tensor:
-        if bool(self.observing):
+        # Calibration (not enabled) observes in any mode; QAT (enabled) only in train(), so eval() forwards
+        # such as Lightning's validation leave the ranges alone.
+        if bool(self.observing) and (self.training or not bool(self.enabled)):
             self.observe(x)
         if not bool(self.enabled):
             return x
