@@ -93,6 +93,33 @@ def _quantize_graph(fp32: Path, out: Path, calibration: list[Tensor], exclude: S
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
 
 
+def _shorten_tensor_names(path: Path) -> None:
+    """Rename intermediate tensors and initializers ``t0, t1, ...``, in place; node names (module scopes) stay.
+
+    ORT's quantiser derives names like ``onnx::Conv_2041_quantized_zero_point``; in a small int8
+    graph they are ~7% of the file, the gap between a 3.3x and a 3.5x smaller file than fp32.
+    """
+    onnx = require("onnx")
+    model = onnx.load(str(path))
+    graph = model.graph
+    keep = {v.name for v in (*graph.input, *graph.output)}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return names.setdefault(name, f"t{len(names)}")
+
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for node in graph.node:
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
+    for value in graph.value_info:
+        value.name = short(value.name)
+    onnx.save(model, str(path))
+
+
 def _check_fp32(reference: nn.Module, path: Path, inputs: Tensor) -> None:
     with torch.no_grad():
         expected = reference(inputs)
@@ -172,6 +199,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
         exclude = [] if not float_layers else [_layer_nodes(deployed, example, fp32)[n] for n in float_layers]
         int8_path = Path(tmp) / "int8.onnx"
         _quantize_graph(fp32, int8_path, batches, exclude)
+        _shorten_tensor_names(int8_path)
         if check:
             inputs = check_inputs if check_inputs is not None else torch.cat([example, *batches])
             _check_int8(reference, int8_path, inputs)
