@@ -1,0 +1,12 @@
+"""Deployment runtimes: ONNX export (fp32 and int8 QDQ) and ONNX Runtime sessions.
+
+``onnx`` and ``onnxruntime`` are imported when an export or a session starts, so importing this
+package is cheap and a missing install is a one-line error naming ``pip install onnx onnxruntime``.
+"""
+
+from __future__ import annotations
+
+from compress.runtime.export import FP32_TOLERANCE, INT8_AGREEMENT, export_onnx
+from compress.runtime.ort import OrtModel, ort_accuracy, require
+
+__all__ = ["FP32_TOLERANCE", "INT8_AGREEMENT", "OrtModel", "export_onnx", "ort_accuracy", "require"]

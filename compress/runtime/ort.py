@@ -1,0 +1,76 @@
+"""ONNX Runtime sessions: a callable model and test accuracy measured by the runtime."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from compress.errors import UserError
+
+__all__ = ["require", "OrtModel", "ort_accuracy"]
+
+
+def require(name: str) -> ModuleType:
+    """Import ``onnx``/``onnxruntime`` (and their submodules) lazily, or raise a one-line :class:`UserError`."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{name.split('.')[0]} is not installed; pip install onnx onnxruntime") from None
+
+
+class OrtModel:
+    """An ONNX file in an ONNX Runtime CPU session; call it on a batch to get logits.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads; inter-op is 1 and execution sequential, as the eager timing.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 1):
+        ort = require("onnxruntime")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{self.path}: no such ONNX file")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3  # warnings about hardware-specific optimised graphs are noise here
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            raise UserError(f"{self.path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Logits for a float32 batch ``(B, ...)``."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def __call__(self, x: Tensor | np.ndarray) -> Tensor | np.ndarray:
+        """Logits as a CPU tensor for a tensor input, as an array for an array input."""
+        if isinstance(x, Tensor):
+            return torch.from_numpy(self.run(x.detach().cpu().float().numpy()))
+        return self.run(x)
+
+
+def ort_accuracy(model_or_path: OrtModel | str | Path, dataloader: Iterable[Any], max_batches: int | None = None,
+                 threads: int = 1) -> float:
+    """Top-1 accuracy computed by ONNX Runtime over ``(inputs, targets)`` batches."""
+    model = model_or_path if isinstance(model_or_path, OrtModel) else OrtModel(model_or_path, threads)
+    correct = total = 0
+    for i, (x, y) in enumerate(dataloader):
+        if max_batches is not None and i >= max_batches:
+            break
+        pred = model(x).argmax(1)
+        correct += int((pred == torch.as_tensor(y).cpu()).sum())
+        total += len(y)
+    if total == 0:
+        raise UserError("runtime accuracy: the data loader yielded no batches")
+    return correct / total
