@@ -2,7 +2,7 @@
 
 Never a pickled module: everything loads with ``torch.load(..., weights_only=True)``, and a
 model is rebuilt by (1) building the architecture from its spec, (2) reshaping layers whose
-channels were removed, (3) re-installing parametrizations (masks, codebooks), (4) loading the
+channels were removed, (3) re-installing parametrizations (masks, codebooks) and int8 quantisation, (4) loading the
 state_dict strictly.
 """
 
@@ -21,6 +21,7 @@ from compress.files import atomic_write
 from compress.models import build_model
 from compress.pruning.masks import set_mask
 from compress.pruning.structured import restore_structure
+from compress.quant import is_quantized, quant_state, restore_quant
 from compress.registry import Registry
 from compress.sharing.shared import reinstall_shared_weight
 
@@ -40,6 +41,7 @@ def _reinstall_mask(module: nn.Module, tensor: str, state_dict: dict[str, Any], 
 
 
 PARAMETRIZATIONS.register("SharedWeight", reinstall_shared_weight)
+PARAMETRIZATIONS.register("WeightQuantizer", lambda *_: None)  # installed with its input quantizer by restore_quant
 
 
 def describe_parametrizations(model: nn.Module) -> dict[str, dict[str, list[str]]]:
@@ -60,6 +62,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, model_spec: dict[str,
         "model_spec": model_spec,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "parametrizations": describe_parametrizations(model),
+        "quantization": quant_state(model) if is_quantized(model) else None,
         "recipe": recipe or {},
         "stage_index": stage_index,
         "stage_name": stage_name,
@@ -108,6 +111,8 @@ def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkp
         for tensor, kinds in tensors.items():
             for kind in kinds:
                 PARAMETRIZATIONS.get(kind)(module, tensor, state, f"{mod_name}.parametrizations.{tensor}.")
+    if data.get("quantization"):  # after masks and codebooks: the quantizer reads the masked weight
+        restore_quant(model, data["quantization"])
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

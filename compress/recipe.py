@@ -163,6 +163,15 @@ class Recipe:
 REFUSED_ORDERS = {
     ("share", "prune.structured"): "structured pruning after weight sharing would re-cluster nothing and break the "
                                    "codebooks; put prune.structured before share",
+    ("quantize", "prune.structured"): "channels removed after quantisation would leave calibrated ranges and int8 "
+                                      "scales of another network; put prune.structured before quantize",
+    ("quantize", "prune.unstructured"): "masks set after quantisation change weights the int8 scales were fitted to; "
+                                        "put prune.unstructured before quantize",
+    ("quantize", "share"): "a codebook over int8 weights is not a format any runtime runs; choose share (Deep "
+                           "Compression file) or quantize (int8 runtime)",
+    ("share", "quantize"): "int8 over shared codebook weights is not a format any runtime runs; choose share (Deep "
+                           "Compression file) or quantize (int8 runtime)",
+    ("quantize", "quantize"): "the model is quantised already; use one quantize stage (mode: qat fine-tunes)",
 }
 
 

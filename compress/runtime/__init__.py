@@ -8,5 +8,7 @@ from __future__ import annotations
 
 from compress.runtime.export import FP32_TOLERANCE, INT8_AGREEMENT, export_onnx
 from compress.runtime.ort import OrtModel, ort_accuracy, require
+from compress.runtime.runtimes import RUNTIMES, check_runtimes
 
-__all__ = ["FP32_TOLERANCE", "INT8_AGREEMENT", "OrtModel", "export_onnx", "ort_accuracy", "require"]
+__all__ = ["FP32_TOLERANCE", "INT8_AGREEMENT", "OrtModel", "RUNTIMES", "check_runtimes", "export_onnx",
+           "ort_accuracy", "require"]

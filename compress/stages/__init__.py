@@ -7,8 +7,9 @@ from compress.stages.base import STAGES, Context, FinetuneConfig, Stage, StageRe
 from compress.stages.distill import DistillStage
 from compress.stages.prune_structured import StructuredPruningStage
 from compress.stages.prune_unstructured import UnstructuredPruningStage
+from compress.stages.quantize import QuantizeStage
 from compress.stages.share import ShareStage
 from compress.stages.train import EvaluateStage, TrainStage
 
 __all__ = ["STAGES", "Context", "FinetuneConfig", "Stage", "StageResult", "TrainStage", "EvaluateStage",
-           "UnstructuredPruningStage", "StructuredPruningStage", "DistillStage", "ShareStage"]
+           "UnstructuredPruningStage", "StructuredPruningStage", "DistillStage", "ShareStage", "QuantizeStage"]

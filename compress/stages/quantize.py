@@ -1,0 +1,161 @@
+"""Stage ``quantize``: int8 weights (per-channel, symmetric) and activations (per-tensor).
+
+``mode: ptq`` calibrates activation ranges on ``calibration_batches`` training batches;
+``mode: qat`` then fine-tunes through fake quantisation (Jacob et al. 2018) with the stage's
+``finetune`` block, where ``distill`` is the objective as in any stage (``teacher: self`` is the
+float model before compression). The model stays a plain module (see :mod:`compress.quant`); the
+int8 graph a runtime runs is written by ``export --format onnx`` and measured after the stage when
+``eval.runtimes`` names a runtime.
+
+``max_accuracy_drop: D`` (a fraction, as the ``accuracy`` metric: 0.005 is half a point) puts
+layers back to float, most sensitive first, until the int8 accuracy measured in ONNX Runtime is
+within D of the float model's accuracy in the same runtime (NNCF's accuracy-control idea).
+Sensitivity: how far each layer's quantisation alone moves the logits on calibration data.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from compress.config import FinetuneConfig
+from compress.errors import UserError
+from compress.quant import (
+    SUPPORTED_BITS,
+    check_bits,
+    dequantize_layer,
+    freeze,
+    prepare_qat,
+    quantize_ptq,
+    quantized_layers,
+)
+from compress.quant.int8 import QUANTIZABLE
+from compress.runtime import export_onnx, ort_accuracy
+from compress.schema import check_choice, check_range, match_layers
+from compress.stages.base import STAGES, Context, Stage, StageResult
+
+__all__ = ["QuantizeStage"]
+
+
+@dataclass
+class QuantizeConfig:
+    mode: str = "ptq"  # ptq | qat
+    bits: int = 8
+    calibration_batches: int = 8  # training batches that set activation ranges
+    ignore: list[str] = field(default_factory=list)  # layers kept in float (names/globs)
+    max_accuracy_drop: float | None = None  # fraction; layers go back to float until the runtime accuracy is within it
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
+@STAGES.register("quantize")
+class QuantizeStage(Stage):
+    """``QuantizeStage(mode="qat", finetune={"epochs": 2, "distill": {"teacher": "self"}}).apply(model, ctx)``."""
+
+    Config = QuantizeConfig
+    type_name = "quantize"
+
+    def validate(self) -> None:
+        c, key = self.config, self.key
+        check_choice(c.mode, f"{key}.mode", ("ptq", "qat"))
+        if c.bits not in SUPPORTED_BITS:
+            check_bits(c.bits, f"{key}.bits")
+        if c.calibration_batches < 1:
+            raise UserError(f"{key}.calibration_batches: {c.calibration_batches} must be >= 1")
+        if c.mode == "qat" and c.finetune.epochs < 1:
+            raise UserError(f"{key}.finetune.epochs: {c.finetune.epochs}; mode qat fine-tunes through fake "
+                            "quantisation: set finetune.epochs >= 1, or use mode: ptq")
+        if c.mode == "ptq" and c.finetune.epochs > 0:
+            raise UserError(f"{key}.finetune.epochs: mode ptq does not train; use mode: qat to fine-tune")
+        if c.max_accuracy_drop is not None:
+            check_range(c.max_accuracy_drop, f"{key}.max_accuracy_drop", 0.0, 1.0)
+
+    def layers(self, model: nn.Module) -> list[str]:
+        """The layers this stage quantises (every Linear/Conv not ignored)."""
+        names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+        ignored = match_layers(names, list(self.config.ignore), f"{self.key}.ignore") if self.config.ignore else {}
+        return [n for n in names if n not in ignored]
+
+    def plan(self, model: nn.Module) -> list[str]:
+        layers = self.layers(model)
+        if not layers:
+            raise UserError(f"{self.key}.ignore: every Linear/Conv layer is ignored; nothing to quantise")
+        return [f"{n} -> int{self.config.bits}" for n in layers]
+
+    def apply(self, model: nn.Module, ctx: Context | None = None) -> StageResult:
+        ctx = ctx or Context()
+        c = self.config
+        if ctx.datamodule is None:
+            raise UserError(f"{self.key}: quantisation calibrates on data: pass Context(datamodule=...)")
+        self.plan(model)  # refuses before touching the model
+        batches = calibration_batches(ctx.datamodule, c.calibration_batches)
+        reference = copy.deepcopy(model).eval() if c.max_accuracy_drop is not None else None
+        if c.mode == "ptq":
+            quantize_ptq(model, batches, ignore=list(c.ignore), bits=c.bits)
+            logged: dict[str, float] = {}
+        else:
+            prepare_qat(model, ignore=list(c.ignore), bits=c.bits, calibration=batches)
+            logged = ctx.finetune(model, self.finetune_config, tag=self.name)
+            freeze(model)
+        info: dict[str, Any] = {"mode": c.mode, "bits": c.bits, "calibration_batches": len(batches),
+                                "quantized": list(quantized_layers(model)), "finetune": logged}
+        if reference is not None:
+            info["accuracy_control"] = control_accuracy(model, reference, ctx, batches, c.max_accuracy_drop,
+                                                        f"{self.key}.max_accuracy_drop")
+        info["float_layers"] = [n for n, m in model.named_modules()
+                                if isinstance(m, QUANTIZABLE) and n not in quantized_layers(model)]
+        return StageResult(model, info)
+
+
+def calibration_batches(datamodule: Any, n: int) -> list[Tensor]:
+    """The inputs of the first ``n`` training batches (the data module's own seeded order)."""
+    batches = [b[0] if isinstance(b, list | tuple) else b for b in itertools.islice(datamodule.train_dataloader(), n)]
+    if not batches:
+        raise UserError("quantize: the training data loader yielded no batches to calibrate on")
+    return batches
+
+
+@torch.no_grad()
+def layer_sensitivity(model: nn.Module, reference: nn.Module, batches: list[Tensor]) -> list[tuple[str, float]]:
+    """Quantised layers, most sensitive first: the logit MSE against ``reference`` when only that layer
+    is quantised (its calibrated ranges kept)."""
+    x = torch.cat(batches)[:256]
+    expected = reference(x)
+    scores = []
+    for name in quantized_layers(model):
+        alone = copy.deepcopy(model).eval()
+        for other in [n for n in quantized_layers(alone) if n != name]:
+            dequantize_layer(alone, other)
+        scores.append((name, float(((alone(x) - expected) ** 2).mean())))
+    return sorted(scores, key=lambda s: -s[1])
+
+
+def control_accuracy(model: nn.Module, reference: nn.Module, ctx: Any, batches: list[Tensor], max_drop: float,
+                     key: str) -> dict[str, Any]:
+    """Put layers back to float, most sensitive first, until int8 ONNX Runtime accuracy is within ``max_drop``."""
+    test = ctx.datamodule.test_dataloader()
+    example = batches[0][:1]
+    with tempfile.TemporaryDirectory(prefix="compress-quantize-") as tmp:
+        float_acc = ort_accuracy(export_onnx(reference, Path(tmp) / "float.onnx", example), test)
+
+        def int8_accuracy() -> float:
+            return ort_accuracy(export_onnx(model, Path(tmp) / "int8.onnx", example, calibration=batches), test)
+
+        history = [{"float_layers": [], "runtime_accuracy": int8_accuracy()}]
+        order = [name for name, _ in layer_sensitivity(model, reference, batches)]
+        restored: list[str] = []
+        while float_acc - history[-1]["runtime_accuracy"] > max_drop and len(order) > 1:
+            name = order.pop(0)
+            dequantize_layer(model, name)
+            restored.append(name)
+            history.append({"float_layers": list(restored), "runtime_accuracy": int8_accuracy()})
+    met = float_acc - history[-1]["runtime_accuracy"] <= max_drop
+    return {"float_runtime_accuracy": float_acc, "max_drop": max_drop, "met": met, "steps": history,
+            "note": None if met else f"{key}: int8 accuracy stays {float_acc - history[-1]['runtime_accuracy']:.4f} "
+                                     f"below float with only one layer left quantised"}
