@@ -3,9 +3,13 @@
 A candidate (a stage's model) and its baseline (the input model) are timed in alternation,
 round after round, in the same window: load from other processes, frequency scaling and the
 state of the thread pool hit both alike, and their per-round ratio stays meaningful where two
-latencies measured minutes apart do not. Each round times every callable as the median of a few
-samples; each sample is a loop of calls lasting at least ``MIN_SAMPLE_S``, since a tiny model
-runs in tens of microseconds, where one timer read is noise.
+latencies measured minutes apart do not. Each sample is a loop of calls lasting at least
+``MIN_SAMPLE_S``, since a tiny model runs in tens of microseconds, where one timer read is noise.
+Within a round each callable counts as the fastest of its few samples: other processes only ever
+slow a sample down (a preemption adds milliseconds to a 2 ms loop), so the fastest is the one
+they missed. Beside a process spinning on every core, an A/A comparison (a callable against
+itself) gave 0.70x-1.03x with the median of 3 samples per round and 0.99x-1.01x with the fastest
+(8 runs of 10 rounds each; both 0.98x-1.01x on a quiet machine).
 
 The helpers are generic over zero-argument callables (``lambda: model(x)``, an ONNX Runtime
 session's ``lambda: sess.run(None, feed)``); torch callers choose the autograd mode
@@ -23,7 +27,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +49,13 @@ class Timing:
     Attributes:
         candidate_ms: median of the candidate's samples (ms per call).
         baseline_ms: median of the baseline's samples (ms per call).
-        speedup: median over rounds of ``baseline / candidate`` (each round: median of its samples).
+        speedup: median over rounds of ``baseline / candidate`` (each round: the fastest of its samples).
         speedup_iqr: ``[q1, q3]`` of the per-round speedups: the interval holding the middle half of
             the rounds, in the same units as ``speedup`` (a ratio is asymmetric around its median,
             so the interval says more than its width; ``q3 - q1`` is one subtraction away).
         rounds: the per-round speedups, in order.
         threads: torch intra-op threads during the timing.
-        unreliable: why the figure should not be trusted (machine busy, wide spread), or None.
+        busy: why the machine was busy during the timing (:func:`machine_busy`), or None.
     """
 
     candidate_ms: float
@@ -60,13 +64,29 @@ class Timing:
     speedup_iqr: tuple[float, float]
     rounds: tuple[float, ...]
     threads: int
-    unreliable: str | None = None
+    busy: str | None = None
 
     @property
     def relative_spread(self) -> float:
         """``(q3 - q1) / median`` of the per-round speedups."""
         q1, q3 = self.speedup_iqr
         return (q3 - q1) / self.speedup if self.speedup > 0 else float("inf")
+
+    @property
+    def wide_spread(self) -> str | None:
+        """A sentence when the per-round speedups spread by more than ``WIDE_SPREAD`` of their median."""
+        if self.relative_spread <= WIDE_SPREAD:
+            return None
+        q1, q3 = self.speedup_iqr
+        return (f"the middle half of {len(self.rounds)} rounds spans {q1:.2f}x-{q3:.2f}x "
+                f"({self.relative_spread:.0%} of the median)")
+
+    @property
+    def unreliable(self) -> str | None:
+        """Why the speedup should not be trusted (machine busy, wide spread), or None."""
+        reasons = [f"machine busy: {self.busy}" if self.busy else None,
+                   f"wide spread: {self.wide_spread}" if self.wide_spread else None]
+        return "; ".join(r for r in reasons if r) or None
 
 
 @contextmanager
@@ -199,7 +219,7 @@ def compare_latency(candidate: Callable[[], Any], baseline: Callable[[], Any], *
     """Time ``candidate`` against ``baseline`` in alternating rounds; the speedup is ``baseline / candidate``.
 
     Each round times both (baseline first in even rounds, candidate first in odd ones, so neither
-    always runs in the other's wake), each as the median of ``repeats`` samples; the speedup is
+    always runs in the other's wake), each as the fastest of ``repeats`` samples; the speedup is
     the median of the per-round ratios, and its spread their interquartile range. Passing the same
     callable twice measures the noise floor (a speedup near 1).
 
@@ -207,7 +227,8 @@ def compare_latency(candidate: Callable[[], Any], baseline: Callable[[], Any], *
         candidate: the call whose speedup is wanted (a stage's model).
         baseline: the call it is compared with (the input model).
         rounds: alternating rounds (at least 3 for a meaningful spread).
-        repeats: samples per callable in each round.
+        repeats: samples per callable in each round (3 or more: the fastest of one sample is no
+            defence against a preemption).
         warmup: untimed calls of each before the rounds.
         threads: torch intra-op threads during the timing (None: as they are), restored after.
 
@@ -226,25 +247,14 @@ def compare_latency(candidate: Callable[[], Any], baseline: Callable[[], Any], *
             for key in ("b", "c") if r % 2 == 0 else ("c", "b"):
                 times = [_sample_ms(fns[key], calls[key]) for _ in range(repeats)]
                 samples[key] += times
-                per_round[key] = statistics.median(times)
+                per_round[key] = min(times)
             ratios.append(per_round["b"] / per_round["c"])
             n = runnable_tasks()
             if n is not None:
                 running.append(n)
-    speedup = statistics.median(ratios)
-    iqr = _quartiles(ratios)
-    timing = Timing(candidate_ms=statistics.median(samples["c"]), baseline_ms=statistics.median(samples["b"]),
-                    speedup=speedup, speedup_iqr=iqr, rounds=tuple(ratios), threads=used)
-    reasons = []
-    busy = machine_busy(used, running)
-    if busy:
-        reasons.append(f"machine busy: {busy}")
-    if timing.relative_spread > WIDE_SPREAD:
-        reasons.append(f"wide spread: the middle half of {rounds} rounds gives {iqr[0]:.2f}x-{iqr[1]:.2f}x "
-                       f"({timing.relative_spread:.0%} of the median)")
-    if reasons:
-        timing = replace(timing, unreliable="; ".join(reasons))
-    return timing
+    return Timing(candidate_ms=statistics.median(samples["c"]), baseline_ms=statistics.median(samples["b"]),
+                  speedup=statistics.median(ratios), speedup_iqr=_quartiles(ratios), rounds=tuple(ratios),
+                  threads=used, busy=machine_busy(used, running))
 
 
 @torch.inference_mode()
