@@ -3,11 +3,13 @@
 Model variants (random weights: speed does not depend on their values): an MLP, LeNet-5,
 ResNet-20, ResNet-56 and the MobileNetV2-style net, each dense, structurally pruned at several
 channel ratios (``compress.pruning.structured.prune_model``, Torch-Pruning), and 90% unstructured
-sparse (magnitude masks). Every variant is timed on this CPU at batch 1 and 32 with one thread
-(``compress.metrics.measure_latency_ms`` on the deployed copy, as the pipeline does), in
-``--rounds`` interleaved rounds whose per-round speedups' median is kept, so load from other
-processes hits a variant and its dense baseline alike. Each is simulated on ``cpu-local``
-(calibrated at the same thread count) and on the shipped profiles.
+sparse (magnitude masks). Every variant's deployed copy is timed on this CPU at batch 1 and 32
+with one thread against its dense baseline, as the pipeline does (``compress.metrics.compare_latency``:
+``--rounds`` alternating rounds, the median of the per-round speedups kept), so load from other
+processes hits a variant and its dense baseline alike; ``round_spread`` is the interquartile range
+of the per-round speedups relative to their median (the dense row: the noise floor, dense against
+itself). Each is simulated on ``cpu-local`` (calibrated at the same thread count) and on the
+shipped profiles.
 
 Printed per variant: ``mac_speedup`` (dense MACs / MACs without zeros), ``sim_speedup`` and
 ``measured_speedup``, and both predictions' relative errors; then the median absolute errors and
@@ -25,13 +27,14 @@ import json
 import platform
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from compress.hardware import load_profile, simulate_model
-from compress.metrics import count_layers, measure_latency_ms, summarize
+from compress.metrics import compare_latency, count_layers, summarize
 from compress.models import build_model
 from compress.pruning.masks import deployed_copy, prunable_layers, set_mask
 from compress.pruning.structured import output_layers, prune_model
@@ -101,8 +104,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median speedup kept)")
-    p.add_argument("--repeats", type=int, default=15, help="timed samples per measurement")
+    p.add_argument("--rounds", type=int, default=7, help="alternating timing rounds (median speedup kept)")
+    p.add_argument("--repeats", type=int, default=3, help="timed samples per model in each round (the fastest kept)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -120,24 +123,17 @@ def main() -> None:
             xb = x1.expand(batch, *x1.shape[1:]).contiguous()
             sims = {vname: simulate_model(m, xb, profiles, d) for vname, m, d, _ in deployed}
             macs = {vname: summarize(m, count_layers(m, x1)) for vname, m, _, _ in deployed}
-            per_round: dict[str, list[float]] = {vname: [] for vname, *_ in deployed}
-            latency: dict[str, list[float]] = {vname: [] for vname, *_ in deployed}
-            for _ in range(args.rounds):
-                base_ms = None
-                for vname, _, d, _ in deployed:
-                    ms = measure_latency_ms(d, xb, args.repeats, 3)
-                    base_ms = base_ms or ms
-                    per_round[vname].append(base_ms / ms)
-                    latency[vname].append(ms)
-            base = deployed[0][0]
-            for vname, *_ in deployed:
-                measured = statistics.median(per_round[vname])
-                spread = (max(per_round[vname]) - min(per_round[vname])) / measured
+            base, dense = deployed[0][0], deployed[0][2]
+            for vname, _, d, _ in deployed:
+                with torch.inference_mode():
+                    t = compare_latency(partial(d, xb), partial(dense, xb), rounds=args.rounds,
+                                        repeats=args.repeats, warmup=3, threads=args.threads)
                 row = {"name": vname, "batch": batch,
                        "mac_speedup": macs[base]["macs"] / max(1, macs[vname]["effective_macs"]),
                        "sim_speedup": sims[base][cpu.name].latency_ms / sims[vname][cpu.name].latency_ms,
-                       "measured_speedup": measured, "round_spread": spread,
-                       "measured_ms": statistics.median(latency[vname]), "sim_ms": sims[vname][cpu.name].latency_ms}
+                       "measured_speedup": t.speedup, "measured_speedup_iqr": list(t.speedup_iqr),
+                       "round_spread": t.relative_spread, "unreliable": t.unreliable,
+                       "measured_ms": t.candidate_ms, "sim_ms": sims[vname][cpu.name].latency_ms}
                 for prof in profiles[1:]:
                     row[f"sim_speedup/{prof.name}"] = sims[base][prof.name].latency_ms / sims[vname][prof.name].latency_ms
                 rows.append(row)
@@ -164,8 +160,12 @@ def main() -> None:
     print(f"cpu-local, {len(scored)} variants (dense baselines excluded):")
     print(f"  median |error|: sim {summary['sim_median_abs_error']:.1%}, MAC ratio {summary['mac_median_abs_error']:.1%}")
     print(f"  Spearman with measured: sim {summary['sim_spearman']:.3f}, MAC ratio {summary['mac_spearman']:.3f}")
-    print(f"  timing: median spread of a variant's speedup across {args.rounds} rounds "
+    print(f"  timing: median spread (IQR / median) of a variant's speedup across {args.rounds} rounds "
           f"{summary['median_round_spread']:.1%}")
+    unreliable = [r["name"] + f" b{r['batch']}" for r in rows if r["unreliable"]]
+    if unreliable:
+        print(f"  timing unreliable for {len(unreliable)} rows ({', '.join(unreliable[:4])}...): "
+              f"{next(r['unreliable'] for r in rows if r['unreliable'])}")
     checks = hardware_checks(rows)
     for line in checks["lines"]:
         print("  " + line)

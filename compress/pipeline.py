@@ -24,7 +24,7 @@ from compress.encoding import model_storage
 from compress.errors import UserError
 from compress.files import atomic_write
 from compress.hardware import hardware_metrics
-from compress.metrics import count_layers, evaluate_accuracy, measure_latency_ms, summarize
+from compress.metrics import compare_latency, count_layers, evaluate_accuracy, summarize, thread_env
 from compress.models import build_model
 from compress.pruning.masks import deployed_copy
 from compress.recipe import Recipe
@@ -45,10 +45,18 @@ def model_spec(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> dict
 
 
 def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | None = None,
-            hardware: list[str] = (), repeats: int = 30, warmup: int = 10, latency_batch: int | None = None,
-            max_batches: int | None = None, index_bits: int | str = 5,
+            baseline_model: nn.Module | None = None, hardware: list[str] = (), repeats: int = 30,
+            warmup: int = 10, latency_batch: int | None = None, max_batches: int | None = None,
+            index_bits: int | str = 5, threads: int = 1,
             ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """Every per-stage metric, from the model in hand: ``(metrics, layer rows, extras)``."""
+    """Every per-stage metric, from the model in hand: ``(metrics, layer rows, extras)``.
+
+    ``measured_speedup`` (and ``_batch``) time this model's deployed copy and ``baseline_model``
+    (the input model's deployed copy; None: this model against itself, the noise floor) in
+    alternating rounds at ``threads`` intra-op threads (:func:`compress.metrics.compare_latency`),
+    with the spread of the per-round speedups in ``measured_speedup_iqr`` ([q1, q3]) and a note in
+    ``extras["notes"]`` when the machine was busy or the spread wide.
+    """
     model = model.cpu()
     x1 = example_batch(datamodule, 1)[0]
     layers = count_layers(model, x1)
@@ -63,23 +71,42 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     metrics["compressed_bytes"] = storage["total"]["compressed_bytes"]
     batch = latency_batch or datamodule.config.batch_size
     xb = example_batch(datamodule, batch)[0]
-    metrics["measured_latency_ms"] = measure_latency_ms(deployed, x1, repeats, warmup)
-    metrics["measured_latency_ms_batch"] = measure_latency_ms(deployed, xb, max(3, repeats // 4), warmup)
+    if threads < 1:
+        raise UserError(f"eval.latency_threads: {threads} must be >= 1")
+    reference = (baseline_model if baseline_model is not None else deployed).cpu().eval()
+    rounds = max(3, -(-repeats // 3))  # about `repeats` samples per model at batch 1, half that at batch
+    with torch.inference_mode():
+        t1 = compare_latency(lambda: deployed(x1), lambda: reference(x1), rounds=rounds, repeats=3,
+                             warmup=warmup, threads=threads)
+        tb = compare_latency(lambda: deployed(xb), lambda: reference(xb), rounds=max(3, rounds // 2),
+                             repeats=3, warmup=warmup, threads=threads)
+    metrics["measured_latency_ms"] = t1.candidate_ms
+    metrics["measured_latency_ms_batch"] = tb.candidate_ms
     metrics["latency_batch_size"] = batch
+    metrics["latency_threads"] = t1.threads
     base = baseline or metrics
     metrics["mac_speedup"] = base["macs"] / max(1, metrics["effective_macs"])
-    metrics["measured_speedup"] = base["measured_latency_ms"] / metrics["measured_latency_ms"]
-    metrics["measured_speedup_batch"] = base["measured_latency_ms_batch"] / metrics["measured_latency_ms_batch"]
+    metrics["measured_speedup"] = t1.speedup
+    metrics["measured_speedup_iqr"] = list(t1.speedup_iqr)
+    metrics["measured_speedup_batch"] = tb.speedup
+    metrics["measured_speedup_batch_iqr"] = list(tb.speedup_iqr)
+    why = [f"machine busy: {t1.busy or tb.busy}"] if t1.busy or tb.busy else []
+    why += [f"wide spread at batch {n}: {t.wide_spread}" for n, t in ((1, t1), (batch, tb)) if t.wide_spread]
+    notes = [f"timing unreliable ({'; '.join(why)}): measured speedups {t1.speedup:.2f}x at batch 1 and "
+             f"{tb.speedup:.2f}x at batch {batch} may be off; rerun on an idle machine to trust them"] if why else []
     rows = [s.as_dict() for s in layers]
     for row in rows:  # Deep Compression's per-layer terms (Tables 2-3): bits per weight and index
         row.update(storage["layers"].get(row["name"], {}))
     if hardware:
-        hw, hw_layers, notes = hardware_metrics(model, x1, list(hardware), baseline, deployed)
+        with thread_env(threads):  # cpu-local is calibrated at the thread count the timing uses
+            hw, hw_layers, hw_notes = hardware_metrics(model, x1, list(hardware), baseline, deployed)
+        notes += hw_notes
         metrics.update(hw)
         by_name = {r["name"]: r for r in rows}
         for name, per_profile in hw_layers.items():
             if name in by_name:
                 by_name[name]["hardware"] = per_profile
+    if notes:
         extras["notes"] = notes
     return metrics, rows, extras
 
@@ -97,6 +124,7 @@ class Pipeline:
         self.resume = resume
         self.quiet = quiet
         self.records: list[dict[str, Any]] = []
+        self.baseline_model: nn.Module | None = None  # stage 0's deployed copy: every stage is timed against it
         self.sinks: list[Sink] = []
 
     # -- set-up ------------------------------------------------------------------------------
@@ -158,6 +186,9 @@ class Pipeline:
             return 0
         data = read_checkpoint(self.out_dir / self._ckpt_name(done, names[done]))
         load_into(model, data, self.out_dir / self._ckpt_name(done, names[done]))
+        first = build_model(self.spec["name"], key="model", **self.spec["kwargs"])
+        load_into(first, read_checkpoint(self.out_dir / self._ckpt_name(0, "input")))
+        self.baseline_model = deployed_copy(first).eval()
         self.records = json.loads(data["extra"]["records"])
         ref = next((i for i, s in enumerate(stages) if s.type_name not in NOT_COMPRESSION), None)
         if ref is not None and ref < done:  # `teacher: self` is the model before the first compression stage
@@ -228,10 +259,13 @@ class Pipeline:
                       baseline: dict[str, Any] | None, t0: float, info: dict[str, Any]) -> dict[str, Any]:
         wall = time.perf_counter() - t0
         e = self.cfg.eval
+        if index == 0:
+            self.baseline_model = deployed_copy(model.cpu()).eval()
         metrics, layers, extras = measure(model, ctx.datamodule, baseline=baseline, hardware=list(self.cfg.hardware),
                                           repeats=e.latency_repeats, warmup=e.latency_warmup,
                                           latency_batch=e.latency_batch_size, max_batches=e.max_batches,
-                                          index_bits=self.cfg.encoding.index_bits)
+                                          index_bits=self.cfg.encoding.index_bits,
+                                          baseline_model=self.baseline_model, threads=e.latency_threads)
         metrics["wall_s"] = wall
         record = {"index": index, "name": name, "type": type_, "metrics": metrics, "layers": layers,
                   "info": _plain(info), **extras}

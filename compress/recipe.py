@@ -56,11 +56,19 @@ class LoggerConfig:
 
 @dataclass
 class EvalConfig:
-    """How metrics are measured after every stage."""
+    """How metrics are measured after every stage.
+
+    ``latency_threads`` is the torch intra-op thread count set for every latency timing (and the
+    ``cpu-local`` calibration) and restored after. One by default: a single thread gives figures
+    comparable across machines and runs (no thread-pool start-up or hand-off in a tiny model's
+    forward, no dependence on how many cores happen to be free), and edge deployments often run one
+    inference stream per core anyway.
+    """
 
     latency_repeats: int = 30
     latency_warmup: int = 10
     latency_batch_size: int | None = None  # default: data.batch_size
+    latency_threads: int = 1
     max_batches: int | None = None  # cap on test batches for accuracy (None: the whole split)
 
 

@@ -2,6 +2,14 @@
 
 from compress.metrics.counting import LayerStats, count_layers, summarize
 from compress.metrics.evaluate import evaluate_accuracy
-from compress.metrics.latency import measure_latency_ms
+from compress.metrics.latency import (
+    Timing,
+    compare_latency,
+    latency_ms,
+    machine_busy,
+    measure_latency_ms,
+    thread_env,
+)
 
-__all__ = ["LayerStats", "count_layers", "summarize", "evaluate_accuracy", "measure_latency_ms"]
+__all__ = ["LayerStats", "count_layers", "summarize", "evaluate_accuracy", "measure_latency_ms",
+           "Timing", "compare_latency", "latency_ms", "machine_busy", "thread_env"]
