@@ -16,7 +16,7 @@ __all__ = ["main"]
 USAGE = """python run.py RECIPE.yaml [key=value ...] [--dry-run] [--overwrite | --resume]
        python run.py resume RUN_DIR
        python run.py teacher NAME [key=value ...]
-       python run.py export RUN_DIR --format deep [--out FILE] [--stage K]
+       python run.py export RUN_DIR --format deep|onnx [--out FILE] [--stage K]
        python run.py sensitivity RECIPE.yaml [key=value ...] [--from CKPT] [--max-drop 0.01]"""
 
 
@@ -130,20 +130,19 @@ def _sensitivity(argv: Sequence[str]) -> int:
 
 
 def _export(argv: Sequence[str]) -> int:
-    """``export RUN_DIR --format deep``: the last stage's model as a Deep Compression file."""
+    """``export RUN_DIR --format deep|onnx``: a stage's model as a Deep Compression file or an ONNX graph."""
     p = argparse.ArgumentParser(prog="run.py export", description=_export.__doc__)
     p.add_argument("run_dir")
-    p.add_argument("--format", default="deep", choices=["deep"])
+    p.add_argument("--format", default="deep", choices=["deep", "onnx"],
+                   help="deep: the Deep Compression file; onnx: an ONNX graph (int8 QDQ after quantize)")
     p.add_argument("--stage", type=int, default=None, help="stage index (default: the last finished)")
-    p.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.dc)")
+    p.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.dc or RUN_DIR/model.onnx)")
     p.add_argument("--index-bits", default=None,
-                   help="relative-index width, 1-16 or 'auto' (default: the run's encoding.index_bits)")
+                   help="deep: relative-index width, 1-16 or 'auto' (default: the run's encoding.index_bits)")
     args = p.parse_args(list(argv))
     from pathlib import Path
 
     from compress.checkpoint import model_from_checkpoint, read_checkpoint
-    from compress.encoding import model_storage, write_compressed
-    from compress.schema import check_index_bits
 
     run_dir = Path(args.run_dir)
     ckpts = sorted(run_dir.glob("stage-*.ckpt"), key=lambda f: int(f.name.split("-")[1]))
@@ -154,6 +153,11 @@ def _export(argv: Sequence[str]) -> int:
                         " there; is it a run folder (out_dir of a recipe)?")
     data = read_checkpoint(ckpts[-1])
     model = model_from_checkpoint(data, ckpts[-1])
+    if args.format == "onnx":
+        return _export_onnx(model, data, ckpts[-1].name, Path(args.out) if args.out else run_dir / "model.onnx")
+    from compress.encoding import model_storage, write_compressed
+    from compress.schema import check_index_bits
+
     index_bits: int | str = ((data.get("recipe") or {}).get("encoding") or {}).get("index_bits", 5)
     if args.index_bits is not None:
         index_bits = int(args.index_bits) if args.index_bits.isdigit() else args.index_bits
@@ -163,6 +167,28 @@ def _export(argv: Sequence[str]) -> int:
     reported = model_storage(model, index_bits)["total"]["compressed_bytes"]
     print(f"{out}: {written:,} bytes on disk from {ckpts[-1].name}; reported compressed_bytes {reported:,} "
           f"({100 * (written - reported) / reported:+.2f}%)")
+    return 0
+
+
+def _export_onnx(model, data: dict, source: str, out) -> int:
+    """The ONNX half of ``export``: inputs and calibration batches come from the run's own data."""
+    from compress.data import build_datamodule, example_batch, training_inputs
+    from compress.quant import is_quantized
+    from compress.runtime import OrtModel, export_onnx
+
+    recipe = data.get("recipe") or {}
+    if "data" not in recipe:
+        raise UserError(f"{source}: the checkpoint holds no recipe, so no data to trace and calibrate with")
+    dm = build_datamodule(recipe["data"], seed=int(recipe.get("seed", 0)))
+    dm.setup("fit")
+    quantized = is_quantized(model)
+    calibration = next((s.get("calibration_batches", 8) for s in recipe.get("stages", []) if s.get("type") == "quantize"), 8)
+    test = example_batch(dm, 256)[0]
+    export_onnx(model, out, test[:1], calibration=training_inputs(dm, calibration) if quantized else None,
+                check_inputs=test)
+    print(f"{out}: {out.stat().st_size:,} bytes, {'int8 (QDQ)' if quantized else 'fp32'} ONNX from {source}, "
+          f"checked against PyTorch on {len(test)} test inputs; runs in ONNX Runtime "
+          f"({OrtModel(out).session.get_providers()[0]})")
     return 0
 
 

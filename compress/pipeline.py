@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from compress.checkpoint import load_into, read_checkpoint, save_checkpoint
-from compress.data import build_datamodule, example_batch
+from compress.data import build_datamodule, example_batch, training_inputs
 from compress.encoding import model_storage
 from compress.errors import UserError
 from compress.files import atomic_write
@@ -27,7 +28,9 @@ from compress.hardware import hardware_metrics
 from compress.metrics import compare_latency, count_layers, evaluate_accuracy, summarize, thread_env
 from compress.models import build_model
 from compress.pruning.masks import deployed_copy
+from compress.quant import float_copy, int8_storage_bytes, is_quantized
 from compress.recipe import Recipe
+from compress.runtime import RUNTIMES, ort_accuracy
 from compress.stages.base import Context, Stage
 from compress.tracking import CSVSink, ReportSink, Sink, TerminalSink, WandbSink
 
@@ -47,7 +50,7 @@ def model_spec(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> dict
 def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | None = None,
             baseline_model: nn.Module | None = None, hardware: list[str] = (), repeats: int = 30,
             warmup: int = 10, latency_batch: int | None = None, max_batches: int | None = None,
-            index_bits: int | str = 5, threads: int = 1,
+            index_bits: int | str = 5, threads: int = 1, runtimes: list[str] = (), calibration_batches: int = 8,
             ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Every per-stage metric, from the model in hand: ``(metrics, layer rows, extras)``.
 
@@ -56,6 +59,10 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     alternating rounds at ``threads`` intra-op threads (:func:`compress.metrics.compare_latency`),
     with the spread of the per-round speedups in ``measured_speedup_iqr`` ([q1, q3]) and a note in
     ``extras["notes"]`` when the machine was busy or the spread wide.
+
+    A quantised model (``quantize``) is stored as int8 (``stored_bytes``: int8 weights, scales, zero
+    points); eager PyTorch runs its float copy (it has no int8 kernels here), while each runtime in
+    ``runtimes`` runs the int8 graph: :func:`runtime_metrics`.
     """
     model = model.cpu()
     x1 = example_batch(datamodule, 1)[0]
@@ -64,11 +71,13 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     metrics.update(summarize(model, layers))
     extras: dict[str, Any] = {}
     # The model as it would be deployed: parametrizations (masks, codebooks) baked in.
-    deployed = deployed_copy(model).eval()
+    quantized = is_quantized(model)
+    deployed = (float_copy(model) if quantized else deployed_copy(model)).eval()
     storage = model_storage(model, index_bits, deployed)
-    metrics["stored_bytes"] = storage["total"]["compressed_bytes"]
+    metrics["stored_bytes"] = int8_storage_bytes(model) if quantized else storage["total"]["compressed_bytes"]
     metrics["compression_ratio"] = metrics["dense_bytes"] / max(1, metrics["stored_bytes"])
-    metrics["compressed_bytes"] = storage["total"]["compressed_bytes"]
+    metrics["compressed_bytes"] = metrics["stored_bytes"]
+    metrics["precision"] = "int8" if quantized else "fp32"
     batch = latency_batch or datamodule.config.batch_size
     xb = example_batch(datamodule, batch)[0]
     if threads < 1:
@@ -99,16 +108,61 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
         row.update(storage["layers"].get(row["name"], {}))
     if hardware:
         with thread_env(threads):  # cpu-local is calibrated at the thread count the timing uses
-            hw, hw_layers, hw_notes = hardware_metrics(model, x1, list(hardware), baseline, deployed)
+            hw, hw_layers, hw_notes = hardware_metrics(model, x1, list(hardware), baseline, deployed,
+                                                       precision=metrics["precision"])
         notes += hw_notes
         metrics.update(hw)
         by_name = {r["name"]: r for r in rows}
         for name, per_profile in hw_layers.items():
             if name in by_name:
                 by_name[name]["hardware"] = per_profile
+    if runtimes:
+        rt, rt_notes = runtime_metrics(model, reference, datamodule, list(runtimes), x1=x1, xb=xb, threads=threads,
+                                       warmup=warmup, rounds=rounds, max_batches=max_batches,
+                                       calibration_batches=calibration_batches)
+        metrics.update(rt)
+        notes += rt_notes
     if notes:
         extras["notes"] = notes
     return metrics, rows, extras
+
+
+def runtime_metrics(model: nn.Module, baseline_model: nn.Module, datamodule: Any, runtimes: list[str], *,
+                    x1: torch.Tensor, xb: torch.Tensor, threads: int, warmup: int, rounds: int,
+                    max_batches: int | None, calibration_batches: int) -> tuple[dict[str, Any], list[str]]:
+    """Speed and accuracy where the model ships: per runtime R, the model deployed there (int8 when
+    quantised) and the input model deployed the same way, timed in alternating rounds at ``threads``.
+
+    Keys: ``runtime_latency_ms/R``, ``runtime_latency_ms_batch/R``, ``runtime_speedup/R``,
+    ``runtime_speedup_batch/R`` (against stage 0 in the same runtime), their ``_iqr``,
+    ``runtime_accuracy/R`` (test accuracy computed by the runtime) and ``runtime_bytes/R`` (the file).
+    """
+    metrics: dict[str, Any] = {}
+    notes: list[str] = []
+    calibration = training_inputs(datamodule, calibration_batches) if is_quantized(model) else None
+    a1, ab = x1.numpy(), xb.numpy()
+    with tempfile.TemporaryDirectory(prefix="compress-runtime-") as tmp:
+        for r in runtimes:
+            deploy = RUNTIMES.get(r, "eval.runtimes")
+            path = Path(tmp) / f"{r}.onnx"
+            session = deploy(model, path, x1, calibration=calibration, threads=threads)
+            base = deploy(baseline_model, Path(tmp) / f"{r}-baseline.onnx", x1, threads=threads)
+            t1 = compare_latency(lambda s=session: s.run(a1), lambda b=base: b.run(a1), rounds=rounds, repeats=3,
+                                 warmup=warmup, threads=threads)
+            tb = compare_latency(lambda s=session: s.run(ab), lambda b=base: b.run(ab), rounds=max(3, rounds // 2),
+                                 repeats=3, warmup=warmup, threads=threads)
+            metrics[f"runtime_latency_ms/{r}"] = t1.candidate_ms
+            metrics[f"runtime_latency_ms_batch/{r}"] = tb.candidate_ms
+            metrics[f"runtime_speedup/{r}"] = t1.speedup
+            metrics[f"runtime_speedup_iqr/{r}"] = list(t1.speedup_iqr)
+            metrics[f"runtime_speedup_batch/{r}"] = tb.speedup
+            metrics[f"runtime_speedup_batch_iqr/{r}"] = list(tb.speedup_iqr)
+            metrics[f"runtime_accuracy/{r}"] = ort_accuracy(session, datamodule.test_dataloader(), max_batches)
+            metrics[f"runtime_bytes/{r}"] = path.stat().st_size
+            if t1.busy or t1.wide_spread or tb.wide_spread:
+                notes.append(f"{r}: timing unreliable ({t1.busy or t1.wide_spread or tb.wide_spread}): runtime "
+                             f"speedups {t1.speedup:.2f}x / {tb.speedup:.2f}x may be off")
+    return metrics, notes
 
 
 class Pipeline:
@@ -252,6 +306,10 @@ class Pipeline:
         self.model = model
         return self.records
 
+    def _calibration_batches(self) -> int:
+        """The quantize stage's calibration size, so a runtime's int8 graph sees the same batches."""
+        return next((int(s.config.calibration_batches) for s in self.recipe.stages if s.type_name == "quantize"), 8)
+
     def _ckpt_name(self, index: int, name: str) -> str:
         return f"stage-{index}-{name.replace('/', '_')}.ckpt"
 
@@ -265,7 +323,8 @@ class Pipeline:
                                           repeats=e.latency_repeats, warmup=e.latency_warmup,
                                           latency_batch=e.latency_batch_size, max_batches=e.max_batches,
                                           index_bits=self.cfg.encoding.index_bits,
-                                          baseline_model=self.baseline_model, threads=e.latency_threads)
+                                          baseline_model=self.baseline_model, threads=e.latency_threads,
+                                          runtimes=list(e.runtimes), calibration_batches=self._calibration_batches())
         metrics["wall_s"] = wall
         record = {"index": index, "name": name, "type": type_, "metrics": metrics, "layers": layers,
                   "info": _plain(info), **extras}

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from compress.errors import UserError, suggest
 from compress.hardware import check_profiles
 from compress.models import model_class
+from compress.runtime import check_runtimes
 from compress.schema import check_choice, check_finite, check_index_bits, schema_error
 from compress.stages import STAGES
 
@@ -70,6 +71,7 @@ class EvalConfig:
     latency_batch_size: int | None = None  # default: data.batch_size
     latency_threads: int = 1
     max_batches: int | None = None  # cap on test batches for accuracy (None: the whole split)
+    runtimes: list[str] = field(default_factory=list)  # where to also measure speed and accuracy: onnxruntime
 
 
 @dataclass
@@ -251,6 +253,7 @@ def _validate_top(cfg: DictConfig) -> None:
         raise UserError("out_dir: must not be empty")
     check_index_bits(cfg.encoding.index_bits, "encoding.index_bits")
     check_profiles(list(cfg.hardware), "hardware")
+    check_runtimes(list(cfg.eval.runtimes), "eval.runtimes")
 
 
 def _validate_data(cfg: DictConfig) -> None:

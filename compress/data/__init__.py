@@ -6,6 +6,7 @@ read and shuffling is seeded by the recipe (repeatable runs).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from torch import Tensor
@@ -13,8 +14,9 @@ from torch import Tensor
 from compress.data import cifar10, digits, mnist, synthetic  # noqa: F401  (imported for their registrations)
 from compress.data._registry import DATAMODULES
 from compress.data.base import TensorDataModule
+from compress.errors import UserError
 
-__all__ = ["DATAMODULES", "TensorDataModule", "build_datamodule", "example_batch"]
+__all__ = ["DATAMODULES", "TensorDataModule", "build_datamodule", "example_batch", "training_inputs"]
 
 
 def build_datamodule(cfg: dict[str, Any] | Any, seed: int = 0, key: str = "data") -> TensorDataModule:
@@ -26,6 +28,15 @@ def build_datamodule(cfg: dict[str, Any] | Any, seed: int = 0, key: str = "data"
     cfg = dict(cfg)
     cls = DATAMODULES.get(str(cfg.pop("name", "")), f"{key}.name")
     return cls(cls.make_config(cfg, key), seed=seed)
+
+
+def training_inputs(dm: Any, n: int) -> list[Tensor]:
+    """The inputs of the first ``n`` training batches, in the data module's own seeded order
+    (what int8 calibration runs on)."""
+    batches = [b[0] if isinstance(b, list | tuple) else b for b in itertools.islice(dm.train_dataloader(), n)]
+    if not batches:
+        raise UserError("data: the training data loader yielded no batches (to calibrate on)")
+    return batches
 
 
 def example_batch(dm: Any, n: int = 2) -> tuple[Tensor, Tensor]:

@@ -12,6 +12,7 @@ the aten level and prices every op on each profile (``profiles/*.yaml``, or a us
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ from compress.pruning.masks import deployed_copy
 
 __all__ = ["PROFILES", "HardwareProfile", "check_profiles", "load_profile", "profile_from_dict", "resolve_profile",
            "simulate", "simulate_model", "hardware_metrics", "trace_ops", "weight_infos", "hardware_notes",
-           "Simulation", "OpCost", "Trace", "WeightInfo", "LAYER_FIELDS"]
+           "Simulation", "OpCost", "Trace", "WeightInfo", "LAYER_FIELDS", "priced_at"]
 
 # Per-layer figures each profile adds to a report row (under row["hardware"][profile]).
 LAYER_FIELDS = ("time_us", "bound", "compute_us", "memory_us", "overhead_us", "flops", "dram_bytes", "chip_bytes",
@@ -55,15 +56,36 @@ def simulate_model(model: nn.Module, example: Tensor, profiles: Sequence[str | H
     return {p.name: simulate(trace, weights, p) for p in resolved}
 
 
+def priced_at(profile: HardwareProfile, precision: str) -> tuple[HardwareProfile, str | None]:
+    """The profile a model of ``precision`` (``fp32`` float, ``int8`` quantised) runs at, and a note.
+
+    A float model runs at the profile's float dtype (fp16 toolchains cast it); on an int8-only
+    profile it is priced as if quantised, with a note that it needs quantising. An int8 model runs
+    at int8 where the profile gives an int8 peak, else at the profile's dtype, with a note.
+    """
+    if precision == "int8":
+        if profile.dtype == "int8":
+            return profile, None
+        if profile.peak_gflops.int8 is not None:
+            return dataclasses.replace(profile, dtype="int8"), None
+        return profile, (f"{profile.name}: no int8 figure for this hardware: the int8 model is priced at "
+                         f"{profile.dtype}")
+    if profile.dtype == "int8":
+        return profile, (f"{profile.name}: runs int8 only: this {precision} model is priced as if quantised; add a "
+                         "quantize stage before deploying it there")
+    return profile, None
+
+
 def hardware_metrics(model: nn.Module, x1: Tensor, profiles: list[str], baseline: dict[str, Any] | None,
-                     deployed: nn.Module | None = None,
+                     deployed: nn.Module | None = None, precision: str = "fp32",
                      ) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Any]]], list[str]]:
     """Per-stage simulated figures: ``(metrics, per-layer rows by profile, notes)``.
 
     Metrics: ``sim_latency_ms``/``sim_speedup`` (the first profile) and, per profile P,
     ``sim_latency_ms/P``, ``sim_speedup/P`` (against ``baseline``, stage 0),
     ``sim_memory_bound_share/P``, ``sim_overhead_share/P`` and ``sim_bottlenecks/P`` (a list: in
-    report.json, left out of the CSV and wandb scalars).
+    report.json, left out of the CSV and wandb scalars). ``precision`` is the model's (``int8`` after
+    ``quantize``): each profile prices it there when it can (:func:`priced_at`).
     """
     resolved = [load_profile(p, f"hardware[{i}]") for i, p in enumerate(profiles)]
     deployed = (deployed if deployed is not None else deployed_copy(model)).eval()
@@ -75,6 +97,9 @@ def hardware_metrics(model: nn.Module, x1: Tensor, profiles: list[str], baseline
     base = baseline or {}
     for i, profile in enumerate(resolved):
         p = profile.name
+        profile, precision_note = priced_at(profile, precision)
+        if precision_note:
+            notes.append(precision_note)
         sim = simulate(trace, weights, profile)
         ms = sim.latency_ms
         base_ms = base.get(f"sim_latency_ms/{p}", ms if baseline is None else None)

@@ -63,15 +63,21 @@ class Context:
             return None
         return self.out_dir / "lightning" / f"stage-{self.stage_index if index is None else index}"
 
+    def _data(self, what: str) -> Any:
+        """The data package (its modules are Lightning classes, loaded when data is first used)."""
+        if self.datamodule is None:
+            raise UserError(f"this stage needs {what}: pass Context(datamodule=...)")
+        import compress.data  # Lightning loads with the data, not when a recipe is validated
+
+        return compress.data
+
     def example_inputs(self, batch_size: int = 2):
         """A batch of real inputs (for tracing graphs), from the data module's test split."""
-        from compress.data import (
-            example_batch,  # data modules are Lightning classes: loaded when data is used
-        )
+        return self._data("example inputs").example_batch(self.datamodule, batch_size)[0]
 
-        if self.datamodule is None:
-            raise UserError("this stage needs example inputs: pass Context(datamodule=...)")
-        return example_batch(self.datamodule, batch_size)[0]
+    def training_inputs(self, batches: int) -> list:
+        """The inputs of the first ``batches`` training batches (int8 calibration)."""
+        return self._data("training data").training_inputs(self.datamodule, batches)
 
     def finetune(self, model: nn.Module, cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
                  tag: str = "finetune") -> dict[str, float]:

@@ -16,7 +16,6 @@ Sensitivity: how far each layer's quantisation alone moves the logits on calibra
 from __future__ import annotations
 
 import copy
-import itertools
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,10 +90,8 @@ class QuantizeStage(Stage):
     def apply(self, model: nn.Module, ctx: Context | None = None) -> StageResult:
         ctx = ctx or Context()
         c = self.config
-        if ctx.datamodule is None:
-            raise UserError(f"{self.key}: quantisation calibrates on data: pass Context(datamodule=...)")
         self.plan(model)  # refuses before touching the model
-        batches = calibration_batches(ctx.datamodule, c.calibration_batches)
+        batches = ctx.training_inputs(c.calibration_batches)
         reference = copy.deepcopy(model).eval() if c.max_accuracy_drop is not None else None
         if c.mode == "ptq":
             quantize_ptq(model, batches, ignore=list(c.ignore), bits=c.bits)
@@ -111,14 +108,6 @@ class QuantizeStage(Stage):
         info["float_layers"] = [n for n, m in model.named_modules()
                                 if isinstance(m, QUANTIZABLE) and n not in quantized_layers(model)]
         return StageResult(model, info)
-
-
-def calibration_batches(datamodule: Any, n: int) -> list[Tensor]:
-    """The inputs of the first ``n`` training batches (the data module's own seeded order)."""
-    batches = [b[0] if isinstance(b, list | tuple) else b for b in itertools.islice(datamodule.train_dataloader(), n)]
-    if not batches:
-        raise UserError("quantize: the training data loader yielded no batches to calibrate on")
-    return batches
 
 
 @torch.no_grad()

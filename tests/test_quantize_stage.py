@@ -1,0 +1,180 @@
+"""The ``quantize`` stage in a pipeline: int8 after pruning, runtime metrics, export, resume, bad input."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from compress.checkpoint import load_model, read_checkpoint
+from compress.errors import UserError
+from compress.pipeline import Pipeline
+from compress.quant import is_quantized, quantized_layers
+from compress.recipe import load_recipe
+from compress.stages import Context, QuantizeStage
+from tests.conftest import ROOT, make_digits_model, quick_recipe
+
+pytest.importorskip("onnxruntime")
+
+
+def int8_recipe(tmp_path, mode="ptq", **over):
+    quantize = {"type": "quantize", "mode": mode, "calibration_batches": 4}
+    if mode == "qat":
+        quantize["finetune"] = {"epochs": 1, "optimizer": {"lr": 0.005}, "distill": {"teacher": "self", "T": 4.0}}
+    stages = [{"type": "train", "epochs": 3, "optimizer": {"lr": 0.05}},
+              {"type": "prune.unstructured", "sparsity": 0.5, "finetune": {"epochs": 1, "optimizer": {"lr": 0.01}}},
+              quantize]
+    return quick_recipe(tmp_path, stages=stages, eval={"latency_repeats": 3, "latency_warmup": 1,
+                                                       "runtimes": ["onnxruntime"]}, **over)
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("qat")
+    records = Pipeline(load_recipe(int8_recipe(tmp, "qat", hardware=["cpu-local", "tpu-v1"])), quiet=True).run()
+    return tmp / "run", records
+
+
+def test_runtime_keys_in_every_stage_and_int8_after_quantize(qat_run):
+    out, records = qat_run
+    report = json.loads((out / "report.json").read_text())
+    for s in report["stages"]:
+        m = s["metrics"]
+        for key in ("runtime_latency_ms", "runtime_latency_ms_batch", "runtime_speedup", "runtime_speedup_batch",
+                    "runtime_accuracy"):
+            assert f"{key}/onnxruntime" in m, (s["name"], key)
+        assert m["runtime_latency_ms/onnxruntime"] > 0 and 0 <= m["runtime_accuracy/onnxruntime"] <= 1
+    float_stage, int8_stage = report["stages"][2]["metrics"], report["stages"][3]["metrics"]
+    assert float_stage["precision"] == "fp32" and int8_stage["precision"] == "int8"
+    # the runtime computes the same accuracy as PyTorch: equal for float, near for int8
+    assert float_stage["runtime_accuracy/onnxruntime"] == pytest.approx(float_stage["accuracy"], abs=1e-9)
+    assert abs(int8_stage["runtime_accuracy/onnxruntime"] - int8_stage["accuracy"]) <= 0.02
+    assert abs(int8_stage["accuracy"] - float_stage["accuracy"]) <= 0.03
+    # int8 weights: about a quarter of the float bytes, counted from the model
+    assert int8_stage["stored_bytes"] < 0.3 * int8_stage["dense_bytes"]
+    assert int8_stage["runtime_bytes/onnxruntime"] < 0.4 * float_stage["runtime_bytes/onnxruntime"]
+    # the simulator prices the int8 model at int8: an int8-only profile notes the float stages only
+    needs = [i for i, s in enumerate(report["stages"]) if any("runs int8 only" in n for n in s.get("notes", []))]
+    assert needs == [0, 1, 2]
+
+
+def test_quantized_checkpoint_reloads_bit_identical_in_a_fresh_process(qat_run):
+    out, _ = qat_run
+    ckpt = out / "stage-3-quantize.ckpt"
+    assert read_checkpoint(ckpt)["quantization"]["layers"] == ["features.0", "features.2", "fc_out"]
+    model = load_model(ckpt)
+    assert is_quantized(model)
+    x = torch.randn(8, 1, 8, 8)
+    expected = model(x)
+    torch.save(x, out / "x.pt")
+    code = ("import torch, sys; from compress.checkpoint import load_model; "
+            f"m = load_model(r'{ckpt}'); x = torch.load(r'{out / 'x.pt'}', weights_only=True); "
+            f"torch.save(m(x), r'{out / 'y.pt'}')")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    assert torch.equal(torch.load(out / "y.pt", weights_only=True), expected)
+
+
+def test_export_onnx_writes_an_int8_graph_that_runs(qat_run):
+    onnx = pytest.importorskip("onnx")
+    out, _ = qat_run
+    from compress.cli import main
+
+    assert main(["export", str(out), "--format", "onnx"]) == 0
+    assert main(["export", str(out), "--format", "onnx", "--stage", "2", "--out", str(out / "fp32.onnx")]) == 0
+    graph = onnx.load(str(out / "model.onnx")).graph
+    int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert int8 and any(n.op_type == "QuantizeLinear" for n in graph.node)
+    assert not any(i.data_type == onnx.TensorProto.INT8 for i in onnx.load(str(out / "fp32.onnx")).graph.initializer)
+    assert (out / "model.onnx").stat().st_size < 0.4 * (out / "fp32.onnx").stat().st_size
+
+
+def test_ptq_from_python_keeps_accuracy_and_refuses_a_second_time(trained):
+    model = copy.deepcopy(trained["cnn"])
+    from compress.data import build_datamodule
+
+    dm = build_datamodule({"name": "digits", "batch_size": 64})
+    dm.setup()
+    ctx = Context(dm)
+    x, y = dm.test_tensors
+    before = (model(x).argmax(1) == y).float().mean()
+    result = QuantizeStage(calibration_batches=4, ignore=["fc"]).apply(model, ctx)
+    assert set(quantized_layers(model)) == {"conv1", "conv2"} and result.info["float_layers"] == ["fc"]
+    after = (model.eval()(x).argmax(1) == y).float().mean()
+    assert after >= before - 0.02
+    with pytest.raises(UserError, match="already quantised"):
+        QuantizeStage().apply(model, ctx)
+
+
+def test_accuracy_control_puts_layers_back_to_float_until_within_the_drop(trained):
+    from compress.data import build_datamodule
+
+    dm = build_datamodule({"name": "digits", "batch_size": 64})
+    dm.setup()
+    model = make_digits_model("cnn")
+    model.load_state_dict(trained["cnn"].state_dict())
+    # a negative-free but impossible bound (0): every layer but one goes back, most sensitive first
+    info = QuantizeStage(calibration_batches=2, max_accuracy_drop=0.0).apply(model, Context(dm)).info
+    control = info["accuracy_control"]
+    steps = control["steps"]
+    assert steps[0]["float_layers"] == []
+    assert control["met"] == (control["float_runtime_accuracy"] - steps[-1]["runtime_accuracy"] <= 0)
+    if len(steps) > 1:
+        assert set(info["float_layers"]) == set(steps[-1]["float_layers"])
+        assert len(quantized_layers(model)) == 3 - len(info["float_layers"])
+
+
+@pytest.mark.parametrize("stages, match", [
+    ([{"type": "quantize"}, {"type": "prune.structured", "ratio": 0.5}], r"stages\[1\]\.type: 'prune.structured' after 'quantize'"),
+    ([{"type": "share", "bits": 4}, {"type": "quantize"}], r"stages\[1\]\.type: 'quantize' after 'share'"),
+    ([{"type": "quantize", "bits": 4}], r"stages\[0\]\.bits: 4 is not supported"),
+    ([{"type": "quantize", "mode": "qat"}], r"stages\[0\]\.finetune\.epochs: 0; mode qat"),
+    ([{"type": "quantize", "mode": "qta"}], r"stages\[0\]\.mode: 'qta' is not valid.*did you mean 'qat'"),
+])
+def test_bad_quantize_recipes_are_refused_before_any_work(tmp_path, stages, match):
+    with pytest.raises(UserError, match=match):
+        load_recipe(quick_recipe(tmp_path, stages=stages))
+
+
+def test_unknown_runtime_is_one_line_exit_2(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: lenet300}\ndata: {name: digits}\neval: {runtimes: [onnxruntim]}\n")
+    proc = subprocess.run([sys.executable, "run.py", str(recipe)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == ("error: eval.runtimes[0]: unknown runtime 'onnxruntim'; valid: onnxruntime "
+                                   "(did you mean 'onnxruntime'?)")
+
+
+def test_missing_onnxruntime_is_one_line_naming_the_fix(monkeypatch):
+    import importlib.util
+
+    from compress.runtime import check_runtimes
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(UserError, match=r"eval.runtimes\[0\]: onnxruntime needs the 'onnxruntime' package; pip install"):
+        check_runtimes(["onnxruntime"])
+
+
+def test_qat_killed_mid_stage_resumes_to_the_same_report(tmp_path):
+    import yaml
+
+    from tests.test_resume import cli, comparable
+
+    recipe = int8_recipe(tmp_path, "qat")
+    recipe["eval"]["runtimes"] = []
+    recipe["stages"][2]["finetune"]["epochs"] = 2
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    reference = cli(str(path), "out_dir=" + str(tmp_path / "ref"), "--quiet")
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "run"
+    killed = cli(str(path), "--quiet", env={"COMPRESS_KILL_AT": "3:1:3"})  # quantize stage, epoch 1, batch 3
+    assert killed.returncode == -9
+    assert (out / "lightning" / "stage-3" / "fit-1" / "last.ckpt").is_file()
+    assert not (out / "stage-3-quantize.ckpt").exists()
+    resumed = cli("resume", str(out), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    got, want = (json.loads((d / "report.json").read_text()) for d in (out, tmp_path / "ref"))
+    assert comparable(got) == comparable(want)
