@@ -85,15 +85,15 @@ def terminal_columns(record: dict[str, Any], width: int = 120, name_header: str 
     """Columns for a terminal table that fits ``width``, read from the first record's metric keys.
 
     Speedups are the point of the table (MACs, measured, each simulated profile, each runtime);
-    what does not fit is left out, most dispensable first (wall time, latency, then the last
-    simulated profiles), and named in the second value: the reports hold every column.
+    what does not fit is left out, most dispensable first (wall time, latency, then simulated
+    profiles but the first), and named in the second value: the reports hold every column. Last,
+    the name column shrinks (to 12).
 
     Args:
         record: the first record (stage 0 already carries every profile's and runtime's keys).
         width: the widest a printed line may be.
         name_header: header of the name column (``stage``, or ``run`` for compare).
-        name_width: width of the name column (the longest stage name); it shrinks to 12 when
-            dropping the dispensable columns is not enough.
+        name_width: width of the name column (the longest stage name).
 
     Returns:
         ``(columns, left_out)``: the columns to print and the headers of those left out.
@@ -120,12 +120,11 @@ def terminal_columns(record: dict[str, Any], width: int = 120, name_header: str 
             left_out.extend(c.header for c in cols if c.key == key)
             cols = [c for c in cols if c.key != key]
 
-    drop("wall_s")
-    drop("measured_latency_ms")
+    for key in ["wall_s", "measured_latency_ms"] + [c.key for c in reversed(cols)
+                                                     if c.key.startswith("sim_speedup/")][:-1]:
+        drop(key)
     name = cols[1]
     name.width = min(name.width, max(12, len(name_header), name.width - (line_width() - width)))
-    for key in [c.key for c in reversed(cols) if c.key.startswith("sim_speedup/")][:-1]:
-        drop(key)
     return cols, left_out
 
 

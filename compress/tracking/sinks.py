@@ -79,7 +79,8 @@ class TerminalSink(Sink):
         if len(lines) > self.max_notes:
             self._print(f"  ({len(lines) - self.max_notes} more notes in report.md)")
         if self.left_out:
-            self._print(f"not shown: {', '.join(self.left_out)}; every column is in report.md and report.html")
+            self._print(textwrap.fill(f"not shown: {', '.join(self.left_out)}; every column is in report.md and "
+                                      "report.html", self.width, subsequent_indent="  "))
 
 
 class ReportSink(Sink):
