@@ -100,5 +100,5 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path, force: bool = Fals
     table = TextTable(columns)
     lines = [table.header()] + [table.row(r) for r in finals]
     if left_out:
-        lines.append(f"  ({', '.join(left_out)}, and more: {out})")
+        lines.append(f"not shown: {', '.join(left_out)}; every final metric is in {out}")
     return "\n".join(lines)

@@ -114,27 +114,27 @@ def stage_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
     def metric(key: str, scale: float = 1.0) -> list[float | None]:
         return [r["metrics"][key] * scale if _number(r["metrics"].get(key)) else None for r in records]
 
-    fig = _figure("Accuracy per stage", "stage", "accuracy %")
+    fig = _figure("Accuracy per stage", "", "accuracy %")
     for k in series_keys(records, _is_accuracy):
         fig.add_trace(go.Scatter(x=x, y=metric(k, 100), name=series_label(k), mode="lines+markers+text",
                                  text=[f"{v:.2f}" if v is not None else "" for v in metric(k, 100)],
                                  textposition="top center", cliponaxis=False))
     figs["accuracy"] = fig
 
-    fig = _figure("Stored size per stage", "stage", "KB")
+    fig = _figure("Stored size per stage", "", "KB")
     fig.add_trace(go.Bar(x=x, y=metric("stored_bytes", 1 / 1024), name="stored (compressed)",
                          text=[f"{v:.1f}" if v is not None else "" for v in metric("stored_bytes", 1 / 1024)]))
     if any(v is not None for v in metric("dense_bytes")):
         fig.add_trace(go.Scatter(x=x, y=metric("dense_bytes", 1 / 1024), name="dense fp32", mode="lines+markers"))
     figs["size"] = fig
 
-    fig = _figure("Compression ratio per stage", "stage", "dense bytes / stored bytes")
+    fig = _figure("Compression ratio per stage", "", "dense bytes / stored bytes")
     ratio = metric("compression_ratio")
     fig.add_trace(go.Bar(x=x, y=ratio, name="compression ratio",
                          text=[f"{v:.1f}x" if v is not None else "" for v in ratio]))
     figs["compression"] = fig
 
-    fig = _figure("Speedups per stage (MACs, measured, simulated, runtimes)", "stage", "speedup over stage 0 (x)",
+    fig = _figure("Speedups per stage (MACs, measured, simulated, runtimes)", "", "speedup over stage 0 (x)",
                   barmode="group")
     values: list[float] = []
     for k in series_keys(records, _is_speedup):
@@ -145,7 +145,7 @@ def stage_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
     _log_if_wide(fig, values)
     figs["speedups"] = fig
 
-    fig = _figure("Latency per stage (measured, simulated, runtimes)", "stage", "ms per sample")
+    fig = _figure("Latency per stage (measured, simulated, runtimes)", "", "ms per sample")
     values = []
     for k in series_keys(records, _is_latency):
         y = metric(k)
