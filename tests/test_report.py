@@ -119,9 +119,10 @@ def test_charts_pick_up_runtime_and_spread_keys_generically(runs):
 def test_wandb_offline_run_holds_the_report_charts(runs):
     tmp, _, _ = runs
     (run,) = (tmp / "sparse50" / "wandb").glob("offline-run-*")
-    charts = {p.name.split("_")[0] for p in (run / "files" / "media" / "plotly" / "report").iterdir()}
-    assert {"accuracy", "size", "compression", "speedups", "latency", "layer"} <= charts | {"layer"}
-    assert any(p.name.startswith("layer_latency") for p in (run / "files" / "media" / "plotly" / "report").iterdir())
+    files = [p.name for p in (run / "files" / "media" / "plotly" / "report").iterdir()]
+    charts = {re.sub(r"_\d+_[0-9a-f]+\.plotly\.json$", "", name) for name in files}  # <chart>_<step>_<hash>
+    assert charts == {"accuracy", "size", "compression", "speedups", "latency", "layer_sparsity", "layer_kept",
+                      "layer_bits", "layer_latency"}, files
     logged = json.loads(next((run / "files" / "media" / "plotly" / "report").glob("speedups*.json")).read_text())
     assert any(trace.get("name") == "sim jetson-tx2" for trace in logged["data"])
 
