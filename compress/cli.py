@@ -17,7 +17,8 @@ USAGE = """python run.py RECIPE.yaml [key=value ...] [--dry-run] [--overwrite | 
        python run.py resume RUN_DIR
        python run.py teacher NAME [key=value ...]
        python run.py export RUN_DIR --format deep|onnx [--out FILE] [--stage K]
-       python run.py sensitivity RECIPE.yaml [key=value ...] [--from CKPT] [--max-drop 0.01]"""
+       python run.py sensitivity RECIPE.yaml [key=value ...] [--from CKPT] [--max-drop 0.01]
+       python run.py compare RUN_DIR... [--out compare.html] [--force]"""
 
 
 def _run(argv: Sequence[str]) -> int:
@@ -51,7 +52,7 @@ def _run(argv: Sequence[str]) -> int:
                 print(f"       {line}")
         return 0
     pipeline.run()
-    print(f"report: {pipeline.out_dir / 'report.json'}")
+    print(f"report: {pipeline.out_dir / 'report.html'} (and report.json, report.md)")
     return 0
 
 
@@ -192,6 +193,20 @@ def _export_onnx(model, data: dict, source: str, out) -> int:
     return 0
 
 
+def _compare(argv: Sequence[str]) -> int:
+    """``compare RUN_DIR...``: runs side by side in compare.html (Pareto charts, final metrics)."""
+    p = argparse.ArgumentParser(prog="run.py compare", description=_compare.__doc__)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="compare.html", help="the HTML file to write (default: compare.html)")
+    p.add_argument("--force", action="store_true", help="compare runs of different models or data sets")
+    args = p.parse_args(list(argv))
+    from compress.report.compare import compare_runs
+
+    print(compare_runs(args.run_dirs, args.out, force=args.force))
+    print(f"compare: {args.out}")
+    return 0
+
+
 def _teacher(argv: Sequence[str]) -> int:
     """``teacher NAME``: train a named teacher (teachers/NAME.yaml) by its recipe and record it."""
     p = argparse.ArgumentParser(prog="run.py teacher", description=_teacher.__doc__)
@@ -213,7 +228,8 @@ def _teacher(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"resume": _resume, "teacher": _teacher, "sensitivity": _sensitivity, "export": _export}
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "resume": _resume, "teacher": _teacher, "sensitivity": _sensitivity, "export": _export, "compare": _compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

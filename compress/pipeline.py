@@ -32,7 +32,7 @@ from compress.quant import float_copy, int8_storage_bytes, is_quantized
 from compress.recipe import Recipe
 from compress.runtime import RUNTIMES, ort_accuracy
 from compress.stages.base import Context, Stage
-from compress.tracking import CSVSink, ReportSink, Sink, TerminalSink, WandbSink
+from compress.tracking import CSVSink, HtmlSink, ReportSink, Sink, TerminalSink, WandbSink
 
 __all__ = ["Pipeline", "measure", "model_spec"]
 
@@ -261,9 +261,10 @@ class Pipeline:
         from pytorch_lightning.loggers import CSVLogger
 
         ctx.loggers.append(CSVLogger(str(self.out_dir), name="curves", version=""))
-        self.sinks = [ReportSink(self.out_dir, recipe), CSVSink(self.out_dir)]
+        self.sinks = [ReportSink(self.out_dir, recipe), HtmlSink(self.out_dir, recipe), CSVSink(self.out_dir)]
         if not self.quiet:
-            self.sinks.insert(0, TerminalSink())
+            names = ["input"] + [s.name for s in self.recipe.stages]
+            self.sinks.insert(0, TerminalSink(name_width=max(len(n) for n in names)))
         if cfg.logger.wandb.mode != "disabled":
             import wandb
             from pytorch_lightning.loggers import WandbLogger

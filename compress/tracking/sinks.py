@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from compress.files import atomic_write
+from compress.report.html import report_page, run_figures
+from compress.report.notes import notes_lines
+from compress.report.table import TABLE_COLUMNS, TextTable, table_columns, table_rows, terminal_columns
 
-__all__ = ["Sink", "TerminalSink", "ReportSink", "CSVSink", "WandbSink", "flatten", "TABLE_COLUMNS", "table_columns"]
-
-# (header, metric key, format) of the terminal and Markdown tables.
-TABLE_COLUMNS = [
-    ("#", "index", "{}"), ("stage", "name", "{}"), ("acc %", "accuracy", "{:.2f}"), ("loss", "loss", "{:.4f}"),
-    ("sparsity %", "sparsity", "{:.1f}"), ("nonzero", "nonzero_params", "{:,}"), ("MACs", "effective_macs", "{:,}"),
-    ("stored KB", "stored_bytes", "{:.1f}"), ("ratio", "compression_ratio", "{:.1f}x"),
-    ("MAC speedup", "mac_speedup", "{:.2f}x"), ("measured", "measured_speedup", "{:.2f}x"),
-    ("sim", "sim_speedup", "{:.2f}x"), ("latency ms", "measured_latency_ms", "{:.3f}"), ("wall s", "wall_s", "{:.1f}"),
-]
+__all__ = ["Sink", "TerminalSink", "ReportSink", "HtmlSink", "CSVSink", "WandbSink", "flatten", "TABLE_COLUMNS",
+           "table_columns"]
 
 
 def flatten(d: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
@@ -37,39 +34,6 @@ def flatten(d: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, An
     return out
 
 
-def _cell(record: dict[str, Any], key: str, fmt: str) -> str:
-    if key in ("index", "name"):
-        return str(record[key])
-    value = record["metrics"].get(key)
-    if value is None:
-        return "-"
-    if key == "accuracy":
-        value *= 100
-    elif key == "sparsity":
-        value *= 100
-    elif key == "stored_bytes":
-        value /= 1024
-    return fmt.format(value)
-
-
-def table_columns(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """TABLE_COLUMNS plus a ``sim <profile>`` column for each simulated profile after the first
-    (``sim`` is the first profile's)."""
-    extra: list[str] = []
-    for r in records:
-        extra += [k.split("/", 1)[1] for k in r["metrics"] if k.startswith("sim_speedup/")
-                  and k.split("/", 1)[1] not in extra]
-    cols = list(TABLE_COLUMNS)
-    at = next(i for i, (_, key, _) in enumerate(cols) if key == "sim_speedup") + 1
-    cols[at:at] = [(f"sim {p}", f"sim_speedup/{p}", "{:.2f}x") for p in extra[1:]]
-    return cols
-
-
-def table_rows(records: list[dict[str, Any]], columns: list[tuple[str, str, str]] | None = None) -> list[list[str]]:
-    columns = columns or TABLE_COLUMNS
-    return [[_cell(r, key, fmt) for _, key, fmt in columns] for r in records]
-
-
 class Sink:
     def on_stage(self, record: dict[str, Any], records: list[dict[str, Any]]) -> None: ...
 
@@ -77,31 +41,46 @@ class Sink:
 
 
 class TerminalSink(Sink):
-    """A rich table of every stage so far, printed after each stage."""
+    """A table that grows by one line per stage, at most ``width`` columns; the notes once, at the end.
 
-    def __init__(self, max_notes: int = 12) -> None:
-        from rich.console import Console
+    The header is printed with the first record (stage 0 holds every profile's and runtime's
+    keys); a resumed run prints the finished stages' rows first. Columns that do not fit are
+    named once; every column is in report.md and report.html.
+    """
 
+    def __init__(self, width: int = 120, name_width: int = 20, max_notes: int = 12, file: TextIO | None = None):
+        self.width = width
+        self.name_width = name_width
         self.max_notes = max_notes
-        console = Console()
-        # Not a terminal (CI, a log file): wide enough that the table is not squeezed.
-        self.console = console if console.is_terminal else Console(width=200)
+        self.file = file
+        self.table: TextTable | None = None
+        self.left_out: list[str] = []
+        self.printed = 0
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.file or sys.stdout, flush=True)
 
     def on_stage(self, record: dict[str, Any], records: list[dict[str, Any]]) -> None:
-        from rich.table import Table
+        if self.table is None:
+            columns, left_out = terminal_columns(records[0], self.width, name_width=self.name_width)
+            self.table = TextTable(columns)
+            self._print(self.table.header())
+            self.left_out = left_out
+        for r in records[self.printed:]:
+            self._print(self.table.row(r))
+        self.printed = len(records)
 
-        table = Table(title=f"after stage {record['index']}: {record['name']}", title_justify="left")
-        columns = table_columns(records)
-        for header, _, _ in columns:
-            table.add_column(header, justify="left" if header == "stage" else "right")
-        for row in table_rows(records, columns):
-            table.add_row(*row)
-        self.console.print(table)
-        notes = record.get("notes", [])
-        for note in notes[:self.max_notes]:
-            self.console.print(f"  note: {note}", highlight=False, soft_wrap=True)
-        if len(notes) > self.max_notes:
-            self.console.print(f"  ({len(notes) - self.max_notes} more notes in report.json)")
+    def close(self, records: list[dict[str, Any]], final_checkpoint: Path | None = None) -> None:
+        lines = notes_lines(records)
+        if lines:
+            self._print("notes:")
+        for line in lines[:self.max_notes]:
+            self._print(textwrap.fill(line, self.width, initial_indent="  ", subsequent_indent="    "))
+        if len(lines) > self.max_notes:
+            self._print(f"  ({len(lines) - self.max_notes} more notes in report.md)")
+        if self.left_out:
+            self._print(textwrap.fill(f"not shown: {', '.join(self.left_out)}; every column is in report.md and "
+                                      "report.html", self.width, subsequent_indent="  "))
 
 
 class ReportSink(Sink):
@@ -120,10 +99,24 @@ class ReportSink(Sink):
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in table_rows(records, columns)]
         md = f"# {self.recipe.get('name', 'run')}\n\n" + "\n".join(lines) + "\n"
-        notes = [f"- stage {r['index']} ({r['name']}): {n}" for r in records for n in r.get("notes", [])]
+        notes = [f"- {line}" for line in notes_lines(records)]
         if notes:
             md += "\n## Notes\n\n" + "\n".join(notes) + "\n"
         atomic_write(self.out_dir / "report.md", lambda tmp: Path(tmp).write_text(md))
+
+
+class HtmlSink(Sink):
+    """``report.html``, rewritten after each stage: charts, notes and recipe in one file that opens offline."""
+
+    def __init__(self, out_dir: Path, recipe: dict[str, Any]):
+        self.path = out_dir / "report.html"
+        self.recipe = recipe
+        recipe_file = out_dir / "recipe.yaml"
+        self.recipe_yaml = recipe_file.read_text() if recipe_file.is_file() else None
+
+    def on_stage(self, record: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        page = report_page(records, self.recipe, self.recipe_yaml)
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
 
 
 class CSVSink(Sink):
@@ -148,11 +141,13 @@ class CSVSink(Sink):
 
 
 class WandbSink(Sink):
-    """Per-stage metrics against the stage index, per-layer tables, the final model as an artifact."""
+    """Per-stage metrics against the stage index, per-layer tables, report.html's charts (``report/<chart>``,
+    as wandb plotly panels), the final model as an artifact."""
 
-    def __init__(self, run: Any, log_model: bool = True):
+    def __init__(self, run: Any, log_model: bool = True, charts: bool = True):
         self.run = run
         self.log_model = log_model
+        self.charts = charts
         run.define_metric("stage/index")
         run.define_metric("stage/*", step_metric="stage/index")
 
@@ -168,6 +163,8 @@ class WandbSink(Sink):
                 columns += [c for c in row if c not in columns]
             payload[f"layers/{record['index']}-{record['name']}"] = wandb.Table(
                 columns=columns, data=[[row.get(c) for c in columns] for row in layers])
+        if self.charts:  # the figures of report.html, so the dashboard shows what the page shows
+            payload.update({f"report/{name}": wandb.Plotly(fig) for name, fig in run_figures(records).items()})
         self.run.log(payload)
         self.run.summary[f"{record['name']}/accuracy"] = record["metrics"].get("accuracy")
 
