@@ -26,7 +26,7 @@ from compress.errors import UserError
 from compress.files import atomic_write
 from compress.hardware import hardware_metrics
 from compress.metrics import compare_latency, count_layers, evaluate_accuracy, summarize, thread_env
-from compress.models import build_model
+from compress.models import build_model, model_kwargs
 from compress.pruning.masks import deployed_copy
 from compress.quant import float_copy, int8_storage_bytes, is_quantized
 from compress.recipe import Recipe
@@ -42,8 +42,7 @@ NOT_COMPRESSION = ("train", "evaluate")
 def model_spec(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
     """What rebuilds the architecture: the zoo name and every constructor argument."""
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("name", "checkpoint")}
-    kwargs.setdefault("input_shape", list(input_shape))
-    kwargs.setdefault("num_classes", num_classes)
+    kwargs = model_kwargs(str(cfg.name), kwargs, input_shape=input_shape, num_classes=num_classes)
     return {"name": str(cfg.name), "kwargs": kwargs}
 
 
@@ -75,7 +74,8 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     deployed = (float_copy(model) if quantized else deployed_copy(model)).eval()
     storage = model_storage(model, index_bits, deployed)
     metrics["stored_bytes"] = int8_storage_bytes(model) if quantized else storage["total"]["compressed_bytes"]
-    metrics["compression_ratio"] = metrics["dense_bytes"] / max(1, metrics["stored_bytes"])
+    # Deep Compression's ratio: against the network the user brought (stage 0), not this stage's dense size
+    metrics["compression_ratio"] = (baseline or metrics)["dense_bytes"] / max(1, metrics["stored_bytes"])
     metrics["compressed_bytes"] = metrics["stored_bytes"]
     metrics["precision"] = "int8" if quantized else "fp32"
     batch = latency_batch or datamodule.config.batch_size

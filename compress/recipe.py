@@ -6,6 +6,7 @@ Every problem becomes one :class:`UserError` line naming the key path and what w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,11 @@ def load_recipe(source: str | Path | dict[str, Any] | DictConfig, overrides: lis
         raw = _read_yaml(path)
     else:
         raw = OmegaConf.create(source)
+    if not raw:
+        raise UserError(f"{path or 'recipe'}: the recipe is empty; give at least model, data and stages "
+                        "(recipes/quickstart.yaml is a complete example)")
     apply_overrides(raw, list(overrides))
+    _check_lists(raw, RecipeConfig)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(RecipeConfig), raw)
     except OmegaConfBaseException as e:
@@ -235,6 +240,25 @@ def load_recipe(source: str | Path | dict[str, Any] | DictConfig, overrides: lis
     recipe = Recipe(cfg, path)  # every stage block checked before the data sets load (they bring Lightning)
     _validate_data(cfg)
     return recipe
+
+
+def _check_lists(raw: DictConfig, schema: type, prefix: str = "") -> None:
+    """A mapping or a scalar where the schema wants a list (``stages: {train: ...}``) is one line, not
+    OmegaConf's TypeError without a key."""
+    for f in dataclasses.fields(schema):
+        try:
+            value = raw.get(f.name) if isinstance(raw, DictConfig) else None
+        except OmegaConfBaseException:  # an interpolation that does not resolve: reported with its key later
+            continue
+        key = f"{prefix}{f.name}"
+        if value is None:
+            continue
+        if dataclasses.is_dataclass(f.default_factory() if callable(f.default_factory) else None):
+            _check_lists(value, type(f.default_factory()), f"{key}.")
+        elif str(f.type).startswith("list") and not isinstance(value, ListConfig):
+            example = "- {type: train, epochs: 10}" if f.name == "stages" else "[a, b]"
+            raise UserError(f"{key}: expected a list (YAML items like {example}), got "
+                            f"{'a mapping' if isinstance(value, DictConfig) else repr(value)}")
 
 
 def _validate_top(cfg: DictConfig) -> None:

@@ -131,3 +131,20 @@ def quick_recipe(tmp_path: Path, **over) -> dict:
     }
     recipe.update(over)
     return recipe
+
+
+class FactoryNet(nn.Module):
+    """A model built by a torchvision/timm-style factory: knows ``num_classes`` but not ``input_shape``."""
+
+    def __init__(self, width: int = 16, num_classes: int = 1000):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU())  # (B, 64): digits 8x8
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def factory_net(**kwargs) -> nn.Module:
+    """``torchvision.models.resnet18(**kwargs)``'s shape: every argument forwarded to the class."""
+    return FactoryNet(**kwargs)

@@ -118,3 +118,18 @@ def test_dry_run_prints_plan_and_trains_nothing(tmp_path, capsys):
     assert code == 0
     assert "plan:" in out and "features.0 -> 0.50" in out and "fc_out -> 0.80" in out
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("stages:\n  train: {epochs: 1}\n", "error: stages: expected a list (YAML items like - {type: train, epochs: 10}), got a mapping"),
+    ("", "error: {path}: the recipe is empty; give at least model, data and stages (recipes/quickstart.yaml is a complete example)"),
+    ("# comments only\n", "error: {path}: the recipe is empty; give at least model, data and stages (recipes/quickstart.yaml is a complete example)"),
+    ("model: {name: lenet300}\ndata: {name: digits}\nhardware: cpu-local\n", "error: hardware: expected a list (YAML items like [a, b]), got 'cpu-local'"),
+])
+def test_recipes_of_the_wrong_shape_are_one_line_exit_2(tmp_path, text, expected):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), str(path)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == expected.replace("{path}", str(path))
+    assert not (tmp_path / "runs").exists()

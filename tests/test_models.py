@@ -27,3 +27,27 @@ def test_import_form_and_errors():
         build_model("resnet65")
     with pytest.raises(UserError, match="cannot import module 'nope.mod'"):
         build_model("import:nope.mod:X")
+
+
+def test_a_factory_taking_kwargs_gets_only_what_the_recipe_names(tmp_path):
+    """torchvision/timm factories forward **kwargs to a class that does not know input_shape."""
+    from compress.checkpoint import load_model
+    from compress.pipeline import Pipeline
+    from compress.recipe import load_recipe
+    from tests.conftest import quick_recipe
+
+    recipe = quick_recipe(tmp_path, model={"name": "import:tests.conftest:factory_net", "num_classes": 10, "width": 12},
+                          stages=[{"type": "train", "epochs": 4}])
+    pipeline = Pipeline(load_recipe(recipe), quiet=True)
+    records = pipeline.run()
+    assert pipeline.spec["kwargs"] == {"num_classes": 10, "width": 12}  # no input_shape: the factory never names it
+    assert records[-1]["metrics"]["accuracy"] > 0.5
+    model = load_model(tmp_path / "run" / "stage-1-train.ckpt")
+    assert model.head.out_features == 10 and model.body[1].out_features == 12
+
+
+def test_zoo_models_get_input_shape_and_num_classes_from_the_data():
+    from compress.models import model_kwargs
+
+    assert model_kwargs("lenet5", {}, input_shape=(1, 8, 8), num_classes=10) == {"input_shape": [1, 8, 8], "num_classes": 10}
+    assert model_kwargs("import:tests.conftest:factory_net", {}, input_shape=(1, 8, 8), num_classes=10) == {}

@@ -164,16 +164,17 @@ def test_qat_killed_mid_stage_resumes_to_the_same_report(tmp_path):
 
     recipe = int8_recipe(tmp_path, "qat")
     recipe["eval"]["runtimes"] = []
-    recipe["stages"][2]["finetune"]["epochs"] = 2
+    recipe["stages"] = [{"type": "train", "epochs": 2, "optimizer": {"lr": 0.05}}, recipe["stages"][2]]
+    recipe["stages"][1]["finetune"]["epochs"] = 2
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     reference = cli(str(path), "out_dir=" + str(tmp_path / "ref"), "--quiet")
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "run"
-    killed = cli(str(path), "--quiet", env={"COMPRESS_KILL_AT": "3:1:3"})  # quantize stage, epoch 1, batch 3
+    killed = cli(str(path), "--quiet", env={"COMPRESS_KILL_AT": "2:1:3"})  # quantize stage, epoch 1, batch 3
     assert killed.returncode == -9
-    assert (out / "lightning" / "stage-3" / "fit-1" / "last.ckpt").is_file()
-    assert not (out / "stage-3-quantize.ckpt").exists()
+    assert (out / "lightning" / "stage-2" / "fit-1" / "last.ckpt").is_file()
+    assert not (out / "stage-2-quantize.ckpt").exists()
     resumed = cli("resume", str(out), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     got, want = (json.loads((d / "report.json").read_text()) for d in (out, tmp_path / "ref"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -16,7 +17,7 @@ from compress.errors import UserError
 from compress.models import lenet, mlp, mobilenet, resnet  # noqa: F401  (imported for their registrations)
 from compress.models._registry import MODELS
 
-__all__ = ["MODELS", "build_model", "model_class"]
+__all__ = ["MODELS", "build_model", "model_class", "model_kwargs"]
 
 
 def model_class(name: str, key: str = "model.name") -> type[nn.Module]:
@@ -36,20 +37,33 @@ def model_class(name: str, key: str = "model.name") -> type[nn.Module]:
     return MODELS.get(name, key)
 
 
-def build_model(name: str, *, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
-                key: str = "model", **kwargs: Any) -> nn.Module:
-    """Instantiate a model; ``input_shape``/``num_classes`` are passed where the constructor takes them."""
+def model_kwargs(name: str, kwargs: dict[str, Any] | None = None, *, input_shape: Sequence[int] | None = None,
+                 num_classes: int | None = None, key: str = "model") -> dict[str, Any]:
+    """The constructor arguments a model gets: ``kwargs`` plus ``input_shape``/``num_classes`` where the
+    constructor names them (never through ``**kwargs``: a torchvision or timm factory forwards those to
+    a class that does not know ``input_shape``)."""
+    kwargs = dict(kwargs or {})
+    params = inspect.signature(model_class(name, f"{key}.name")).parameters
+    for extra, value in (("input_shape", input_shape), ("num_classes", num_classes)):
+        if value is not None and extra not in kwargs and extra in params:
+            kwargs[extra] = list(value) if extra == "input_shape" else value
+    return kwargs
+
+
+def build_model(name: str, *, key: str = "model", **kwargs: Any) -> nn.Module:
+    """Instantiate a zoo model, a class or a factory (``import:pkg.module:fn``) with exactly ``kwargs``
+    (:func:`model_kwargs` adds ``input_shape``/``num_classes`` from the data where they belong)."""
     cls = model_class(name, f"{key}.name")
     params = inspect.signature(cls).parameters
+    if "input_shape" in kwargs and "input_shape" in params:
+        kwargs["input_shape"] = tuple(kwargs["input_shape"])
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for extra, value in (("input_shape", input_shape), ("num_classes", num_classes)):
-        if value is not None and extra not in kwargs and (extra in params or accepts_any):
-            kwargs[extra] = tuple(value) if extra == "input_shape" else value
     unknown = [k for k in kwargs if k not in params] if not accepts_any else []
     if unknown:
         valid = [p for p in params if p not in ("self", "args", "kwargs")]
-        raise UserError(f"{key}.{unknown[0]}: not an argument of {cls.__name__}; valid: {', '.join(valid)}")
+        raise UserError(f"{key}.{unknown[0]}: not an argument of {getattr(cls, '__name__', name)}; "
+                        f"valid: {', '.join(valid)}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{key}: cannot build {cls.__name__} ({e})") from None
+        raise UserError(f"{key}: cannot build {getattr(cls, '__name__', name)} ({e})") from None
