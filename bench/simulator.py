@@ -26,6 +26,7 @@ import copy
 import json
 import platform
 import statistics
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -33,11 +34,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.hardware import load_profile, simulate_model
+from compress.hardware import load_profile, priced_at, simulate_model
 from compress.metrics import compare_latency, count_layers, summarize
 from compress.models import build_model
 from compress.pruning.masks import deployed_copy, prunable_layers, set_mask
 from compress.pruning.structured import output_layers, prune_model
+from compress.quant import float_copy, quantize_ptq
+from compress.runtime import RUNTIMES
 
 # zoo name -> (constructor kwargs, input shape)
 MODELS = {
@@ -107,6 +110,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7, help="alternating timing rounds (median speedup kept)")
     p.add_argument("--repeats", type=int, default=3, help="timed samples per model in each round (the fastest kept)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--runtime", default=None, choices=["onnxruntime"],
+                   help="also time every variant (and int8 copies of dense and struct50) in this runtime and "
+                        "score cpu-local's simulation against it")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -138,8 +144,10 @@ def main() -> None:
                     row[f"sim_speedup/{prof.name}"] = sims[base][prof.name].latency_ms / sims[vname][prof.name].latency_ms
                 rows.append(row)
                 print_row(row)
+            if args.runtime:
+                rows += runtime_rows(args.runtime, deployed, xb, batch, profiles, args)
 
-    scored = [r for r in rows if not r["name"].endswith("/dense")]
+    scored = [r for r in rows if not r["name"].endswith("/dense") and "runtime" not in r]
     for r in scored:
         r["sim_error"] = abs(r["sim_speedup"] - r["measured_speedup"]) / r["measured_speedup"]
         r["mac_error"] = abs(r["mac_speedup"] - r["measured_speedup"]) / r["measured_speedup"]
@@ -166,6 +174,8 @@ def main() -> None:
     if unreliable:
         print(f"  timing unreliable for {len(unreliable)} rows ({', '.join(unreliable[:4])}...): "
               f"{next(r['unreliable'] for r in rows if r['unreliable'])}")
+    if args.runtime:
+        summary["runtime"] = runtime_summary(rows, args.runtime)
     checks = hardware_checks(rows)
     for line in checks["lines"]:
         print("  " + line)
@@ -184,15 +194,64 @@ def main() -> None:
         print(f"written: {args.out}")
 
 
+def runtime_rows(runtime: str, deployed: list, xb: torch.Tensor, batch: int, profiles: list, args) -> list[dict]:
+    """Every variant in ``runtime`` against the dense model there, plus int8 copies of dense and struct50;
+    cpu-local's simulation of each (at the variant's precision) beside the runtime's measured speedup."""
+    cpu = profiles[0]
+    x1 = deployed[0][3]
+    calibration = [torch.randn(8, *x1.shape[1:]) for _ in range(2)]
+    models = [(vname, m, "fp32") for vname, m, _, _ in deployed]
+    models += [(f"{vname}+int8", quantize_ptq(copy.deepcopy(m), calibration).eval(), "int8")
+               for vname, m, _, _ in deployed if vname.endswith(("/dense", "/struct50"))]
+    deploy = RUNTIMES.get(runtime)
+    a = xb.numpy()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {v: deploy(m, Path(tmp) / f"{i}.onnx", x1, calibration=calibration, threads=args.threads)
+                    for i, (v, m, _) in enumerate(models)}
+        dense_name = models[0][0]
+        base_sim = simulate_model(models[0][1], xb, [cpu])[cpu.name].latency_ms
+        for vname, m, precision in models:
+            t = compare_latency(partial(sessions[vname].run, a), partial(sessions[dense_name].run, a),
+                                rounds=args.rounds, repeats=args.repeats, warmup=3, threads=args.threads)
+            profile, _ = priced_at(cpu, precision)
+            sim = simulate_model(float_copy(m) if precision == "int8" else m, xb, [profile])[cpu.name].latency_ms
+            macs = summarize(float_copy(m), count_layers(float_copy(m), x1))
+            base_macs = summarize(models[0][1], count_layers(models[0][1], x1))["macs"]
+            rows.append({"name": f"{vname} [{runtime}]", "batch": batch, "runtime": runtime, "precision": precision,
+                         "mac_speedup": base_macs / max(1, macs["effective_macs"]), "sim_speedup": base_sim / sim,
+                         "measured_speedup": t.speedup, "measured_speedup_iqr": list(t.speedup_iqr),
+                         "round_spread": t.relative_spread, "unreliable": t.unreliable,
+                         "measured_ms": t.candidate_ms, "sim_ms": sim})
+            print_row(rows[-1])
+    return rows
+
+
+def runtime_summary(rows: list[dict], runtime: str) -> dict:
+    """cpu-local (calibrated on eager PyTorch) scored against the runtime, fp32 and int8 apart."""
+    out = {}
+    for precision in ("fp32", "int8"):
+        scored = [r for r in rows if r.get("runtime") == runtime and r["precision"] == precision
+                  and not r["name"].startswith(tuple(f"{m}/dense [" for m in MODELS))]
+        if not scored:
+            continue
+        sim = statistics.median(abs(r["sim_speedup"] - r["measured_speedup"]) / r["measured_speedup"] for r in scored)
+        mac = statistics.median(abs(r["mac_speedup"] - r["measured_speedup"]) / r["measured_speedup"] for r in scored)
+        out[precision] = {"variants": len(scored), "sim_median_abs_error": sim, "mac_median_abs_error": mac}
+        print(f"{runtime} {precision}, {len(scored)} variants: median |error| sim (cpu-local) {sim:.1%}, "
+              f"MAC ratio {mac:.1%}")
+    return out
+
+
 def hardware_checks(rows: list[dict]) -> dict:
     """The issue's other goals, on jetson-tx2: depthwise pruning and unstructured sparsity."""
     lines = []
-    dw = [r for r in rows if r["name"].startswith("mobilenetv2") and "/struct" in r["name"]]
+    dw = [r for r in rows if "runtime" not in r and r["name"].startswith("mobilenetv2") and "/struct" in r["name"]]
     dw_ok = all(r["sim_speedup/jetson-tx2"] < r["mac_speedup"] for r in dw)
     lines.append("jetson-tx2, depthwise-heavy MobileNetV2 pruned: sim " + ", ".join(
         f"{r['sim_speedup/jetson-tx2']:.2f}x vs MAC {r['mac_speedup']:.2f}x" for r in dw)
         + f" -> {'lower' if dw_ok else 'NOT lower'}")
-    sparse = [r for r in rows if "/sparse" in r["name"]]
+    sparse = [r for r in rows if "runtime" not in r and "/sparse" in r["name"]]
     no_support = ("jetson-tx2", "tpu-v1")
     flat = all(abs(r[f"sim_speedup/{p}"] - 1.0) < 1e-9 for r in sparse for p in no_support)
     lines.append(f"unstructured {SPARSITY:.0%} sparsity on profiles without sparse support "
