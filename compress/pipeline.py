@@ -20,7 +20,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
 from compress.checkpoint import load_into, read_checkpoint, save_checkpoint
-from compress.data import build_datamodule, example_batch, training_inputs
+from compress.data import build_datamodule, describe, example_batch, training_inputs
 from compress.encoding import model_storage
 from compress.errors import UserError
 from compress.files import atomic_write
@@ -78,7 +78,7 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     metrics["compression_ratio"] = (baseline or metrics)["dense_bytes"] / max(1, metrics["stored_bytes"])
     metrics["compressed_bytes"] = metrics["stored_bytes"]
     metrics["precision"] = "int8" if quantized else "fp32"
-    batch = latency_batch or datamodule.config.batch_size
+    batch = latency_batch or describe(datamodule)[2]
     xb = example_batch(datamodule, batch)[0]
     if threads < 1:
         raise UserError(f"eval.latency_threads: {threads} must be >= 1")
@@ -188,7 +188,12 @@ class Pipeline:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         dm = build_datamodule(cfg.data, seed=cfg.seed)
         dm.setup("fit")
-        self.spec = model_spec(cfg.model, dm.input_shape, dm.num_classes)
+        dm.setup("test")  # a user's LightningDataModule may build its test split only here
+        input_shape, num_classes, _ = describe(dm)
+        if num_classes is None and "num_classes" not in cfg.model:
+            raise UserError(f"model.num_classes: the data module {cfg.data.name} does not say how many classes it "
+                            "has (no num_classes attribute); set model.num_classes")
+        self.spec = model_spec(cfg.model, input_shape, num_classes)
         model = build_model(self.spec["name"], key="model", **self.spec["kwargs"])
         if cfg.model.get("checkpoint"):
             load_weights(model, Path(cfg.model.checkpoint))

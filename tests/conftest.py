@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -148,3 +149,26 @@ class FactoryNet(nn.Module):
 def factory_net(**kwargs) -> nn.Module:
     """``torchvision.models.resnet18(**kwargs)``'s shape: every argument forwarded to the class."""
     return FactoryNet(**kwargs)
+
+
+class ToyDataModule(pl.LightningDataModule):
+    """A user's own LightningDataModule (not registered): 2-D points in ``classes`` separable clusters,
+    served as (inputs, targets) batches by plain DataLoaders; it has no input_shape or batch config."""
+
+    def __init__(self, n: int = 512, classes: int = 3, batch_size: int = 32):
+        super().__init__()
+        self.n, self.num_classes, self.batch_size = n, classes, batch_size
+
+    def setup(self, stage: str | None = None) -> None:
+        g = torch.Generator().manual_seed(0)
+        centers = torch.randn(self.num_classes, 2, generator=g) * 4
+        y = torch.randint(0, self.num_classes, (self.n,), generator=g)
+        x = centers[y] + torch.randn(self.n, 2, generator=g) * 0.5
+        self.train_set = torch.utils.data.TensorDataset(x[: self.n // 2], y[: self.n // 2])
+        self.test_set = torch.utils.data.TensorDataset(x[self.n // 2:], y[self.n // 2:])
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def test_dataloader(self):
+        return torch.utils.data.DataLoader(self.test_set, batch_size=64)

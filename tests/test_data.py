@@ -93,3 +93,73 @@ def test_synthetic_is_learnable_shape():
 def test_real_mnist_checksummed_files(mnist_root):
     dm = build_datamodule({"name": "mnist", "root": str(mnist_root)})
     assert len(dm.train_tensors[0]) == 60000 and len(dm.test_tensors[0]) == 10000
+
+
+def test_a_users_lightning_datamodule_by_import_runs_a_recipe(tmp_path):
+    """Not registered, no input_shape, no config: metrics, latency and fine-tuning read its loaders."""
+    from compress.pipeline import Pipeline
+    from compress.recipe import load_recipe
+    from tests.conftest import quick_recipe
+
+    recipe = quick_recipe(tmp_path, model={"name": "mlp", "hidden": [16]},
+                          data={"name": "import:tests.conftest:ToyDataModule", "n": 600, "classes": 3},
+                          stages=[{"type": "train", "epochs": 3, "optimizer": {"lr": 0.1}},
+                                  {"type": "prune.unstructured", "sparsity": 0.5,
+                                   "finetune": {"epochs": 1, "optimizer": {"lr": 0.01}}}])
+    pipeline = Pipeline(load_recipe(recipe), quiet=True)
+    records = pipeline.run()
+    assert pipeline.spec["kwargs"]["input_shape"] == [2] and pipeline.spec["kwargs"]["num_classes"] == 3
+    assert records[1]["metrics"]["accuracy"] > 0.9  # three well-separated clusters
+    assert records[2]["metrics"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert records[2]["metrics"]["latency_batch_size"] == 32  # the module's own batch_size
+
+
+def test_an_import_that_is_not_a_datamodule_is_one_line():
+    from compress.data import build_datamodule
+
+    with pytest.raises(UserError, match=r"data.name: import:tests.conftest:TinyNet is not a LightningDataModule"):
+        build_datamodule({"name": "import:tests.conftest:TinyNet"})
+    with pytest.raises(UserError, match=r"data.name: cannot import module 'nowhere'"):
+        build_datamodule({"name": "import:nowhere:DM"})
+
+
+def _write_images(root, split, per_class):
+    from PIL import Image
+
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    for name, level in (("dark", 40), ("bright", 215)):
+        folder = root / split / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(level, 20, (10, 12, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def test_imagefolder_reads_class_folders_resized_and_normalised(tmp_path):
+    from compress.data import build_datamodule
+
+    _write_images(tmp_path, "train", 12)
+    _write_images(tmp_path, "test", 5)
+    dm = build_datamodule({"name": "imagefolder", "root": str(tmp_path), "size": 8, "channels": 1,
+                           "mean": [0.5], "std": [0.25], "batch_size": 6}, seed=3)
+    assert dm.classes == ["bright", "dark"] and dm.num_classes == 2 and dm.input_shape == (1, 8, 8)
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (10, 1, 8, 8) and y.tolist() == [0] * 5 + [1] * 5
+    # bright pixels (~215/255) normalise to (0.84 - 0.5) / 0.25 ~ 1.4, dark ones (~40/255) to ~ -1.4
+    assert x[:5].mean() == pytest.approx((215 / 255 - 0.5) / 0.25, abs=0.1)
+    assert x[5:].mean() == pytest.approx((40 / 255 - 0.5) / 0.25, abs=0.1)
+    first = [b[1].tolist() for b in dm.train_dataloader()]
+    again = [b[1].tolist() for b in build_datamodule({"name": "imagefolder", "root": str(tmp_path), "size": 8,
+                                                      "channels": 1, "batch_size": 6}, seed=3).train_dataloader()]
+    assert first == again and sorted(sum(first, [])) == [0] * 12 + [1] * 12 and sum(first, []) != [0] * 12 + [1] * 12
+
+
+def test_imagefolder_bad_folders_are_one_line(tmp_path):
+    from compress.data import build_datamodule
+
+    with pytest.raises(UserError, match=r"data.root: no folder .*train"):
+        build_datamodule({"name": "imagefolder", "root": str(tmp_path)})
+    _write_images(tmp_path, "train", 2)
+    (tmp_path / "test" / "other").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"data.root: test has classes train lacks: other"):
+        build_datamodule({"name": "imagefolder", "root": str(tmp_path)})

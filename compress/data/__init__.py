@@ -14,20 +14,51 @@ from torch import Tensor
 from compress.data import cifar10, digits, mnist, synthetic  # noqa: F401  (imported for their registrations)
 from compress.data._registry import DATAMODULES
 from compress.data.base import TensorDataModule
+from compress.data.imagefolder import ImageFolderDataModule
 from compress.errors import UserError
 
-__all__ = ["DATAMODULES", "TensorDataModule", "build_datamodule", "example_batch", "training_inputs"]
+__all__ = ["DATAMODULES", "ImageFolderDataModule", "TensorDataModule", "build_datamodule", "describe", "example_batch",
+           "training_inputs"]
 
 
-def build_datamodule(cfg: dict[str, Any] | Any, seed: int = 0, key: str = "data") -> TensorDataModule:
-    """A data module from a recipe's ``data`` block (``name`` plus that dataset's keys)."""
+def build_datamodule(cfg: dict[str, Any] | Any, seed: int = 0, key: str = "data") -> Any:
+    """A data module from a recipe's ``data`` block: ``name`` plus that dataset's keys.
+
+    ``name`` is a registered data set (typed ``Config``, seeded) or ``import:package.module:Class``,
+    any LightningDataModule whose batches are ``(inputs, targets)``, built with the block's other keys.
+    """
     from omegaconf import DictConfig, OmegaConf
 
     if isinstance(cfg, DictConfig):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg = dict(cfg)
-    cls = DATAMODULES.get(str(cfg.pop("name", "")), f"{key}.name")
-    return cls(cls.make_config(cfg, key), seed=seed)
+    name = str(cfg.pop("name", ""))
+    cls = DATAMODULES.get(name, f"{key}.name")
+    if isinstance(cls, type) and issubclass(cls, TensorDataModule | ImageFolderDataModule):
+        return cls(cls.make_config(cfg, key), seed=seed)
+    try:
+        dm = cls(**cfg)
+    except TypeError as e:
+        raise UserError(f"{key}: cannot build {getattr(cls, '__name__', name)} ({e})") from None
+    if not all(callable(getattr(dm, f, None)) for f in ("train_dataloader", "test_dataloader")):
+        raise UserError(f"{key}.name: {name} is not a LightningDataModule (it needs train_dataloader and "
+                        "test_dataloader)")
+    return dm
+
+
+def describe(dm: Any, key: str = "data") -> tuple[tuple[int, ...], int | None, int]:
+    """``(input_shape, num_classes or None, training batch size)`` of any data module.
+
+    Registered ones say; for others they are read from the module's attributes (``input_shape``,
+    ``num_classes``, ``batch_size``) where it has them, else from its first batches.
+    """
+    shape = getattr(dm, "input_shape", None)
+    batch = getattr(getattr(dm, "config", None), "batch_size", None) or getattr(dm, "batch_size", None)
+    if shape is None or batch is None:
+        x = next(iter(dm.train_dataloader()))[0]
+        shape = shape or tuple(x.shape[1:])
+        batch = batch or len(x)
+    return tuple(shape), getattr(dm, "num_classes", None), int(batch)
 
 
 def training_inputs(dm: Any, n: int) -> list[Tensor]:

@@ -6,4 +6,4 @@ from compress.registry import Registry
 
 __all__ = ["DATAMODULES"]
 
-DATAMODULES: Registry[type] = Registry("dataset")
+DATAMODULES: Registry[type] = Registry("dataset", allow_import=True)

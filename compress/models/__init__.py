@@ -6,7 +6,6 @@ from the data module when the recipe does not set them.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -22,18 +21,6 @@ __all__ = ["MODELS", "build_model", "model_class", "model_kwargs"]
 
 def model_class(name: str, key: str = "model.name") -> type[nn.Module]:
     """A zoo name or ``import:package.module:Class``."""
-    if name.startswith("import:"):
-        target = name[len("import:"):]
-        module_name, _, attr = target.partition(":")
-        if not module_name or not attr:
-            raise UserError(f"{key}: '{name}' must look like import:package.module:Class")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise UserError(f"{key}: cannot import module '{module_name}' ({e}); is it installed or on PYTHONPATH?") from None
-        if not hasattr(module, attr):
-            raise UserError(f"{key}: module '{module_name}' has no attribute '{attr}'")
-        return getattr(module, attr)
     return MODELS.get(name, key)
 
 

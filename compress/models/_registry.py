@@ -8,4 +8,4 @@ from compress.registry import Registry
 
 __all__ = ["MODELS"]
 
-MODELS: Registry[type[nn.Module]] = Registry("model")
+MODELS: Registry[type[nn.Module]] = Registry("model", allow_import=True)
