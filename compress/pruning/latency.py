@@ -422,7 +422,8 @@ def allocate_widths(analysis: _Analysis, table: LatencyTable, goal_ms: float,
     Each move takes one group one step narrower: the one whose step saves the most table latency per
     unit of importance lost (HALP, Shen et al. 2022, eq. 3, solved greedily as NetAdapt does).
     A step that saves no latency (a width inside the same lane block) is extended by up to
-    ``MAX_JUMP`` steps; a group none of whose jumps saves anything is left as it is.
+    ``MAX_JUMP`` steps; a group none of whose jumps saves anything is left as it is. The last move
+    is the one that reaches the goal losing the least importance (no needless overshoot).
 
     Returns:
         (width of every group, the tables' sum at those widths).
@@ -439,6 +440,7 @@ def allocate_widths(analysis: _Analysis, table: LatencyTable, goal_ms: float,
     total = sum(layer_ms(current, j) for j in range(len(layers)))
     while total > goal_ms:
         best: tuple[float, int, int, float] | None = None
+        finish: tuple[float, float, int, int] | None = None  # the cheapest move that reaches the goal
         for i, g in enumerate(a.groups):
             nxt, saved = w[i], 0.0
             for _ in range(MAX_JUMP):  # a step inside a lane block saves nothing: look one further
@@ -455,9 +457,13 @@ def allocate_widths(analysis: _Analysis, table: LatencyTable, goal_ms: float,
             score = saved / max(lost, 1e-12)
             if best is None or score > best[0]:
                 best = (score, i, nxt, saved)
+            if total - saved <= goal_ms and (finish is None or (lost, saved) < finish[:2]):
+                finish = (lost, saved, i, nxt)
         if best is None:
             break
         _, i, nxt, saved = best
+        if finish is not None:  # last move: the one losing least importance, not overshooting most
+            _, saved, i, nxt = finish
         w[i] = nxt
         current = a.widths(w)
         total -= saved
