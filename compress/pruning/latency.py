@@ -66,7 +66,8 @@ __all__ = ["LatencyBackend", "latency_backend", "check_latency_target", "resolve
            "LayerSpec", "allocate_widths", "prune_to_latency", "LatencyPruneResult", "TORCH", "MAX_ROUNDS"]
 
 TORCH = "torch"  # eager PyTorch, as the pipeline's measured_* keys time it
-MAX_ROUNDS = 4  # prune-and-measure rounds per step before a target counts as unreachable
+MAX_ROUNDS = 5  # prune-and-measure rounds per step before a target counts as unreachable
+FIRST_ROUND_SHARE = 0.5  # of the way left to a step's target (log speedup) in each of the first two rounds
 MAX_JUMP = 3  # steps a move may take at once to get past widths that save nothing
 DEFAULT_STEPS_PER_LAYER = 16  # without round_to: a group narrows in steps of 1/16 of its width
 
@@ -579,7 +580,7 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
         share = min(1.0, table0 / base_ms) if base_ms > 0 else 1.0
         for step in range(1, iterative_steps + 1):
             goal = target ** (step / iterative_steps)
-            for _ in range(MAX_ROUNDS):
+            for rnd in range(MAX_ROUNDS):
                 if _gradients_needed(imp, gradient_batches):
                     _accumulate_gradients(model, gradient_batches, loss_fn)
                 analysis = _analyze(model, example_inputs, imp, sorted(ignored), before, round_to, max_layer_ratio)
@@ -587,7 +588,11 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
                 now = _table_ms(analysis, table) / table0
                 if achieved < 0.999 and now < 0.999:  # refit on the last measurement
                     share = min(1.5, max(0.05, (1 - 1 / achieved) / (1 - now)))
-                goal_table = table0 * max(0.0, 1 - (1 - 1 / goal) / share)
+                # the first two rounds go half the way (in log speedup) before the tables are calibrated on a
+                # measurement: a layer alone misses effects of the whole (activations that start to fit in
+                # cache), and removed channels cannot come back
+                aim = goal if rnd >= 2 or goal / achieved < 1.15 else achieved * (goal / achieved) ** FIRST_ROUND_SHARE
+                goal_table = table0 * max(0.0, 1 - (1 - 1 / aim) / share)
                 widths, est = allocate_widths(analysis, table, goal_table)
                 estimated = 1 / max(1e-9, 1 - share * (1 - est / table0))
                 if widths == [g.width for g in analysis.groups]:
