@@ -109,7 +109,7 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     if hardware:
         with thread_env(threads):  # cpu-local is calibrated at the thread count the timing uses
             hw, hw_layers, hw_notes = hardware_metrics(model, x1, list(hardware), baseline, deployed,
-                                                       precision=metrics["precision"])
+                                                       precision=metrics["precision"], xb=xb)
         notes += hw_notes
         metrics.update(hw)
         by_name = {r["name"]: r for r in rows}
@@ -199,7 +199,8 @@ class Pipeline:
             load_weights(model, Path(cfg.model.checkpoint))
         self.plans = {stage.name: stage.plan(model) for stage in self.recipe.stages}
         ctx = Context(dm, out_dir=self.out_dir, trainer=OmegaConf.to_container(cfg.trainer), seed=cfg.seed,
-                      teachers_dir=cfg.teachers_dir)
+                      teachers_dir=cfg.teachers_dir, latency_batch=cfg.eval.latency_batch_size or dm.config.batch_size,
+                      latency_threads=cfg.eval.latency_threads)
         return model, ctx
 
     OWN_FILES = ("recipe.yaml", "report.json", "report.md", "metrics.csv", "run.json")

@@ -23,6 +23,7 @@ from compress.hardware.notes import hardware_notes
 from compress.hardware.profiles import (
     PROFILES,
     HardwareProfile,
+    aligned_channels,
     check_profiles,
     load_profile,
     profile_from_dict,
@@ -34,7 +35,7 @@ from compress.pruning.masks import deployed_copy
 
 __all__ = ["PROFILES", "HardwareProfile", "check_profiles", "load_profile", "profile_from_dict", "resolve_profile",
            "simulate", "simulate_model", "hardware_metrics", "trace_ops", "weight_infos", "hardware_notes",
-           "Simulation", "OpCost", "Trace", "WeightInfo", "LAYER_FIELDS", "priced_at"]
+           "Simulation", "OpCost", "Trace", "WeightInfo", "LAYER_FIELDS", "priced_at", "aligned_channels"]
 
 # Per-layer figures each profile adds to a report row (under row["hardware"][profile]).
 LAYER_FIELDS = ("time_us", "bound", "compute_us", "memory_us", "overhead_us", "flops", "dram_bytes", "chip_bytes",
@@ -77,7 +78,7 @@ def priced_at(profile: HardwareProfile, precision: str) -> tuple[HardwareProfile
 
 
 def hardware_metrics(model: nn.Module, x1: Tensor, profiles: list[str], baseline: dict[str, Any] | None,
-                     deployed: nn.Module | None = None, precision: str = "fp32",
+                     deployed: nn.Module | None = None, precision: str = "fp32", xb: Tensor | None = None,
                      ) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Any]]], list[str]]:
     """Per-stage simulated figures: ``(metrics, per-layer rows by profile, notes)``.
 
@@ -85,11 +86,14 @@ def hardware_metrics(model: nn.Module, x1: Tensor, profiles: list[str], baseline
     ``sim_latency_ms/P``, ``sim_speedup/P`` (against ``baseline``, stage 0),
     ``sim_memory_bound_share/P``, ``sim_overhead_share/P`` and ``sim_bottlenecks/P`` (a list: in
     report.json, left out of the CSV and wandb scalars). ``precision`` is the model's (``int8`` after
-    ``quantize``): each profile prices it there when it can (:func:`priced_at`).
+    ``quantize``): each profile prices it there when it can (:func:`priced_at`). With ``xb`` (a batch
+    at the latency batch size), also ``sim_latency_ms_batch/P`` and ``sim_speedup_batch/P``, so a
+    latency target at that batch can be read back.
     """
     resolved = [load_profile(p, f"hardware[{i}]") for i, p in enumerate(profiles)]
     deployed = (deployed if deployed is not None else deployed_copy(model)).eval()
     trace = trace_ops(deployed, x1)
+    trace_b = None if xb is None else trace if xb.shape[0] == x1.shape[0] else trace_ops(deployed, xb)
     weights = weight_infos(model, deployed)
     metrics: dict[str, Any] = {}
     layers: dict[str, dict[str, dict[str, Any]]] = {}
@@ -111,6 +115,11 @@ def hardware_metrics(model: nn.Module, x1: Tensor, profiles: list[str], baseline
         metrics[f"sim_bottlenecks/{p}"] = [
             {"name": o.name, "op": o.op, "time_us": round(o.time_us, 3), "share": round(o.time_us / sim.latency_us, 4),
              "bound": o.bound} for o in sim.bottlenecks(TOP_BOTTLENECKS)]
+        if trace_b is not None:
+            ms_b = simulate(trace_b, weights, profile).latency_ms
+            base_b = base.get(f"sim_latency_ms_batch/{p}", ms_b if baseline is None else None)
+            metrics[f"sim_latency_ms_batch/{p}"] = ms_b
+            metrics[f"sim_speedup_batch/{p}"] = base_b / ms_b if base_b is not None and ms_b > 0 else None
         if i == 0:
             metrics["sim_latency_ms"] = ms
             metrics["sim_speedup"] = speedup

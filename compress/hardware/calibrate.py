@@ -34,17 +34,23 @@ from torch import nn
 
 from compress.hardware.profiles import CALIBRATORS, HardwareProfile, load_profile, profile_from_dict
 
-__all__ = ["calibrated_profile", "measure_cpu", "cache_path", "cache_key"]
+__all__ = ["calibrated_profile", "measure_cpu", "cache_path", "cache_key", "cache_root", "cpu_model", "simd_lanes_fp32"]
 
 CHUNK_S = 50e-6  # calls timed together
 BUDGET_S = 0.05  # time spent on each measurement
 
 
+def cache_root() -> Path:
+    """``$COMPRESS_CACHE``, default ``~/.cache/compress``: measurements worth keeping between runs."""
+    return Path(os.environ.get("COMPRESS_CACHE") or Path.home() / ".cache" / "compress")
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("COMPRESS_CACHE") or Path.home() / ".cache" / "compress") / "hardware"
+    return cache_root() / "hardware"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), a key of every cached measurement."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -55,7 +61,7 @@ def _cpu_model() -> str:
 
 
 def cache_key() -> dict[str, Any]:
-    return {"cpu": _cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {"cpu": cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def cache_path(key: dict[str, Any] | None = None) -> Path:
@@ -101,7 +107,12 @@ def _largest_cache_bytes() -> int:
     return max(sizes, default=8 * 1024 ** 2)
 
 
-def _simd_lanes_fp32() -> int:
+def simd_lanes_fp32() -> int:
+    """fp32 values per SIMD register: 16 with AVX-512, 8 with AVX/AVX2, else 4.
+
+    The lanes of ``cpu-local``, and the channel block CPU runtimes compute side by side (ONNX
+    Runtime's MLAS NCHWc convolutions and oneDNN's blocked layouts use 16 with AVX-512, 8 with AVX2).
+    """
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -134,7 +145,7 @@ def measure_cpu() -> dict[str, Any]:
         x = torch.randn(1, c, hw, hw)
         return _time_us(lambda: conv(x)) - module_us, 2 * c * (c // groups) * 9 * hw * hw
 
-    lanes = _simd_lanes_fp32()
+    lanes = simd_lanes_fp32()
     conv0, _ = conv_us(lanes, 2)
     t, flops = conv_us(4 * lanes, 16)
     conv_gflops = flops / max(t - conv0, 1e-3) / 1e3

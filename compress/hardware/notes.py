@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compress.hardware.profiles import HardwareProfile
+from compress.hardware.profiles import HardwareProfile, aligned_channels
 from compress.hardware.roofline import FUSIBLE, Simulation, WeightInfo, _lane_fill
 
 __all__ = ["hardware_notes"]
@@ -44,7 +44,8 @@ def hardware_notes(sim: Simulation, profile: HardwareProfile, weights: dict[str,
                 share = sum(o.time_us for o in wasted) / total
                 notes.append(f"{p}: {_plural(len(wasted), 'layer')} ({share:.0%} of the time) {'has' if len(wasted) == 1 else 'have'} channel counts that leave "
                              f">={LANE_WASTE:.0%} of its {profile.lanes} lanes idle ({_examples(items)}); "
-                             f"prune.structured round_to: {profile.lanes} keeps them aligned")
+                             f"prune.structured round_to: {aligned_channels(profile)} (what round_to: auto "
+                             f"picks with latency_on: {p}) keeps them aligned")
 
     lopsided = []
     for o in matrix:

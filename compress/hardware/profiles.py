@@ -30,7 +30,7 @@ from compress.schema import merge_structured
 
 __all__ = ["HardwareProfile", "PeakConfig", "OverheadConfig", "EfficiencyConfig", "UnstructuredConfig",
            "SparsityConfig", "FusionConfig", "PROFILES", "PROFILE_DIR", "DTYPE_BYTES", "load_profile",
-           "resolve_profile", "check_profiles", "profile_from_dict", "CALIBRATORS"]
+           "resolve_profile", "check_profiles", "profile_from_dict", "CALIBRATORS", "aligned_channels"]
 
 PROFILE_DIR = Path(__file__).with_name("profiles")
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
@@ -135,6 +135,15 @@ class HardwareProfile:
 
     def as_dict(self) -> dict[str, Any]:
         return OmegaConf.to_container(OmegaConf.structured(self))  # type: ignore[return-value]
+
+
+def aligned_channels(profile: HardwareProfile) -> int:
+    """The channel multiple this hardware rewards: its ``lanes``.
+
+    One definition for the simulator's lane notes and ``prune.structured``'s ``round_to: auto``,
+    so the two never disagree.
+    """
+    return max(1, int(profile.lanes))
 
 
 # Shipped profiles: name -> YAML path. One registry per extension point (the house's Registry).

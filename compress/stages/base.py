@@ -42,7 +42,8 @@ class Context:
     def __init__(self, datamodule: Any = None, *, out_dir: str | Path | None = None,
                  trainer: dict[str, Any] | None = None, seed: int = 0, reference_model: nn.Module | None = None,
                  loggers: Sequence[Any] = (), stage_index: int = 0, stage_name: str = "stage",
-                 teachers_dir: str | Path = "teachers"):
+                 teachers_dir: str | Path = "teachers", latency_batch: int | None = None,
+                 latency_threads: int = 1):
         self.datamodule = datamodule
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.trainer = dict(trainer or {})
@@ -52,6 +53,8 @@ class Context:
         self.stage_index = stage_index
         self.stage_name = stage_name
         self.teachers_dir = Path(teachers_dir)
+        self.latency_batch = latency_batch  # the batch latency is measured at (eval.latency_batch_size)
+        self.latency_threads = latency_threads  # intra-op threads of every timing (eval.latency_threads)
         self.fits = 0  # fine-tuning runs so far in this stage (each has its own resumable checkpoint)
 
     def begin_stage(self, index: int, name: str) -> None:

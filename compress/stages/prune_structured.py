@@ -1,11 +1,21 @@
 """Stage ``prune.structured``: remove channels (filters) with Torch-Pruning's dependency graph.
 
 The amount is a channel ``ratio`` (per group, or overall with ``global: true``), per-layer
-``layer_ratios`` (names or globs), or a target ``mac_speedup`` reached by pruning in small steps
-(DepGraph's progressive pruning, Fang et al. 2023, section 4). ``iterative_steps`` > 1 prunes in
+``layer_ratios`` (names or globs), a target ``mac_speedup`` reached by pruning in small steps
+(DepGraph's progressive pruning, Fang et al. 2023, section 4), or a target ``latency_speedup`` on
+a runtime or hardware profile (``latency_on``) at ``latency_batch``, allocated per layer from
+latency tables (:mod:`compress.pruning.latency`). ``iterative_steps`` > 1 prunes in
 steps with ``finetune`` after each; ``regularize`` trains with a sparsity regulariser first
 (group norm: DepGraph eq. 6; BN scale: Network Slimming, Liu et al. 2017, eq. 1).
 The classifier's outputs are never pruned (the output layer is found by tracing).
+
+``round_to: auto`` (the default) aligns channel counts to the width the latency target rewards:
+the profile's ``lanes`` (what the simulator's lane notes name), or the CPU's fp32 SIMD width for
+``onnxruntime`` and ``torch`` (16 with AVX-512, else 8: their convolutions compute channels in
+blocks of it). Without a latency target, ``auto`` means no rounding, as before it existed.
+``latency_batch`` defaults to the pipeline's latency batch (``eval.latency_batch_size``, else the
+data batch size), which the pipeline puts on the :class:`Context`; from Python without one, the
+data module's batch size, else 1.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from torch import Tensor, nn
 
 from compress.config import FinetuneConfig
 from compress.errors import UserError
+from compress.pruning.latency import check_latency_target, latency_backend, prune_to_latency, resolve_round_to
 from compress.pruning.masks import prunable_layers
 from compress.pruning.structured import (
     IMPORTANCES,
@@ -50,8 +61,12 @@ class StructuredConfig:
     layer_ratios: dict[str, float] = field(default_factory=dict)  # layer name/glob -> ratio (others: `ratio` or 0)
     mac_speedup: float | None = None  # instead of ratios: prune until base MACs / MACs reaches this
     global_pruning: bool = False  # recipe key `global`: rank channels of all layers together
+    latency_speedup: float | None = None  # instead: prune until input latency / latency reaches this
+    latency_on: str = "onnxruntime"  # where latency_speedup is taken: onnxruntime | torch | a hardware profile
+    latency_batch: int | None = None  # batch size it is taken at (default: the pipeline's latency batch)
+    latency_tolerance: float = 0.05  # a latency target counts as reached at target * (1 - this)
     iterative_steps: int = 1  # pruning steps, `finetune` after each
-    round_to: int | None = None  # keep channel counts multiples of this
+    round_to: int | str | None = "auto"  # channel counts multiples of this; auto: what the latency target rewards
     ignore: list[str] = field(default_factory=list)  # layers (names/globs) whose outputs are kept
     max_layer_ratio: float = 0.9  # no layer loses more than this fraction of its channels
     taylor_batches: int = 4  # training batches whose gradients the taylor importance uses
@@ -98,18 +113,32 @@ class StructuredPruningStage(Stage):
         if self.importance_obj is None:
             IMPORTANCES.get(c.importance, f"{key}.importance")
         has_ratio = c.ratio is not None or bool(c.layer_ratios)
-        if has_ratio == (c.mac_speedup is not None):
-            raise UserError(f"{key}: give either ratio/layer_ratios (fraction of channels) or mac_speedup, "
-                            f"{'not both' if has_ratio else 'one of them'}")
+        given = [has_ratio, c.mac_speedup is not None, c.latency_speedup is not None]
+        if sum(given) != 1:
+            raise UserError(f"{key}: give either ratio/layer_ratios (fraction of channels) or mac_speedup or "
+                            f"latency_speedup, {'not both' if sum(given) > 1 else 'one of them'}")
         if c.ratio is not None:
             check_range(c.ratio, f"{key}.ratio", 0.0, 1.0)
         for pattern, r in c.layer_ratios.items():
             check_range(r, f"{key}.layer_ratios.{pattern}", 0.0, 1.0)
         if c.mac_speedup is not None and not c.mac_speedup > 1.0:
             raise UserError(f"{key}.mac_speedup: {c.mac_speedup} must be > 1 (base MACs / pruned MACs)")
+        if c.latency_speedup is not None:
+            if not c.latency_speedup > 1.0:
+                raise UserError(f"{key}.latency_speedup: {c.latency_speedup} must be > 1 (input latency / "
+                                "pruned latency)")
+            check_latency_target(c.latency_on, f"{key}.latency_on")
+            if c.global_pruning:
+                raise UserError(f"{key}.global: a latency_speedup target ranks layers by latency saved per "
+                                "importance lost itself; leave global out")
+            if c.latency_batch is not None and c.latency_batch < 1:
+                raise UserError(f"{key}.latency_batch: {c.latency_batch} must be >= 1")
+            check_range(c.latency_tolerance, f"{key}.latency_tolerance", 0.0, 0.5)
         if c.iterative_steps < 1:
             raise UserError(f"{key}.iterative_steps: {c.iterative_steps} must be >= 1")
-        if c.round_to is not None and c.round_to < 1:
+        if isinstance(c.round_to, str) and c.round_to != "auto":
+            raise UserError(f"{key}.round_to: '{c.round_to}' is not valid; give an integer, auto or null")
+        if isinstance(c.round_to, int) and c.round_to < 1:
             raise UserError(f"{key}.round_to: {c.round_to} must be >= 1")
         check_range(c.max_layer_ratio, f"{key}.max_layer_ratio", 0.0, 1.0, lo_open=True)
         if c.taylor_batches < 1:
@@ -149,6 +178,8 @@ class StructuredPruningStage(Stage):
         by_pattern = {n: c.layer_ratios[p] for p in c.layer_ratios for n in touched if n == p or fnmatchcase(n, p)}
         if c.mac_speedup is not None:
             return [f"{n} -> until {c.mac_speedup:g}x MACs" for n in touched]
+        if c.latency_speedup is not None:
+            return [f"{n} -> until {c.latency_speedup:g}x latency on {c.latency_on}" for n in touched]
         return [f"{n} -> {by_pattern.get(n, c.ratio):.2f} of channels" for n in touched]
 
     # -- apply -----------------------------------------------------------------------------------
@@ -175,16 +206,37 @@ class StructuredPruningStage(Stage):
             ctx.finetune(m, c.finetune, tag=self.name if steps == 1 else f"{self.name}/step{step}")
 
         torch.manual_seed(ctx.seed + 1000 * ctx.stage_index)  # random/taylor choices replay on resume
-        result = prune_model(model, x, importance=importance, ratio=c.ratio,
-                             layer_ratios=dict(c.layer_ratios) or None, mac_speedup=c.mac_speedup,
-                             global_pruning=c.global_pruning, iterative_steps=c.iterative_steps,
-                             round_to=c.round_to, ignore=[n for n in ignored if n not in outputs],
-                             max_layer_ratio=c.max_layer_ratio, on_step=on_step,
-                             gradient_batches=gradient_batches, search_steps=c.search_steps, key=key)
+        ignore = [n for n in ignored if n not in outputs]
+        if c.latency_speedup is not None:
+            backend = latency_backend(c.latency_on, threads=ctx.latency_threads, key=f"{key}.latency_on")
+            batch = self._latency_batch(ctx)
+            xb = x[:1].expand(batch, *x.shape[1:]).contiguous() if ctx.datamodule is None else \
+                ctx.example_inputs(batch_size=batch)
+            result = prune_to_latency(model, x, xb, target=c.latency_speedup, backend=backend, importance=importance,
+                                      iterative_steps=c.iterative_steps,
+                                      round_to=resolve_round_to(c.round_to, backend), ignore=ignore,
+                                      max_layer_ratio=c.max_layer_ratio, tolerance=c.latency_tolerance,
+                                      on_step=on_step, gradient_batches=gradient_batches, key=key)
+        else:
+            result = prune_model(model, x, importance=importance, ratio=c.ratio,
+                                 layer_ratios=dict(c.layer_ratios) or None, mac_speedup=c.mac_speedup,
+                                 global_pruning=c.global_pruning, iterative_steps=c.iterative_steps,
+                                 round_to=resolve_round_to(c.round_to, None), ignore=ignore,
+                                 max_layer_ratio=c.max_layer_ratio, on_step=on_step,
+                                 gradient_batches=gradient_batches, search_steps=c.search_steps, key=key)
         info = result.as_dict()
         info.update(importance=c.importance if self.importance_obj is None else type(self.importance_obj).__name__,
                     output_layers=outputs)
         return StageResult(model, info)
+
+    def _latency_batch(self, ctx: Context) -> int:
+        """``latency_batch``, else the pipeline's latency batch, else the data batch size, else 1."""
+        if self.config.latency_batch is not None:
+            return int(self.config.latency_batch)
+        if ctx.latency_batch is not None:
+            return int(ctx.latency_batch)
+        config = getattr(ctx.datamodule, "config", None)
+        return int(getattr(config, "batch_size", 1) or 1)
 
 
 def _first_batches(datamodule: Any, n: int) -> list[tuple[Tensor, Tensor]]:
