@@ -189,7 +189,7 @@ class Pipeline:
         dm = build_datamodule(cfg.data, seed=cfg.seed)
         dm.setup("fit")
         dm.setup("test")  # a user's LightningDataModule may build its test split only here
-        input_shape, num_classes, _ = describe(dm)
+        input_shape, num_classes, batch_size = describe(dm)
         if num_classes is None and "num_classes" not in cfg.model:
             raise UserError(f"model.num_classes: the data module {cfg.data.name} does not say how many classes it "
                             "has (no num_classes attribute); set model.num_classes")
@@ -199,7 +199,7 @@ class Pipeline:
             load_weights(model, Path(cfg.model.checkpoint))
         self.plans = {stage.name: stage.plan(model) for stage in self.recipe.stages}
         ctx = Context(dm, out_dir=self.out_dir, trainer=OmegaConf.to_container(cfg.trainer), seed=cfg.seed,
-                      teachers_dir=cfg.teachers_dir, latency_batch=cfg.eval.latency_batch_size or dm.config.batch_size,
+                      teachers_dir=cfg.teachers_dir, latency_batch=cfg.eval.latency_batch_size or batch_size,
                       latency_threads=cfg.eval.latency_threads)
         return model, ctx
 
