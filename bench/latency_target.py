@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import print_table, write_json
 
-from bench.common import print_table, write_json
 from compress.errors import UserError
 from compress.metrics import evaluate_accuracy
 from compress.models import build_model
