@@ -421,3 +421,80 @@ def test_pipeline_reports_per_profile_keys_everywhere(tmp_path, fixed_cpu):
     assert {"sim_speedup", "sim_speedup/jetson-tx2", "sim_latency_ms/plain"} <= set(header)
     assert not any("bottlenecks" in c for c in header)
     assert "sim jetson-tx2" in (out / "report.md").read_text()
+
+
+# -- friendliness notes: each finding from a model built to show it ----------------------------------
+def _notes(model: nn.Module, x: torch.Tensor, path: str) -> list[str]:
+    from compress.hardware import hardware_notes, weight_infos
+
+    profile = load_profile(path)
+    sim = simulate_model(model.eval(), x, [profile])[profile.name]
+    return hardware_notes(sim, profile, weight_infos(model))
+
+
+def _mlp(*widths: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def test_note_a_model_narrower_than_the_lanes(tmp_path):
+    # 64 -> 8 -> 8 -> 10 on 16 lanes: both hidden layers (not the classifier) have 8 < 16 outputs
+    notes = _notes(_mlp(64, 8, 8, 10), torch.randn(1, 64), write_profile(tmp_path, "wide", lanes=16))
+    assert notes[0] == ("wide: 2 of 3 layers have fewer output channels than its 16 lanes (e.g. 0 8, 2 8): the model is "
+                        "too narrow to fill this hardware, whatever the rounding")
+
+
+def test_note_channel_counts_that_leave_lanes_idle_and_unfused_activations(tmp_path):
+    torch.manual_seed(0)
+    model, x = _mlp(64, 20, 20, 10), torch.randn(1, 64)
+    path = write_profile(tmp_path, "wide", lanes=16)
+    notes = _notes(model, x, path)
+    sim = simulate_model(model, x, [path])["wide"]
+    # 20 outputs fill 2 x 16 lanes: 12 of 32 (37.5%) idle; the classifier's 10 are the number of classes
+    share = sum(o.time_us for o in sim.ops if o.name in ("0", "2")) / sim.latency_us
+    assert notes[0] == (f"wide: 2 layers ({share:.0%} of the time) have channel counts that leave >=10% of its 16 "
+                        "lanes idle (0 20->32, 2 20->32); prune.structured round_to: 16 keeps them aligned")
+    relu = sum(o.time_us for o in sim.ops if o.kind == "activation") / sim.latency_us
+    assert notes[1] == (f"wide: 2 element-wise ops run unfused (relu): {relu:.0%} of the time; fold BN into the conv "
+                        "weights and fuse activations (torch.compile, or an inference runtime)")
+    assert not any("idle" in n for n in _notes(_mlp(64, 32, 32, 10), x, path))  # multiples of 16: none idle
+    fused = write_profile(tmp_path, "fused", lanes=16, fusion={"conv_bn_act": True, "elementwise": True})
+    assert not any("unfused" in n for n in _notes(model, x, fused))
+
+
+def test_note_lopsided_memory_bound_pointwise_conv(tmp_path):
+    # 1x1, 256 -> 8 on 8x8: 0.26 MFLOP (2.6 us at 100 GFLOP/s) against 75 KB (7.5 us at 10 GB/s)
+    notes = _notes(nn.Sequential(nn.Conv2d(256, 8, 1)), torch.randn(1, 256, 8, 8), write_profile(tmp_path))
+    assert notes == ["plain: memory-bound 1x1 convolutions with very unequal widths (little reuse per byte): "
+                     "0 256->8 (memory-bound, 100%)"]
+
+
+def test_note_depthwise_convolutions_take_more_time_than_flops(tmp_path):
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.Conv2d(32, 32, 1))
+    x = torch.randn(1, 32, 8, 8)
+    path = write_profile(tmp_path)
+    sim = simulate_model(model.eval(), x, [path])["plain"]
+    dw = next(o for o in sim.ops if o.kind == "grouped_conv")
+    f_share = dw.flops / sum(o.flops for o in sim.ops)  # 9 MACs per output against 32: about 22%
+    t_share = dw.time_us / sim.latency_us
+    assert t_share > 1.5 * f_share
+    assert _notes(model, x, path) == [f"plain: depthwise/grouped convolutions do {f_share:.0%} of the FLOPs but take "
+                                      f"{t_share:.0%} of the time (1 of 1 memory-bound); pruning them gains less than "
+                                      "their MACs suggest"]
+
+
+def test_note_zeros_that_sparse_hardware_cannot_use(tmp_path):
+    torch.manual_seed(0)
+    mask = torch.rand(128, 256) < 0.85
+    fc = sparse_linear(mask)
+    zeros = 1 - float(mask.float().mean())  # ~15%: CSR's 16-bit indices cost more than the zeros save
+    csr = write_profile(tmp_path, "csr", sparsity={"unstructured": {"format": "csr", "index_bits": 16}})
+    assert _notes(fc, torch.randn(1, 256), csr) == [
+        f"csr: 1 layer holds {zeros:.0%} zeros but none runs faster with sparse kernels (not sparse enough to pay "
+        "for the indices)"]
+    gpu = write_profile(tmp_path, "gpu", sparsity={"nm": "2:4"})
+    assert _notes(fc, torch.randn(1, 256), gpu) == [
+        f"gpu: 1 layer holds {zeros:.0%} zeros but none runs faster with 2:4 sparsity (no layer's zeros follow the "
+        "2:4 pattern)"]
