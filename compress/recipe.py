@@ -253,8 +253,12 @@ def _check_lists(raw: DictConfig, schema: type, prefix: str = "") -> None:
         key = f"{prefix}{f.name}"
         if value is None:
             continue
-        if dataclasses.is_dataclass(f.default_factory() if callable(f.default_factory) else None):
-            _check_lists(value, type(f.default_factory()), f"{key}.")
+        default = f.default_factory() if callable(f.default_factory) else None
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, DictConfig):  # else OmegaConf's merge fails with an empty key and "None"
+                names = ", ".join(g.name for g in dataclasses.fields(default))
+                raise UserError(f"{key}: expected a mapping (keys: {names}), got {value!r}")
+            _check_lists(value, type(default), f"{key}.")
         elif str(f.type).startswith("list") and not isinstance(value, ListConfig):
             example = "- {type: train, epochs: 10}" if f.name == "stages" else "[a, b]"
             raise UserError(f"{key}: expected a list (YAML items like {example}), got "

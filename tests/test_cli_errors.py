@@ -44,7 +44,9 @@ CASES = [
     ("unknown model", {"model": {"name": "lenet30"}}, r"model.name: unknown model 'lenet30'.*did you mean 'lenet300'"),
     ("unknown dataset", {"data": {"name": "mnsit"}}, r"data.name: unknown dataset 'mnsit'.*did you mean 'mnist'"),
     ("wrong type", {"stages": [{"type": "train", "epochs": "ten"}]}, r"stages\[0\]\.epochs: Value 'ten'"),
-    ("negative epochs", {"stages": [{"type": "train", "epochs": -1}]}, r"stages\[0\]\.finetune.epochs|stages\[0\]\.epochs: -1 must be >= 0"),
+    ("negative epochs", {"stages": [{"type": "train", "epochs": -1}]}, r"^error: stages\[0\]\.epochs: -1 must be >= 0$"),
+    ("negative fine-tuning epochs", {"stages": [{"type": "prune.unstructured", "sparsity": 0.5, "finetune": {"epochs": -1}}]},
+     r"^error: stages\[0\]\.finetune\.epochs: -1 must be >= 0$"),
     ("NaN learning rate", {"stages": [{"type": "train", "epochs": 1, "optimizer": {"lr": float("nan")}}]},
      r"stages\[0\]\.optimizer\.lr: nan is not a finite number"),
     ("unknown optimizer", {"stages": [{"type": "train", "epochs": 1, "optimizer": {"name": "sgdd"}}]},
@@ -92,6 +94,30 @@ def test_bad_override(tmp_path, capsys):
     assert code == 2 and "index '7' is out of range" in err
     code, err = run_cli(capsys, path, "stages.1.sparsity=2")
     assert code == 2 and "stages[1].sparsity: 2.0 is outside [0, 1)" in err
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("seed", "override 'seed': expected key=value, e.g. trainer.max_epochs=1"),
+    ("=3", "override '=3': expected key=value, e.g. trainer.max_epochs=1"),
+    ("stages.x.sparsity=0.5", "override 'stages.x.sparsity': 'stages' has 3 items; index 'x' is out of range"),
+    ("seed=-1", "seed: -1 must be >= 0"),
+    ("eval.latency_repeats=0", "eval.latency_repeats: 0 must be >= 1"),
+    ("out_dir=", "out_dir: must not be empty"),
+    ("trainer=3", "trainer: expected a mapping (keys: accelerator, devices, num_nodes, strategy, precision, "
+                  "gradient_clip_val, log_every_n_steps, progress_bar), got 3"),
+    ("logger.wandb=offline", "logger.wandb: expected a mapping (keys: mode, project, entity, group, tags, log_model), "
+                             "got 'offline'"),
+])
+def test_override_and_top_level_errors_are_exactly_one_line(tmp_path, capsys, override, expected):
+    code, err = run_cli(capsys, write(tmp_path, quick_recipe(tmp_path)), override)
+    assert (code, err) == (2, f"error: {expected}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_top_level_scalar_for_a_section_in_the_file_is_one_line(tmp_path, capsys):
+    # before the fix OmegaConf's merge failed with an empty key: "error: : None"
+    code, err = run_cli(capsys, write(tmp_path, "model: {name: lenet300}\ndata: {name: digits}\nencoding: 5\n"))
+    assert (code, err) == (2, "error: encoding: expected a mapping (keys: index_bits), got 5")
 
 
 def test_existing_run_is_not_overwritten(tmp_path, capsys):

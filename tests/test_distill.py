@@ -408,12 +408,17 @@ def test_distill_stage_trains_through_lightning_and_leaves_nothing_behind(synthe
     ctx = Context(synthetic_dm, reference_model=reference, trainer={"progress_bar": False})
     stage = DistillStage({"distill": {"teacher": "self", "T": 2.0, "alpha": 0.5,
                                       "features": [{"student": "conv2", "teacher": "conv2"}]},
-                          "finetune": {"epochs": 1, "optimizer": {"lr": 0.01}}}, key="stages[1]")
+                          "finetune": {"epochs": 3, "optimizer": {"lr": 0.1}}}, key="stages[1]")
     assert stage.plan(model)[1] == "hint: student conv2 <- teacher conv2 (weight 1)"
     before = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        ce_before = float(F.cross_entropy(model.eval()(synthetic_dm.train_tensors[0]), synthetic_dm.train_tensors[1]))
     result = stage.apply(model, ctx)
     assert result.model is model and set(model.state_dict()) == keys  # no adapter left on the model
-    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    tx, ty = synthetic_dm.train_tensors
+    with torch.no_grad():
+        ce_after = float(F.cross_entropy(model.eval()(tx), ty))
+    assert ce_after < ce_before - 0.01  # three epochs half on the hard labels (alpha 0.5) lower the training loss
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in before.items())  # teacher untouched
     assert all_hooks(model) == all_hooks(reference) == 0
     assert {"finetune"} <= set(result.info) and result.info["teacher"] == "self"

@@ -214,10 +214,28 @@ def fixed_cpu(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", PROFILES.names())
 def test_every_shipped_profile_loads_and_simulates(name, fixed_cpu):
+    import math
+
+    from compress.hardware import trace_ops
+
     profile = load_profile(name)
     assert profile.name == name and profile.peak_flops > 0 and profile.memory_gbps > 0
-    sims = simulate_model(Branchy().eval(), torch.randn(1, 4, 8, 8), [profile])
-    assert sims[name].latency_us > 0
+    model, x = Branchy().eval(), torch.randn(1, 4, 8, 8)
+    sim = simulate_model(model, x, [profile])[name]
+    # the roofline from first principles, op by op, on the profile's own figures
+    chip_gbps = profile.on_chip_gbps or math.inf
+    for o in sim.ops:
+        assert o.memory_us == pytest.approx(o.dram_bytes / (profile.memory_gbps * 1e3) + o.chip_bytes / (chip_gbps * 1e3))
+        assert o.time_us == pytest.approx(max(o.compute_us, o.memory_us) + o.overhead_us)
+        expected = "overhead" if o.overhead_us >= max(o.compute_us, o.memory_us) else \
+            ("compute" if o.compute_us >= o.memory_us else "memory")
+        assert o.bound == expected, o
+    conv = next(o for o in sim.ops if o.name == "conv")
+    # 4 -> 4 channels, 3x3, 8x8 outputs: 2 * 4*4*9*64 FLOPs, at most at the profile's peak
+    assert conv.compute_us >= 2 * 4 * 4 * 9 * 64 / profile.peak_flops * 1e6 * (1 - 1e-9)
+    framework = trace_ops(model, x).module_calls * profile.overhead_us.module
+    assert sim.latency_us == pytest.approx(sum(o.time_us for o in sim.ops) + framework)
+    assert sim.latency_us >= conv.time_us + profile.overhead_us.op * (len(sim.ops) - 1) * (1 - 1e-9) > 0
 
 
 def test_shipped_profiles_cover_the_issue():
@@ -315,11 +333,18 @@ def test_hardware_metrics_contract(tmp_path, fixed_cpu):
     x1 = torch.randn(1, 1, 8, 8)
     profiles = ["cpu-local", "jetson-tx2"]
     base, layers, notes = hardware_metrics(model, x1, profiles, None)
+    alone = simulate_model(model, x1, profiles)  # a second path: no baseline, no metrics dict
     assert base["sim_speedup"] == base["sim_speedup/cpu-local"] == 1.0
-    assert base["sim_latency_ms"] == base["sim_latency_ms/cpu-local"] > 0
+    assert base["sim_latency_ms"] == base["sim_latency_ms/cpu-local"] == pytest.approx(alone["cpu-local"].latency_ms)
     for p in profiles:
-        assert 0 <= base[f"sim_memory_bound_share/{p}"] <= 1 and 0 <= base[f"sim_overhead_share/{p}"] <= 1
-        assert base[f"sim_bottlenecks/{p}"][0]["time_us"] > 0
+        sim = alone[p]
+        assert base[f"sim_latency_ms/{p}"] == pytest.approx(sim.latency_ms)
+        memory = sum(o.time_us for o in sim.ops if o.bound == "memory") / sim.latency_us
+        overhead = (sum(o.overhead_us for o in sim.ops) + sim.framework_us) / sim.latency_us
+        assert base[f"sim_memory_bound_share/{p}"] == pytest.approx(memory)
+        assert base[f"sim_overhead_share/{p}"] == pytest.approx(overhead)
+        slowest = sorted((o.time_us for o in sim.ops), reverse=True)[:5]
+        assert [b["time_us"] for b in base[f"sim_bottlenecks/{p}"]] == pytest.approx(slowest, abs=1e-3)
     assert set(layers["features.0"]) == set(profiles)
     assert layers["features.0"]["jetson-tx2"]["fused"] == ["features.1"]  # linear + ReLU
     assert any(n.startswith("cpu-local: this machine") for n in notes)
@@ -328,8 +353,15 @@ def test_hardware_metrics_contract(tmp_path, fixed_cpu):
     half[:150] = True  # structured in effect: half the rows of the first layer are zero
     set_mask(model.features[0], half)
     after, _, notes = hardware_metrics(model, x1, profiles, base)
-    assert after["sim_speedup/jetson-tx2"] == 1.0  # zeros computed anyway: no sparse support
-    assert after["sim_speedup"] == pytest.approx(base["sim_latency_ms"] / after["sim_latency_ms"])
+    # neither profile has sparse kernels (sparsity format none, no N:M): the zeros are computed anyway
+    assert after["sim_speedup/jetson-tx2"] == after["sim_speedup/cpu-local"] == after["sim_speedup"] == 1.0
+    # rows really removed (not zeroed) do pay: 150 of 300 outputs of features.0, and 150 inputs of the next layer
+    small = build_model("lenet300", input_shape=(1, 8, 8), num_classes=10).eval()
+    small.features[0] = nn.Linear(64, 150)
+    small.features[2] = nn.Linear(150, 100)
+    shrunk, _, _ = hardware_metrics(small, x1, profiles, base)
+    expected = alone["jetson-tx2"].latency_us / simulate_model(small, x1, ["jetson-tx2"])["jetson-tx2"].latency_us
+    assert shrunk["sim_speedup/jetson-tx2"] == pytest.approx(expected) and expected > 1
     assert any("jetson-tx2: 1 layer holds 50% zeros" in n for n in notes)
 
 
@@ -365,13 +397,104 @@ def test_pipeline_reports_per_profile_keys_everywhere(tmp_path, fixed_cpu):
     report = json.loads((out / "report.json").read_text())
     last = report["stages"][-1]
     for p in ("cpu-local", "jetson-tx2", "plain"):
-        assert last["metrics"][f"sim_speedup/{p}"] > 0
+        # unstructured zeros on three profiles without sparse kernels: the same dense work as stage 0
+        assert last["metrics"][f"sim_speedup/{p}"] == 1.0
         assert last["metrics"][f"sim_bottlenecks/{p}"]
     assert last["metrics"]["sim_speedup"] == last["metrics"]["sim_speedup/cpu-local"]
-    assert last["layers"][0]["hardware"]["jetson-tx2"]["bound"] in ("compute", "memory", "overhead")
+    # features.0 (64 -> 300) + ReLU at batch 1 on the TX2: ~38 kFLOP at 1331 GFLOP/s x 0.7 is ~0.04 us and
+    # ~39 KB at 51.2 GB/s ~0.8 us, both far below its 5 us kernel launch
+    row = last["layers"][0]
+    assert row["name"] == "features.0"
+    tx2 = row["hardware"]["jetson-tx2"]
+    assert tx2["bound"] == "overhead" and tx2["overhead_us"] == 5.0
+    assert tx2["compute_us"] < 0.1 and 0.5 < tx2["memory_us"] < 1.5
+    assert tx2["time_us"] == pytest.approx(5.0 + tx2["memory_us"])
+    # the plain profile (fp32, 100 GFLOP/s, 10 GB/s, 1 us per op) by hand: memory-bound
+    plain_row = row["hardware"]["plain"]
+    w_bytes = (300 * 64 + 300) * 4
+    assert plain_row["weight_bytes"] == 300 * 64 * 4 and plain_row["dram_bytes"] >= w_bytes
+    assert plain_row["memory_us"] == pytest.approx(plain_row["dram_bytes"] / 10e3)
+    assert plain_row["bound"] == "memory" and plain_row["memory_us"] > 1.0
     assert any("zeros" in n for n in last["notes"])
     with open(out / "metrics.csv") as f:
         header = next(csv.reader(f))
     assert {"sim_speedup", "sim_speedup/jetson-tx2", "sim_latency_ms/plain"} <= set(header)
     assert not any("bottlenecks" in c for c in header)
     assert "sim jetson-tx2" in (out / "report.md").read_text()
+
+
+# -- friendliness notes: each finding from a model built to show it ----------------------------------
+def _notes(model: nn.Module, x: torch.Tensor, path: str) -> list[str]:
+    from compress.hardware import hardware_notes, weight_infos
+
+    profile = load_profile(path)
+    sim = simulate_model(model.eval(), x, [profile])[profile.name]
+    return hardware_notes(sim, profile, weight_infos(model))
+
+
+def _mlp(*widths: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def test_note_a_model_narrower_than_the_lanes(tmp_path):
+    # 64 -> 8 -> 8 -> 10 on 16 lanes: both hidden layers (not the classifier) have 8 < 16 outputs
+    notes = _notes(_mlp(64, 8, 8, 10), torch.randn(1, 64), write_profile(tmp_path, "wide", lanes=16))
+    assert notes[0] == ("wide: 2 of 3 layers have fewer output channels than its 16 lanes (e.g. 0 8, 2 8): the model is "
+                        "too narrow to fill this hardware, whatever the rounding")
+
+
+def test_note_channel_counts_that_leave_lanes_idle_and_unfused_activations(tmp_path):
+    torch.manual_seed(0)
+    model, x = _mlp(64, 20, 20, 10), torch.randn(1, 64)
+    path = write_profile(tmp_path, "wide", lanes=16)
+    notes = _notes(model, x, path)
+    sim = simulate_model(model, x, [path])["wide"]
+    # 20 outputs fill 2 x 16 lanes: 12 of 32 (37.5%) idle; the classifier's 10 are the number of classes
+    share = sum(o.time_us for o in sim.ops if o.name in ("0", "2")) / sim.latency_us
+    assert notes[0] == (f"wide: 2 layers ({share:.0%} of the time) have channel counts that leave >=10% of its 16 "
+                        "lanes idle (0 20->32, 2 20->32); prune.structured round_to: 16 keeps them aligned")
+    relu = sum(o.time_us for o in sim.ops if o.kind == "activation") / sim.latency_us
+    assert notes[1] == (f"wide: 2 element-wise ops run unfused (relu): {relu:.0%} of the time; fold BN into the conv "
+                        "weights and fuse activations (torch.compile, or an inference runtime)")
+    assert not any("idle" in n for n in _notes(_mlp(64, 32, 32, 10), x, path))  # multiples of 16: none idle
+    fused = write_profile(tmp_path, "fused", lanes=16, fusion={"conv_bn_act": True, "elementwise": True})
+    assert not any("unfused" in n for n in _notes(model, x, fused))
+
+
+def test_note_lopsided_memory_bound_pointwise_conv(tmp_path):
+    # 1x1, 256 -> 8 on 8x8: 0.26 MFLOP (2.6 us at 100 GFLOP/s) against 75 KB (7.5 us at 10 GB/s)
+    notes = _notes(nn.Sequential(nn.Conv2d(256, 8, 1)), torch.randn(1, 256, 8, 8), write_profile(tmp_path))
+    assert notes == ["plain: memory-bound 1x1 convolutions with very unequal widths (little reuse per byte): "
+                     "0 256->8 (memory-bound, 100%)"]
+
+
+def test_note_depthwise_convolutions_take_more_time_than_flops(tmp_path):
+    model = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.Conv2d(32, 32, 1))
+    x = torch.randn(1, 32, 8, 8)
+    path = write_profile(tmp_path)
+    sim = simulate_model(model.eval(), x, [path])["plain"]
+    dw = next(o for o in sim.ops if o.kind == "grouped_conv")
+    f_share = dw.flops / sum(o.flops for o in sim.ops)  # 9 MACs per output against 32: about 22%
+    t_share = dw.time_us / sim.latency_us
+    assert t_share > 1.5 * f_share
+    assert _notes(model, x, path) == [f"plain: depthwise/grouped convolutions do {f_share:.0%} of the FLOPs but take "
+                                      f"{t_share:.0%} of the time (1 of 1 memory-bound); pruning them gains less than "
+                                      "their MACs suggest"]
+
+
+def test_note_zeros_that_sparse_hardware_cannot_use(tmp_path):
+    torch.manual_seed(0)
+    mask = torch.rand(128, 256) < 0.85
+    fc = sparse_linear(mask)
+    zeros = 1 - float(mask.float().mean())  # ~15%: CSR's 16-bit indices cost more than the zeros save
+    csr = write_profile(tmp_path, "csr", sparsity={"unstructured": {"format": "csr", "index_bits": 16}})
+    assert _notes(fc, torch.randn(1, 256), csr) == [
+        f"csr: 1 layer holds {zeros:.0%} zeros but none runs faster with sparse kernels (not sparse enough to pay "
+        "for the indices)"]
+    gpu = write_profile(tmp_path, "gpu", sparsity={"nm": "2:4"})
+    assert _notes(fc, torch.randn(1, 256), gpu) == [
+        f"gpu: 1 layer holds {zeros:.0%} zeros but none runs faster with 2:4 sparsity (no layer's zeros follow the "
+        "2:4 pattern)"]

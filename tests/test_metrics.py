@@ -50,7 +50,36 @@ def test_accuracy_and_loss_on_known_predictions():
     assert out["loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, labels)))
 
 
-def test_latency_is_positive_and_restores_mode(tiny_model):
-    tiny_model.train()
-    ms = measure_latency_ms(tiny_model, torch.randn(1, 1, 8, 8), repeats=3, warmup=1)
-    assert ms > 0 and tiny_model.training
+class _Clock:
+    """A fake ``time`` module whose clock moves only when the model says it ran."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_latency_is_the_median_time_per_call_after_warmup_in_eval_mode(tiny_model, monkeypatch):
+    import compress.metrics.latency as latency
+
+    clock = _Clock()
+    monkeypatch.setattr(latency, "time", clock)
+    calls: list[tuple[bool, bool]] = []
+
+    class Timed(nn.Module):  # the first call costs 5 ms (a warm-up), every later one 0.25 ms
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            calls.append((self.training, torch.is_grad_enabled()))
+            clock.now += 0.005 if len(calls) == 1 else 0.00025
+            return self.inner(x)
+
+    model = Timed(tiny_model).train()
+    ms = measure_latency_ms(model, torch.randn(1, 1, 8, 8), repeats=3, warmup=1)
+    assert ms == pytest.approx(0.25, rel=1e-6)  # the 5 ms warm-up call is not in the median
+    # the warm-up sized each sample at MIN_SAMPLE_S / 5 ms -> 1 call: 1 + 3 calls in all, in eval mode, no autograd
+    assert len(calls) == 4 and not any(training or grad for training, grad in calls)
+    assert model.training and tiny_model.training  # the caller's mode is restored

@@ -20,12 +20,13 @@ LAYER_KEYS = {"name", "type", "params", "nonzero", "sparsity", "macs"}
 def quick_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("quick")
     recipe = quick_recipe(tmp, logger={"wandb": {"mode": "offline"}})
-    records = Pipeline(load_recipe(recipe), quiet=True).run()
-    return tmp / "run", records
+    pipeline = Pipeline(load_recipe(recipe), quiet=True)
+    records = pipeline.run()
+    return tmp / "run", records, pipeline.model
 
 
 def test_report_has_every_key_for_every_stage(quick_run):
-    out, records = quick_run
+    out, records, _ = quick_run
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["name"] == "t" and report["recipe"]["stages"][1]["type"] == "prune.unstructured"
     assert [s["index"] for s in report["stages"]] == [0, 1, 2, 3]
@@ -44,24 +45,53 @@ def test_report_has_every_key_for_every_stage(quick_run):
 
 
 def test_checkpoints_load_weights_only_and_reproduce_the_model(quick_run):
-    out, records = quick_run
+    out, records, final = quick_run
     from compress.checkpoint import load_model, read_checkpoint
     from compress.data import build_datamodule, example_batch
+    from compress.metrics import evaluate_accuracy
 
     for i, name in enumerate(["input", "train", "prune.unstructured", "prune.unstructured-2"]):
         path = out / f"stage-{i}-{name}.ckpt"
         raw = torch.load(path, weights_only=True)
         assert raw["stage_index"] == i
     model = load_model(out / "stage-3-prune.unstructured-2.ckpt")
-    x, _ = example_batch(build_datamodule({"name": "digits"}), 16)
+    dm = build_datamodule({"name": "digits"})
+    x, _ = example_batch(dm, 16)
     data = read_checkpoint(out / "stage-3-prune.unstructured-2.ckpt")
     assert data["metrics"]["sparsity"] == pytest.approx(records[-1]["metrics"]["sparsity"])
     zeros = sum(int((m.weight == 0).sum()) for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert zeros == pytest.approx(0.8 * 50200, abs=3)
+    with torch.no_grad():  # the loaded model computes what the pipeline's own model computed
+        assert torch.equal(model(x), final.eval()(x))
+        trained = load_model(out / "stage-1-train.ckpt")(x)
+    assert not torch.allclose(trained, model(x))  # and each checkpoint holds its own stage's weights
+    assert evaluate_accuracy(model, dm.test_dataloader())["accuracy"] == records[-1]["metrics"]["accuracy"]
+
+
+def test_mac_speedup_after_structured_pruning_is_against_the_input_models_macs():
+    from compress.data import build_datamodule
+    from compress.pipeline import measure
+    from compress.pruning.structured import prune_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 8 * 8, 10))
+    dm = build_datamodule({"name": "digits"})  # 1 x 8 x 8 images
+    # by hand, a MAC per weight per output position: 8*1*9*64 + 8*8*9*64 + 512*10
+    dense_macs = 8 * 9 * 64 + 8 * 8 * 9 * 64 + 512 * 10
+    base, _, _ = measure(net, dm, repeats=3, warmup=1)
+    assert base["macs"] == dense_macs == 46592 and base["mac_speedup"] == 1.0
+    prune_model(net, torch.randn(1, 1, 8, 8), importance="l1", ratio=0.5)
+    assert (net[0].out_channels, net[2].out_channels, net[5].in_features) == (4, 4, 256)
+    pruned_macs = 4 * 9 * 64 + 4 * 4 * 9 * 64 + 256 * 10
+    after, _, _ = measure(net, dm, baseline=base, repeats=3, warmup=1)
+    assert after["macs"] == after["effective_macs"] == pruned_macs == 14080
+    assert after["mac_speedup"] == pytest.approx(dense_macs / pruned_macs)  # 3.31x: against stage 0
 
 
 def test_csv_and_wandb_offline_run_hold_per_stage_metrics(quick_run):
-    out, _ = quick_run
+    out, _, _ = quick_run
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) == 5 and "accuracy" in rows[0]
     assert (out / "curves" / "metrics.csv").read_text().count("prune.unstructured-2/loss_step") == 1  # per-step training curves
@@ -87,7 +117,7 @@ def test_wandb_sink_logs_stage_metrics_against_stage_index(quick_run):
         def log(self, payload):
             self.logged.append(payload)
 
-    _, records = quick_run
+    _, records, _ = quick_run
     run = FakeRun()
     sink = WandbSink(run)
     for r in records:

@@ -138,6 +138,9 @@ def record_teacher(name: str, teachers_dir: str | Path = "teachers") -> TeacherS
     spec_path = teacher_spec_path(name, teachers_dir)
     ts = load_teacher_spec(spec_path)
     ckpt = _checkpoint_path(ts, spec_path)
+    if not ckpt.is_file():
+        raise UserError(f"teacher '{name}' is not trained yet (no {ckpt}), so there is nothing to record; train it "
+                        f"with `python run.py teacher {name}`")
     digest = sha256_file(ckpt)
     accuracy = read_checkpoint(ckpt).get("metrics", {}).get("accuracy")
     text = spec_path.read_text()
