@@ -455,7 +455,8 @@ def test_note_channel_counts_that_leave_lanes_idle_and_unfused_activations(tmp_p
     # 20 outputs fill 2 x 16 lanes: 12 of 32 (37.5%) idle; the classifier's 10 are the number of classes
     share = sum(o.time_us for o in sim.ops if o.name in ("0", "2")) / sim.latency_us
     assert notes[0] == (f"wide: 2 layers ({share:.0%} of the time) have channel counts that leave >=10% of its 16 "
-                        "lanes idle (0 20->32, 2 20->32); prune.structured round_to: 16 keeps them aligned")
+                        "lanes idle (0 20->32, 2 20->32); prune.structured round_to: 16 (what round_to: auto picks "
+                        "with latency_on: wide) keeps them aligned")
     relu = sum(o.time_us for o in sim.ops if o.kind == "activation") / sim.latency_us
     assert notes[1] == (f"wide: 2 element-wise ops run unfused (relu): {relu:.0%} of the time; fold BN into the conv "
                         "weights and fuse activations (torch.compile, or an inference runtime)")
