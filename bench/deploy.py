@@ -75,7 +75,8 @@ def bench_model(name: str, rounds: int, threads: int, align: int, calibration: i
                             f"ort_vs_eager_dense_b{b}": tf.speedup,
                             f"unreliable_b{b}": te.unreliable or to.unreliable})
             rows.append(row)
-            print_table([row], COLUMNS)
+            print(f"{name} / {variant}: ORT b32 {row['ort_speedup_b32']:.2f}x, eager b32 {row['eager_speedup_b32']:.2f}x",
+                  flush=True)
     return rows
 
 
