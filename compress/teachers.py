@@ -7,7 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compress.distill.teacher import _checkpoint_path, load_teacher_spec, record_teacher, teacher_spec_path
+from compress.distill.teacher import (
+    load_teacher_spec,
+    record_teacher,
+    teacher_checkpoint_path,
+    teacher_spec_path,
+)
 from compress.errors import UserError
 from compress.pipeline import Pipeline
 from compress.recipe import load_recipe
@@ -23,7 +28,7 @@ def train_teacher(name: str, teachers_dir: str | Path = "teachers", *, overrides
     """
     spec_path = teacher_spec_path(name, teachers_dir)
     ts = load_teacher_spec(spec_path)
-    ckpt = _checkpoint_path(ts, spec_path)
+    ckpt = teacher_checkpoint_path(ts, spec_path)
     recipe = load_recipe(ts.recipe, [f"out_dir={ckpt.parent}", *overrides])
     pipeline = Pipeline(recipe, overwrite=True, quiet=quiet)
     pipeline.run()

@@ -32,7 +32,7 @@ from compress.errors import UserError, suggest
 from compress.schema import merge_structured
 
 __all__ = ["TeacherSpec", "resolve_teacher", "teacher_spec_path", "load_teacher_spec", "check_teacher",
-           "record_teacher", "sha256_file"]
+           "record_teacher", "sha256_file", "teacher_checkpoint_path"]
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
@@ -77,7 +77,7 @@ def load_teacher_spec(path: str | Path) -> TeacherSpec:
     return OmegaConf.to_object(merge_structured(TeacherSpec, data, str(path)))
 
 
-def _checkpoint_path(spec: TeacherSpec, spec_path: Path) -> Path:
+def teacher_checkpoint_path(spec: TeacherSpec, spec_path: Path) -> Path:
     ckpt = Path(spec.checkpoint)
     return ckpt if ckpt.is_absolute() else spec_path.parent / ckpt
 
@@ -103,7 +103,7 @@ def check_teacher(spec: str, teachers_dir: str | Path = "teachers", key: str = "
         return Path(spec)
     spec_path = teacher_spec_path(spec, teachers_dir, key)
     ts = load_teacher_spec(spec_path)
-    ckpt = _checkpoint_path(ts, spec_path)
+    ckpt = teacher_checkpoint_path(ts, spec_path)
     if not ckpt.is_file():
         raise UserError(f"{key}: teacher '{spec}' is not trained yet (no {ckpt}); train it with "
                         f"`python run.py {ts.recipe}`")
@@ -137,7 +137,7 @@ def record_teacher(name: str, teachers_dir: str | Path = "teachers") -> TeacherS
     """Write the checkpoint's sha256 and stored test accuracy into the spec (other lines kept)."""
     spec_path = teacher_spec_path(name, teachers_dir)
     ts = load_teacher_spec(spec_path)
-    ckpt = _checkpoint_path(ts, spec_path)
+    ckpt = teacher_checkpoint_path(ts, spec_path)
     if not ckpt.is_file():
         raise UserError(f"teacher '{name}' is not trained yet (no {ckpt}), so there is nothing to record; train it "
                         f"with `python run.py teacher {name}`")
