@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from compress.config import FinetuneConfig
 from compress.errors import UserError
 from compress.quant import (
+    QUANTIZABLE,
     SUPPORTED_BITS,
     check_bits,
     dequantize_layer,
@@ -35,7 +36,6 @@ from compress.quant import (
     quantize_ptq,
     quantized_layers,
 )
-from compress.quant.int8 import QUANTIZABLE
 from compress.runtime import export_onnx, ort_accuracy
 from compress.schema import check_choice, check_range, match_layers
 from compress.stages.base import STAGES, Context, Stage, StageResult
