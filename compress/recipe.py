@@ -277,6 +277,8 @@ def _validate_top(cfg: DictConfig) -> None:
         raise UserError(f"seed: {cfg.seed} must be >= 0")
     if cfg.eval.latency_repeats < 1:
         raise UserError(f"eval.latency_repeats: {cfg.eval.latency_repeats} must be >= 1")
+    if cfg.eval.latency_threads < 1:
+        raise UserError(f"eval.latency_threads: {cfg.eval.latency_threads} must be >= 1 (torch intra-op threads)")
     if not cfg.out_dir:
         raise UserError("out_dir: must not be empty")
     check_index_bits(cfg.encoding.index_bits, "encoding.index_bits")

@@ -159,3 +159,11 @@ def test_recipes_of_the_wrong_shape_are_one_line_exit_2(tmp_path, text, expected
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == expected.replace("{path}", str(path))
     assert not (tmp_path / "runs").exists()
+
+
+def test_latency_threads_below_one_is_refused_at_load(tmp_path):
+    from compress.errors import UserError
+    from compress.recipe import load_recipe
+
+    with pytest.raises(UserError, match=r"^eval\.latency_threads: 0 must be >= 1 \(torch intra-op threads\)$"):
+        load_recipe(quick_recipe(tmp_path, eval={"latency_threads": 0}))
