@@ -499,3 +499,24 @@ def test_note_zeros_that_sparse_hardware_cannot_use(tmp_path):
     assert _notes(fc, torch.randn(1, 256), gpu) == [
         f"gpu: 1 layer holds {zeros:.0%} zeros but none runs faster with 2:4 sparsity (no layer's zeros follow the "
         "2:4 pattern)"]
+
+
+def test_cpu_calibration_measures_every_field_a_profile_needs(tmp_path, monkeypatch):
+    """The micro-benchmark itself (shortened): every figure present, in range, and one the profile accepts."""
+    import compress.hardware.calibrate as cal
+
+    monkeypatch.setattr(cal, "BUDGET_S", 0.002)
+    monkeypatch.setattr(cal, "CHUNK_S", 20e-6)
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path))
+    figures = cal.measure_cpu()
+    assert figures["lanes"] == cal.simd_lanes_fp32() and figures["on_chip_bytes"] == cal._largest_cache_bytes()
+    assert figures["peak_gflops.fp32"] > 0 and figures["memory_gbps"] > 0 and figures["on_chip_gbps"] > 0
+    assert all(figures[k] >= 0 for k in figures if k.startswith("overhead_us."))
+    assert all(0 < figures[k] <= 1 for k in figures if k.startswith("efficiency."))
+    assert 0.05 <= figures["efficiency.unaligned"] <= 1
+    profile = cal._apply(load_profile("cpu-local", calibrate=False), figures)
+    assert profile.lanes == figures["lanes"] and profile.peak_gflops.fp32 == figures["peak_gflops.fp32"]
+    # the CLI measures, caches under $COMPRESS_CACHE and prints the cache
+    monkeypatch.setattr(cal, "measure_cpu", lambda: dict(figures))
+    assert cal.main(["--force"]) == 0
+    assert json.loads(cal.cache_path().read_text())["figures"]["lanes"] == figures["lanes"]
