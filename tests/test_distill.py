@@ -424,3 +424,41 @@ def test_distill_stage_trains_through_lightning_and_leaves_nothing_behind(synthe
     assert {"finetune"} <= set(result.info) and result.info["teacher"] == "self"
     logged = result.info["finetune"]
     assert any("loss_soft" in k for k in logged) and any("loss_feat/conv2" in k for k in logged)
+
+
+def test_captured_outputs_take_the_first_tensor_of_a_structured_output_and_are_cloned():
+    """Modules returning tuples or dicts (RNNs, attention, Hugging Face blocks): the first tensor is the feature."""
+    from compress.distill import capture_outputs
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return (None, x * 2, x * 3)
+
+    class Named(nn.Module):
+        def forward(self, x):
+            return {"mask": None, "hidden": x + 1}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair, self.named, self.act = Pair(), Named(), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.act(self.named(self.pair(x)[1])["hidden"])
+
+    x = torch.tensor([[-3.0, 1.0]])
+    net = Net()
+    with capture_outputs(net, ["pair", "named", "pair"]) as feats:
+        net(x)
+        assert torch.equal(feats["pair"], x * 2)
+        assert torch.equal(feats["named"], x * 2 + 1)  # cloned: the in-place ReLU after it did not touch it
+        assert set(feats) == {"pair", "named"}
+    assert feats == {} and not net.pair._forward_hooks and not net.named._forward_hooks
+
+    class Empty(nn.Module):
+        def forward(self, x):
+            return {"nothing": None}
+
+    holder = nn.Sequential(Empty())
+    with pytest.raises(TypeError, match="holds no tensor"), capture_outputs(holder, ["0"]):
+        holder(x)
