@@ -660,6 +660,8 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
             floor_ms = _table_ms(analysis, table, [min(g.width, g.floor) for g in analysis.groups])
             if table0 / max(floor_ms, 1e-12) >= target * (1 - tolerance):
                 break
+        # finer alignments auto may still move to when the whole model stops short (multiples of 16 are of 8)
+        finer = alignments[alignments.index((round_to, small_round_to)) + 1:]
         if table0 / max(floor_ms, 1e-12) < target * (1 - tolerance):  # even if nothing but the tables shrank
             raise UserError(f"{key}.latency_speedup: {target}x on {backend.name} cannot be reached: the layers it "
                             f"can narrow give at most about {table0 / max(floor_ms, 1e-12):.2f}x (max_layer_ratio "
@@ -670,14 +672,14 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
         share = min(1.0, table0 / base_ms) if base_ms > 0 else 1.0
         for step in range(1, iterative_steps + 1):
             goal = target ** (step / iterative_steps)
-            for rnd in range(MAX_ROUNDS):
+            for rnd in range(MAX_ROUNDS + len(finer)):
                 if _gradients_needed(imp, gradient_batches):
                     _accumulate_gradients(model, gradient_batches, loss_fn)
                 analysis = _analyze(model, example_inputs, imp, sorted(ignored), before, round_to, max_layer_ratio,
                                     small_round_to)
                 _clear_grads(model)
                 now = _table_ms(analysis, table) / table0
-                if achieved < 0.999 and now < 0.999:  # refit on the last measurement
+                if achieved > 1.001 and now < 0.999:  # refit on the last measurement (was never true: speedups are > 1)
                     share = min(1.5, max(0.05, (1 - 1 / achieved) / (1 - now)))
                 # the first two rounds go half the way (in log speedup) before the tables are calibrated on a
                 # measurement: a layer alone misses effects of the whole (activations that start to fit in
@@ -687,6 +689,9 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
                 path: list[list[int]] = []
                 widths, est = allocate_widths(analysis, table, goal_table, trace=path)
                 if widths == [g.width for g in analysis.groups]:
+                    if finer:  # round_to: auto, stuck at this alignment: go on with the next finer one
+                        round_to, small_round_to = finer.pop(0)
+                        continue
                     break  # nothing more to narrow
                 # check the whole model before removing channels: back off along the path if it overshoots
                 back = _backtrack(model, base, analysis, path, example_inputs, latency_inputs, backend, goal,
