@@ -116,7 +116,7 @@ def match_uniform(base: torch.nn.Module, x: torch.Tensor, xb: torch.Tensor, back
     0.153, where fc1 goes from 425 to 424 units), so bisection can stop far from the goal. Scan a grid
     of ratios, unrounded and with channel counts rounded to 8 and 16 (the same ratio everywhere, then
     aligned as ``round_to`` does), then refine between neighbouring ratios that bracket the goal until
-    one lands within ``within``.
+    one lands within ``within``; of those within it, the lowest ratio (the uniform arm's best case).
 
     Returns:
         (model, "ratio/round_to", its speedup over ``like``: near 1)
@@ -149,7 +149,10 @@ def match_uniform(base: torch.nn.Module, x: torch.Tensor, xb: torch.Tensor, back
             break
         lo, hi = min(pairs, key=lambda ab: min(miss(ab[0]), miss(ab[1])))
         measure(lo[0], (lo[1] + hi[1]) / 2)
-    best = min(tried, key=miss)
+    # several uniform models can sit within ``within`` (a plateau of aligned widths): give the uniform arm its
+    # best case, the one keeping the most channels (lowest ratio), not whichever the timing noise put nearest
+    near = [k for k in tried if miss(k) <= math.log1p(within)]
+    best = min(near, key=lambda k: (k[1], -(k[0] or 0))) if near else min(tried, key=miss)
     for rt in (None, 8, 16):
         print(f"  uniform scan, round_to {rt}: " + ", ".join(
             f"{q:.3f}:{tried[rt, q][0]:.2f}x" for r, q in sorted(tried, key=lambda k: k[1]) if r == rt), flush=True)
