@@ -4,17 +4,29 @@ simulated profile (deterministic), ``round_to: auto``, sim metrics at the latenc
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+import compress.pruning.latency as latency_mod
 from compress.cli import main
 from compress.errors import UserError
 from compress.hardware import hardware_metrics, load_profile, simulate_model
 from compress.models import build_model
-from compress.pruning.latency import LatencyBackend, latency_backend, prune_to_latency, resolve_round_to
+from compress.pruning.latency import (
+    LatencyBackend,
+    LatencyTable,
+    LayerSpec,
+    auto_alignments,
+    latency_backend,
+    prune_to_latency,
+    resolve_round_to,
+)
 from compress.pruning.structured import prune_model
 from compress.stages import STAGES, Context
 from tests.conftest import quick_recipe
@@ -181,3 +193,112 @@ def test_cli_exit_2_on_an_unknown_latency_target(tmp_path: Path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "stages[1].latency_on: unknown profile 'tensorrt'" in err and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch backend, the on-disk table cache, backtracking and round_to: auto's fallbacks
+# ---------------------------------------------------------------------------------------------
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(32, 32, 3)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c1(x))))
+        return self.fc(torch.relu(self.c3(x)).mean((2, 3)))
+
+
+def _flops(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def test_torch_backend_with_a_flop_timer_reaches_the_target(monkeypatch):
+    """The torch backend's plumbing (tables, deployed copies, A/B speedup) with the timer replaced by a FLOP count."""
+    monkeypatch.setattr(latency_mod, "latency_ms", lambda fn, **kw: _flops(fn) / 1e6)
+    monkeypatch.setattr(latency_mod, "compare_latency",
+                        lambda cand, base, **kw: SimpleNamespace(speedup=_flops(base) / _flops(cand)))
+    backend = latency_backend("torch")
+    assert backend.name == "torch" and not backend.deterministic and "eager torch" in backend.how
+    torch.manual_seed(0)
+    model, x = SmallNet().eval(), torch.randn(2, 3, 16, 16)
+    table = LatencyTable(backend, 4, cache=False)
+    r = prune_to_latency(model, x, torch.randn(4, 3, 16, 16), target=2.0, backend=backend, round_to=8, table=table)
+    assert 2.0 * 0.95 <= r.achieved <= 2.0 * 1.15 and r.on == "torch" and r.round_to == 8
+    assert all(c % 8 == 0 for n, c in r.channels_after.items() if n != "fc")
+    assert table.measured == len(table.entries) > 0
+
+
+def test_torch_backend_tables_grow_with_width_as_measured():
+    """Real timing, tolerant of a shared machine: 64 channels in and out cost more than 8 (64x the MACs)."""
+    table = LatencyTable(latency_backend("torch"), 4, cache=False)
+    spec = LayerSpec("conv", (3, 3), (1, 1), (1, 1), (1, 1), (16, 16))
+    assert table.ms(spec, 64, 64) > table.ms(spec, 8, 8)
+    assert table.path is None and table.measured == 2
+
+
+def _counting_backend(calls: list[str], **key) -> LatencyBackend:
+    def ms(m: nn.Module, x: torch.Tensor) -> float:
+        calls.append(tuple(x.shape))
+        return float(sum(p.numel() for p in m.parameters()))
+
+    return LatencyBackend(name="fake", how="counted", lanes=8, deterministic=False, layer_ms=ms, model_ms=ms,
+                          speedup=lambda m, b, x: ms(b, x) / ms(m, x), cache_key={"fake": 1, **key})
+
+
+def test_measured_tables_are_cached_on_disk_reused_and_keyed(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path))
+    spec = LayerSpec("conv", (3, 3), (1, 1), (1, 1), (1, 1), (8, 8))
+    calls: list = []
+    first = LatencyTable(_counting_backend(calls), 4)
+    value = first.ms(spec, 8, 16)
+    assert first.measured == 1 and len(calls) == latency_mod.MEASURED_SAMPLES  # the fastest of a few
+    first.save()
+    assert first.path is not None and first.path.parent == tmp_path / "latency" and first.path.exists()
+    data = json.loads(first.path.read_text())
+    assert data["key"]["batch"] == 4 and data["key"]["format"] == latency_mod.TABLE_FORMAT
+    assert data["entries"] == {spec.as_key(8, 16, 4): value}
+
+    calls.clear()
+    again = LatencyTable(_counting_backend(calls), 4)  # same target and batch: read back, nothing measured
+    assert again.ms(spec, 8, 16) == value and again.measured == 0 and calls == []
+    again.save()  # nothing new: not rewritten
+    assert json.loads(first.path.read_text()) == data
+
+    other_batch = LatencyTable(_counting_backend(calls), 2)
+    other_threads = LatencyTable(_counting_backend(calls, threads=2), 4)
+    assert len({first.path, other_batch.path, other_threads.path}) == 3
+    assert other_batch.entries == {} and other_threads.entries == {}
+
+    first.path.write_text("{not json")  # a damaged cache is ignored, not fatal
+    assert LatencyTable(_counting_backend(calls), 4).entries == {}
+    assert LatencyTable(latency_backend(PROFILE), 4).path is None  # simulated tables are never stored
+
+
+def test_overshoot_is_backed_off_along_the_path(monkeypatch):
+    """MobileNetV2 on jetson-tx2 jumped past 2x (2.34x) when activations began to fit on chip: the whole model
+    is now checked before channels go, and the allocation's path is cut where it reaches the target."""
+    torch.manual_seed(0)
+    base = build_model("mobilenetv2", input_shape=(3, 32, 32), num_classes=10).eval()
+    model = copy.deepcopy(base)
+    r = prune_to_latency(model, torch.randn(2, 3, 32, 32), torch.randn(8, 3, 32, 32), target=2.0,
+                         backend=latency_backend(PROFILE), round_to="auto")
+    assert 2.0 * 0.95 <= r.achieved <= 2.0 * 1.10
+
+
+def test_round_to_auto_halves_the_lanes_for_narrow_groups_when_unreachable():
+    """ResNet-20's first stage is 16 wide: in steps of 16 it cannot narrow; auto tries 8 for it."""
+    backend = LatencyBackend(name="flops", how="counted", lanes=16, deterministic=True,
+                             layer_ms=lambda m, x: _flops(lambda: m(x)), model_ms=lambda m, x: _flops(lambda: m(x)),
+                             speedup=lambda m, b, x: _flops(lambda: b(x)) / _flops(lambda: m(x)))
+    assert auto_alignments(backend) == [(16, None), (16, 8), (8, None)]
+    torch.manual_seed(0)
+    model = build_model("resnet20", input_shape=(3, 32, 32), num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(UserError, match="round_to 16"):  # the premise: not in steps of 16 everywhere
+        prune_to_latency(copy.deepcopy(model), x, x, target=4.0, backend=backend, round_to=16)
+    r = prune_to_latency(model, x, x, target=4.0, backend=backend, round_to="auto")
+    assert (r.round_to, r.small_round_to) == (16, 8) and r.achieved >= 4.0 * 0.95
+    assert r.channels_after["conv1"] == 8 and r.as_dict()["small_round_to"] == 8

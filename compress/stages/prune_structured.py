@@ -12,7 +12,10 @@ The classifier's outputs are never pruned (the output layer is found by tracing)
 ``round_to: auto`` (the default) aligns channel counts to the width the latency target rewards:
 the profile's ``lanes`` (what the simulator's lane notes name), or the CPU's fp32 SIMD width for
 ``onnxruntime`` and ``torch`` (16 with AVX-512, else 8: their convolutions compute channels in
-blocks of it). Without a latency target, ``auto`` means no rounding, as before it existed.
+blocks of it). Where the tables say the target cannot be reached in those steps, ``auto`` tries
+half the lanes for groups narrower than two lane blocks, then half the lanes everywhere
+(:func:`compress.pruning.latency.auto_alignments`; ResNet's 16-channel first stage in ONNX Runtime).
+Without a latency target, ``auto`` means no rounding, as before it existed.
 ``latency_batch`` defaults to the pipeline's latency batch (``eval.latency_batch_size``, else the
 data batch size), which the pipeline puts on the :class:`Context`; from Python without one, the
 data module's batch size, else 1.
@@ -214,7 +217,8 @@ class StructuredPruningStage(Stage):
                 ctx.example_inputs(batch_size=batch)
             result = prune_to_latency(model, x, xb, target=c.latency_speedup, backend=backend, importance=importance,
                                       iterative_steps=c.iterative_steps,
-                                      round_to=resolve_round_to(c.round_to, backend), ignore=ignore,
+                                      round_to=c.round_to if c.round_to in ("auto", None) else int(c.round_to),
+                                      ignore=ignore,
                                       max_layer_ratio=c.max_layer_ratio, tolerance=c.latency_tolerance,
                                       on_step=on_step, gradient_batches=gradient_batches, key=key)
         else:
