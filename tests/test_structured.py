@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -389,3 +390,32 @@ def test_sensitivity_writes_csv_png_and_suggests(tmp_path):
     assert suggest_ratios(curves, baseline=1.0, max_drop=0.0) == {}
     with pytest.raises(UserError, match="outside"):
         run_sensitivity(model, evaluate, x, tmp_path, ratios=(1.0,))
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"ratio": 0.5, "global": True, "global_pruning": True}, "s.global: give `global` or `global_pruning`, not both"),
+    ({"latency_speedup": 2, "latency_batch": 0}, "s.latency_batch: 0 must be >= 1"),
+    ({"ratio": 0.5, "iterative_steps": 0}, "s.iterative_steps: 0 must be >= 1"),
+    ({"ratio": 0.5, "round_to": "lanes"}, "s.round_to: 'lanes' is not valid; give an integer, auto or null"),
+    ({"ratio": 0.5, "round_to": 0}, "s.round_to: 0 must be >= 1"),
+    ({"ratio": 0.5, "taylor_batches": 0}, "s.taylor_batches: 0 must be >= 1"),
+    ({"ratio": 0.5, "search_steps": 1}, "s.search_steps: 1 must be >= 2"),
+    ({"ratio": 0.5, "regularize": {"kind": "group_norm", "reg": 0}}, "s.regularize.reg: 0.0 must be > 0"),
+])
+def test_structured_config_mistakes_are_one_line_naming_the_key(block, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+        StructuredPruningStage(block, key="s")
+
+
+@pytest.mark.parametrize("init", ["density", "random"])
+def test_kmeans_other_inits_give_sorted_centroids_and_nearest_labels(init):
+    from compress.sharing import kmeans_1d
+
+    w = torch.cat([torch.randn(500) - 4, torch.randn(500) + 4])
+    centroids, labels = kmeans_1d(w, 2, init=init, generator=torch.Generator().manual_seed(0))
+    assert torch.all(centroids[1:] > centroids[:-1])
+    nearest = (w[:, None] - centroids[None, :]).abs().argmin(1)
+    assert torch.equal(labels, nearest)
+    assert centroids[0] == pytest.approx(-4, abs=0.3) and centroids[1] == pytest.approx(4, abs=0.3)
+    with pytest.raises(ValueError, match="unknown init 'kmeans'"):
+        kmeans_1d(w, 2, init="kmeans")
