@@ -50,6 +50,7 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
             baseline_model: nn.Module | None = None, hardware: list[str] = (), repeats: int = 30,
             warmup: int = 10, latency_batch: int | None = None, max_batches: int | None = None,
             index_bits: int | str = 5, threads: int = 1, runtimes: list[str] = (), calibration_batches: int = 8,
+            runtime_baselines: dict[str, Any] | None = None,
             ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     """Every per-stage metric, from the model in hand: ``(metrics, layer rows, extras)``.
 
@@ -119,7 +120,7 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     if runtimes:
         rt, rt_notes = runtime_metrics(model, reference, datamodule, list(runtimes), x1=x1, xb=xb, threads=threads,
                                        warmup=warmup, rounds=rounds, max_batches=max_batches,
-                                       calibration_batches=calibration_batches)
+                                       calibration_batches=calibration_batches, baselines=runtime_baselines)
         metrics.update(rt)
         notes += rt_notes
     if notes:
@@ -129,14 +130,18 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
 
 def runtime_metrics(model: nn.Module, baseline_model: nn.Module, datamodule: Any, runtimes: list[str], *,
                     x1: torch.Tensor, xb: torch.Tensor, threads: int, warmup: int, rounds: int,
-                    max_batches: int | None, calibration_batches: int) -> tuple[dict[str, Any], list[str]]:
+                    max_batches: int | None, calibration_batches: int, baselines: dict[str, Any] | None = None,
+                    ) -> tuple[dict[str, Any], list[str]]:
     """Speed and accuracy where the model ships: per runtime R, the model deployed there (int8 when
     quantised) and the input model deployed the same way, timed in alternating rounds at ``threads``.
 
     Keys: ``runtime_latency_ms/R``, ``runtime_latency_ms_batch/R``, ``runtime_speedup/R``,
     ``runtime_speedup_batch/R`` (against stage 0 in the same runtime), their ``_iqr``,
     ``runtime_accuracy/R`` (test accuracy computed by the runtime) and ``runtime_bytes/R`` (the file).
+    ``baselines`` (runtime -> session of ``baseline_model``) is filled on first use and reused after, so
+    the input model is deployed once per run, not once per stage.
     """
+    baselines = {} if baselines is None else baselines
     metrics: dict[str, Any] = {}
     notes: list[str] = []
     calibration = training_inputs(datamodule, calibration_batches) if is_quantized(model) else None
@@ -146,7 +151,9 @@ def runtime_metrics(model: nn.Module, baseline_model: nn.Module, datamodule: Any
             deploy = RUNTIMES.get(r, "eval.runtimes")
             path = Path(tmp) / f"{r}.onnx"
             session = deploy(model, path, x1, calibration=calibration, threads=threads)
-            base = deploy(baseline_model, Path(tmp) / f"{r}-baseline.onnx", x1, threads=threads)
+            if r not in baselines:  # a session holds its graph in memory: the file may go with tmp
+                baselines[r] = deploy(baseline_model, Path(tmp) / f"{r}-baseline.onnx", x1, threads=threads)
+            base = baselines[r]
             t1 = compare_latency(lambda s=session: s.run(a1), lambda b=base: b.run(a1), rounds=rounds, repeats=3,
                                  warmup=warmup, threads=threads)
             tb = compare_latency(lambda s=session: s.run(ab), lambda b=base: b.run(ab), rounds=max(3, rounds // 2),
@@ -179,6 +186,7 @@ class Pipeline:
         self.quiet = quiet
         self.records: list[dict[str, Any]] = []
         self.baseline_model: nn.Module | None = None  # stage 0's deployed copy: every stage is timed against it
+        self.runtime_baselines: dict[str, Any] = {}  # runtime -> stage 0 deployed there (sessions, built once)
         self.sinks: list[Sink] = []
 
     # -- set-up ------------------------------------------------------------------------------
@@ -331,7 +339,8 @@ class Pipeline:
                                           latency_batch=e.latency_batch_size, max_batches=e.max_batches,
                                           index_bits=self.cfg.encoding.index_bits,
                                           baseline_model=self.baseline_model, threads=e.latency_threads,
-                                          runtimes=list(e.runtimes), calibration_batches=self._calibration_batches())
+                                          runtimes=list(e.runtimes), calibration_batches=self._calibration_batches(),
+                                          runtime_baselines=self.runtime_baselines)
         metrics["wall_s"] = wall
         record = {"index": index, "name": name, "type": type_, "metrics": metrics, "layers": layers,
                   "info": _plain(info), **extras}

@@ -46,12 +46,6 @@ def _quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]
     return (getattr(module, INPUT_QUANTIZER)(args[0]), *args[1:])
 
 
-def _weight_quantizer(module: nn.Module) -> WeightQuantizer | None:
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    return next((p for p in module.parametrizations["weight"] if isinstance(p, WeightQuantizer)), None)
-
-
 def _is_quantized_layer(module: nn.Module) -> bool:
     return isinstance(getattr(module, INPUT_QUANTIZER, None), ActivationQuantizer)
 
