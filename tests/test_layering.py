@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "compress"
 # only from its own layer or those below; a new module must be placed here.
 LAYERS = {
     "compress.errors": 1, "compress.registry": 1, "compress.schema": 1, "compress.config": 1,
-    "compress.files": 1,
+    "compress.files": 1, "compress.batches": 1,
     "compress.models": 2, "compress.data": 2, "compress.pruning": 2, "compress.sharing": 2,
     "compress.quant": 2, "compress.encoding": 2, "compress.distill": 2, "compress.hardware": 2,
     "compress.metrics": 2, "compress.checkpoint": 2, "compress.lit": 2, "compress.runtime": 2,
