@@ -35,6 +35,7 @@ _API = {
     "export_onnx": "compress.runtime", "OrtModel": "compress.runtime",
     "Pipeline": "compress.pipeline", "measure": "compress.pipeline",
     "load_recipe": "compress.recipe",
+    "set_output": "compress.batches", "logits_of": "compress.batches",
 }
 
 __all__ = sorted(_API)

@@ -94,7 +94,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 def model_from_checkpoint(data: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
     """Rebuild the model a checkpoint describes."""
     spec = dict(data["model_spec"])
-    model = build_model(spec.pop("name"), key="model", **spec.get("kwargs", {}))
+    model = build_model(spec.pop("name"), key="model", output=spec.get("output"), **spec.get("kwargs", {}))
     load_into(model, data, path)
     return model
 

@@ -173,6 +173,7 @@ def _export(argv: Sequence[str]) -> int:
 
 def _export_onnx(model, data: dict, source: str, out) -> int:
     """The ONNX half of ``export``: inputs and calibration batches come from the run's own data."""
+    from compress.batches import batch_size, take
     from compress.data import build_datamodule, example_batch, training_inputs
     from compress.quant import is_quantized
     from compress.runtime import OrtModel, export_onnx
@@ -185,10 +186,10 @@ def _export_onnx(model, data: dict, source: str, out) -> int:
     quantized = is_quantized(model)
     calibration = next((s.get("calibration_batches", 8) for s in recipe.get("stages", []) if s.get("type") == "quantize"), 8)
     test = example_batch(dm, 256)[0]
-    export_onnx(model, out, test[:1], calibration=training_inputs(dm, calibration) if quantized else None,
+    export_onnx(model, out, take(test, 1), calibration=training_inputs(dm, calibration) if quantized else None,
                 check_inputs=test)
     print(f"{out}: {out.stat().st_size:,} bytes, {'int8 (QDQ)' if quantized else 'fp32'} ONNX from {source}, "
-          f"checked against PyTorch on {len(test)} test inputs; runs in ONNX Runtime "
+          f"checked against PyTorch on {batch_size(test)} test inputs; runs in ONNX Runtime "
           f"({OrtModel(out).session.get_providers()[0]})")
     return 0
 

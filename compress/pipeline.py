@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
+from compress.batches import call, describe_inputs, forward, output_field
 from compress.checkpoint import load_into, read_checkpoint, save_checkpoint
 from compress.data import build_datamodule, describe, example_batch, training_inputs
 from compress.encoding import model_storage
@@ -30,7 +31,7 @@ from compress.models import build_model, model_kwargs
 from compress.pruning.masks import deployed_copy
 from compress.quant import float_copy, int8_storage_bytes, is_quantized
 from compress.recipe import Recipe
-from compress.runtime import RUNTIMES, ort_accuracy
+from compress.runtime import RUNTIMES, feeds, ort_accuracy
 from compress.stages.base import Context, Stage
 from compress.tracking import CSVSink, HtmlSink, ReportSink, Sink, TerminalSink, WandbSink
 
@@ -40,10 +41,14 @@ NOT_COMPRESSION = ("train", "evaluate")
 
 
 def model_spec(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
-    """What rebuilds the architecture: the zoo name and every constructor argument."""
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("name", "checkpoint")}
+    """What rebuilds the architecture: the zoo name, every constructor argument and the output field."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+              if k not in ("name", "checkpoint", "output")}
     kwargs = model_kwargs(str(cfg.name), kwargs, input_shape=input_shape, num_classes=num_classes)
-    return {"name": str(cfg.name), "kwargs": kwargs}
+    spec = {"name": str(cfg.name), "kwargs": kwargs}
+    if cfg.get("output") is not None:
+        spec["output"] = cfg.output
+    return spec
 
 
 def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | None = None,
@@ -86,9 +91,9 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     reference = (baseline_model if baseline_model is not None else deployed).cpu().eval()
     rounds = max(3, -(-repeats // 3))  # about `repeats` samples per model at batch 1, half that at batch
     with torch.inference_mode():
-        t1 = compare_latency(lambda: deployed(x1), lambda: reference(x1), rounds=rounds, repeats=3,
+        t1 = compare_latency(lambda: call(deployed, x1), lambda: call(reference, x1), rounds=rounds, repeats=3,
                              warmup=warmup, threads=threads)
-        tb = compare_latency(lambda: deployed(xb), lambda: reference(xb), rounds=max(3, rounds // 2),
+        tb = compare_latency(lambda: call(deployed, xb), lambda: call(reference, xb), rounds=max(3, rounds // 2),
                              repeats=3, warmup=warmup, threads=threads)
     metrics["measured_latency_ms"] = t1.candidate_ms
     metrics["measured_latency_ms_batch"] = tb.candidate_ms
@@ -129,7 +134,7 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
 
 
 def runtime_metrics(model: nn.Module, baseline_model: nn.Module, datamodule: Any, runtimes: list[str], *,
-                    x1: torch.Tensor, xb: torch.Tensor, threads: int, warmup: int, rounds: int,
+                    x1: Any, xb: Any, threads: int, warmup: int, rounds: int,
                     max_batches: int | None, calibration_batches: int, baselines: dict[str, Any] | None = None,
                     ) -> tuple[dict[str, Any], list[str]]:
     """Speed and accuracy where the model ships: per runtime R, the model deployed there (int8 when
@@ -145,7 +150,7 @@ def runtime_metrics(model: nn.Module, baseline_model: nn.Module, datamodule: Any
     metrics: dict[str, Any] = {}
     notes: list[str] = []
     calibration = training_inputs(datamodule, calibration_batches) if is_quantized(model) else None
-    a1, ab = x1.numpy(), xb.numpy()
+    a1, ab = feeds(x1), feeds(xb)
     with tempfile.TemporaryDirectory(prefix="compress-runtime-") as tmp:
         for r in runtimes:
             deploy = RUNTIMES.get(r, "eval.runtimes")
@@ -170,6 +175,30 @@ def runtime_metrics(model: nn.Module, baseline_model: nn.Module, datamodule: Any
                 notes.append(f"{r}: timing unreliable ({t1.busy or t1.wide_spread or tb.wide_spread}): runtime "
                              f"speedups {t1.speedup:.2f}x / {tb.speedup:.2f}x may be off")
     return metrics, notes
+
+
+def _check_outputs(model: nn.Module, x: Any, num_classes: int | None) -> None:
+    """One forward before any work: the inputs fit, the logits are found (``model.output``), the
+    classes agree with the data's (a one-line UserError otherwise)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = forward(model, x)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise UserError(f"model: it does not run on the data's inputs {describe_inputs(x)} "
+                        f"({str(e).strip().splitlines()[0][:200]})") from None
+    finally:
+        model.train(was_training)
+    if logits.dim() != 2:
+        raise UserError(f"model.output: the logits have shape {tuple(logits.shape)}; expected (batch, classes) "
+                        "(set model.output to the field holding them)")
+    field = output_field(model)
+    if num_classes is not None and logits.shape[1] != num_classes:
+        where = "" if field is None else f" (model.output {field!r})"
+        also = "" if field is None else ", or model.output to the field that holds the logits"
+        raise UserError(f"model: it predicts {logits.shape[1]} classes{where}, the data has {num_classes}; set "
+                        f"model.num_classes: {num_classes} (or the model's own argument for it){also}")
 
 
 class Pipeline:
@@ -202,9 +231,10 @@ class Pipeline:
             raise UserError(f"model.num_classes: the data module {cfg.data.name} does not say how many classes it "
                             "has (no num_classes attribute); set model.num_classes")
         self.spec = model_spec(cfg.model, input_shape, num_classes)
-        model = build_model(self.spec["name"], key="model", **self.spec["kwargs"])
+        model = build_model(self.spec["name"], key="model", output=self.spec.get("output"), **self.spec["kwargs"])
         if cfg.model.get("checkpoint"):
             load_weights(model, Path(cfg.model.checkpoint))
+        _check_outputs(model, example_batch(dm, 2)[0], num_classes)
         self.plans = {stage.name: stage.plan(model) for stage in self.recipe.stages}
         ctx = Context(dm, out_dir=self.out_dir, trainer=OmegaConf.to_container(cfg.trainer), seed=cfg.seed,
                       teachers_dir=cfg.teachers_dir, latency_batch=cfg.eval.latency_batch_size or batch_size,
@@ -254,13 +284,13 @@ class Pipeline:
             return 0
         data = read_checkpoint(self.out_dir / self._ckpt_name(done, names[done]))
         load_into(model, data, self.out_dir / self._ckpt_name(done, names[done]))
-        first = build_model(self.spec["name"], key="model", **self.spec["kwargs"])
+        first = build_model(self.spec["name"], key="model", output=self.spec.get("output"), **self.spec["kwargs"])
         load_into(first, read_checkpoint(self.out_dir / self._ckpt_name(0, "input")))
         self.baseline_model = deployed_copy(first).eval()
         self.records = json.loads(data["extra"]["records"])
         ref = next((i for i, s in enumerate(stages) if s.type_name not in NOT_COMPRESSION), None)
         if ref is not None and ref < done:  # `teacher: self` is the model before the first compression stage
-            reference = build_model(self.spec["name"], key="model", **self.spec["kwargs"])
+            reference = build_model(self.spec["name"], key="model", output=self.spec.get("output"), **self.spec["kwargs"])
             load_into(reference, read_checkpoint(self.out_dir / self._ckpt_name(ref, names[ref])))
             ctx.reference_model = reference.eval()
         return done + 1

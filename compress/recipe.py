@@ -269,6 +269,9 @@ def _validate_top(cfg: DictConfig) -> None:
     if not isinstance(cfg.model, DictConfig) or "name" not in cfg.model:
         raise UserError("model.name: required (a zoo name such as lenet300, or import:pkg.module:Class)")
     model_class(str(cfg.model.name), "model.name")
+    out = cfg.model.get("output")
+    if out is not None and (not isinstance(out, str | int) or isinstance(out, bool)):
+        raise UserError(f"model.output: {out!r} must be a field name (logits) or a tuple index (0)")
     ckpt = cfg.model.get("checkpoint")
     if ckpt is not None and not Path(str(ckpt)).is_file():
         raise UserError(f"model.checkpoint: file '{ckpt}' not found")

@@ -11,13 +11,15 @@ from typing import Any
 
 from torch import Tensor
 
-from compress.data import cifar10, digits, mnist, synthetic  # noqa: F401  (imported for their registrations)
+from compress.batches import batch_size, describe_inputs, repeat_to
+from compress.data import cifar10, digits, mnist, synthetic, tokens  # noqa: F401  (imported for their registrations)
 from compress.data._registry import DATAMODULES
 from compress.data.base import TensorDataModule
 from compress.data.imagefolder import ImageFolderDataModule
+from compress.data.tokens import TokenDataModule
 from compress.errors import UserError
 
-__all__ = ["DATAMODULES", "ImageFolderDataModule", "TensorDataModule", "build_datamodule", "describe", "example_batch",
+__all__ = ["DATAMODULES", "ImageFolderDataModule", "TensorDataModule", "TokenDataModule", "build_datamodule", "describe", "example_batch",
            "training_inputs"]
 
 
@@ -34,7 +36,7 @@ def build_datamodule(cfg: dict[str, Any] | Any, seed: int = 0, key: str = "data"
     cfg = dict(cfg)
     name = str(cfg.pop("name", ""))
     cls = DATAMODULES.get(name, f"{key}.name")
-    if isinstance(cls, type) and issubclass(cls, TensorDataModule | ImageFolderDataModule):
+    if isinstance(cls, type) and issubclass(cls, TensorDataModule | ImageFolderDataModule | TokenDataModule):
         return cls(cls.make_config(cfg, key), seed=seed)
     try:
         dm = cls(**cfg)
@@ -49,6 +51,8 @@ def build_datamodule(cfg: dict[str, Any] | Any, seed: int = 0, key: str = "data"
 def describe(dm: Any, key: str = "data") -> tuple[tuple[int, ...], int | None, int]:
     """``(input_shape, num_classes or None, training batch size)`` of any data module.
 
+    ``input_shape`` is per sample: a tuple for tensor inputs, ``{name: shape}`` for a mapping of tensors.
+
     Registered ones say; for others they are read from the module's attributes (``input_shape``,
     ``num_classes``, ``batch_size``) where it has them, else from its first batches.
     """
@@ -56,9 +60,9 @@ def describe(dm: Any, key: str = "data") -> tuple[tuple[int, ...], int | None, i
     batch = getattr(getattr(dm, "config", None), "batch_size", None) or getattr(dm, "batch_size", None)
     if shape is None or batch is None:
         x = next(iter(dm.train_dataloader()))[0]
-        shape = shape or tuple(x.shape[1:])
-        batch = batch or len(x)
-    return tuple(shape), getattr(dm, "num_classes", None), int(batch)
+        shape = shape or describe_inputs(x)
+        batch = batch or batch_size(x)
+    return (tuple(shape) if isinstance(shape, list | tuple) else shape), getattr(dm, "num_classes", None), int(batch)
 
 
 def training_inputs(dm: Any, n: int) -> list[Tensor]:
@@ -70,8 +74,9 @@ def training_inputs(dm: Any, n: int) -> list[Tensor]:
     return batches
 
 
-def example_batch(dm: Any, n: int = 2) -> tuple[Tensor, Tensor]:
-    """The first ``n`` test inputs and labels (a deterministic batch for tracing and latency)."""
+def example_batch(dm: Any, n: int = 2) -> tuple[Any, Tensor]:
+    """The first ``n`` test inputs and labels (a deterministic batch for tracing and latency); cycled
+    when the first test batch is smaller. Inputs may be a tensor or a mapping of tensors."""
     if isinstance(dm, TensorDataModule):
         dm.setup("test")
         x, y = dm.test_tensors
@@ -79,6 +84,6 @@ def example_batch(dm: Any, n: int = 2) -> tuple[Tensor, Tensor]:
             return x[:n], y[:n]
         reps = -(-n // len(x))
         return x.repeat(reps, *[1] * (x.dim() - 1))[:n], y.repeat(reps)[:n]
-    batch = next(iter(dm.test_dataloader()))
-    return batch[0][:n], batch[1][:n]
+    x, y = next(iter(dm.test_dataloader()))[:2]
+    return repeat_to(x, n), repeat_to(y, n)
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from compress.batches import describe_inputs, first_tensor, forward, to_device
 from compress.config import FeaturePairConfig
 from compress.distill.hooks import capture_outputs, find_module
 from compress.distill.losses import FEATURE_LOSSES, KD_LOSSES
@@ -125,20 +126,20 @@ class DistillationObjective(nn.Module):
     @torch.no_grad()
     def _dry_run(self, student: nn.Module, x: Tensor) -> None:
         """One forward of both models on ``x``: check they fit together, create the feature losses."""
-        device = next((p.device for p in student.parameters()), x.device)
-        x = x.to(device)
+        device = next((p.device for p in student.parameters()), first_tensor(x).device)
+        x = to_device(x, device)
         teacher = self._teacher_on(device)
         was_training = student.training
         student.eval()  # no BatchNorm statistics updated by this look-ahead
         try:
             with capture_outputs(student, self.student_paths, role="student") as s_feats, \
                     capture_outputs(teacher, self.teacher_paths, role="teacher") as t_feats:
-                s_logits = student(x)
+                s_logits = forward(student, x)
                 try:
-                    t_logits = teacher(x)
-                except RuntimeError as e:
-                    raise UserError(f"{self.key}.teacher: the teacher does not accept the student's inputs of shape "
-                                    f"{tuple(x.shape)}: {str(e).splitlines()[0][:160]}") from None
+                    t_logits = forward(teacher, x)
+                except (RuntimeError, TypeError) as e:
+                    raise UserError(f"{self.key}.teacher: the teacher does not accept the student's inputs "
+                                    f"{describe_inputs(x)}: {str(e).splitlines()[0][:160]}") from None
                 if s_logits.shape != t_logits.shape:
                     raise UserError(f"{self.key}.teacher: the teacher's outputs have shape {tuple(t_logits.shape)}, "
                                     f"the student's {tuple(s_logits.shape)}; they must predict the same classes")
@@ -150,13 +151,13 @@ class DistillationObjective(nn.Module):
         finally:
             student.train(was_training)
 
-    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        teacher = self._teacher_on(x.device)
+    def forward(self, model: nn.Module, x: Any, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        teacher = self._teacher_on(y.device)
         with torch.no_grad(), capture_outputs(teacher, self.teacher_paths, role="teacher") as t_feats:
-            t_logits = teacher(x)
+            t_logits = forward(teacher, x)
             t_feats = dict(t_feats)  # this step's features only: dropped when forward returns
         with capture_outputs(model, self.student_paths, role="student") as s_feats:
-            s_logits = model(x)
+            s_logits = forward(model, x)
             loss, terms = self.logit_loss(s_logits, t_logits, y)
             parts = {name: value.detach() for name, value in terms.items()}
             for pair, feature_loss in zip(self.pairs, self.feature_losses, strict=True):

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from compress.batches import batch_size
 from compress.hardware import calibrate  # noqa: F401  (registers the `cpu` calibration)
 from compress.hardware.notes import hardware_notes
 from compress.hardware.profiles import (
@@ -93,7 +94,7 @@ def hardware_metrics(model: nn.Module, x1: Tensor, profiles: list[str], baseline
     resolved = [load_profile(p, f"hardware[{i}]") for i, p in enumerate(profiles)]
     deployed = (deployed if deployed is not None else deployed_copy(model)).eval()
     trace = trace_ops(deployed, x1)
-    trace_b = None if xb is None else trace if xb.shape[0] == x1.shape[0] else trace_ops(deployed, xb)
+    trace_b = None if xb is None else trace if batch_size(xb) == batch_size(x1) else trace_ops(deployed, xb)
     weights = weight_infos(model, deployed)
     metrics: dict[str, Any] = {}
     layers: dict[str, dict[str, dict[str, Any]]] = {}

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from compress.batches import call
 from compress.pruning.masks import prunable_layers
 
 __all__ = ["Op", "Trace", "trace_ops", "op_kind"]
@@ -168,9 +169,10 @@ def _count(op: Op, func: Any, args: tuple, kwargs: dict, outs: list[Tensor]) -> 
             w = bound["weight"]
             op.in_channels, op.out_channels = int(w.shape[1]), int(w.shape[0])
             bias = bound.get("bias") is not None
-        else:  # addmm(bias, mat1 (M, K), mat2 (K, N)), mm(self, mat2), bmm(self, mat2)
-            a = bound.get("mat1", bound.get("self"))
-            b = bound.get("mat2", bound.get("batch2"))
+        else:  # addmm(bias, mat1 (M, K), mat2 (K, N)), mm/bmm(self, mat2), baddbmm(bias, batch1, batch2),
+            # matmul(self, other): attention's q @ k^T and weights @ v
+            a = next(bound[k] for k in ("mat1", "batch1", "self") if bound.get(k) is not None)
+            b = next(bound[k] for k in ("mat2", "batch2", "other") if bound.get(k) is not None)
             op.in_channels, op.out_channels = int(a.shape[-1]), int(b.shape[-1])
             bias = op.name in ("addmm", "baddbmm", "_addmm_activation")
         op.reduction = op.in_channels
@@ -200,8 +202,8 @@ def _count(op: Op, func: Any, args: tuple, kwargs: dict, outs: list[Tensor]) -> 
 
 
 @torch.inference_mode()
-def trace_ops(model: nn.Module, example: Tensor) -> Trace:
-    """Run ``model(example)`` once (eval mode) and record every op.
+def trace_ops(model: nn.Module, example: Any) -> Trace:
+    """Run ``model(example)`` (or ``model(**example)``: :func:`compress.batches.call`) once (eval mode) and record every op.
 
     ``model`` should hold plain weights (``deployed_copy``), so a weight is one tensor the
     conv/linear reads; the layers' stored formats are looked up by the weight names returned.
@@ -231,7 +233,7 @@ def trace_ops(model: nn.Module, example: Tensor) -> Trace:
     torch.set_num_threads(1)  # the values are not what is measured: keep the trace off the other cores
     try:
         with recorder:
-            out = model(example)
+            out = call(model, example)
     finally:
         torch.set_num_threads(threads)
         for h in handles:

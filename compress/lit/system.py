@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from compress.batches import batch_size, forward
 from compress.config import FinetuneConfig
 from compress.errors import TrainingDiverged
 
@@ -19,8 +20,8 @@ __all__ = ["CrossEntropyObjective", "ClassificationSystem", "TrainingDiverged", 
 class CrossEntropyObjective(nn.Module):
     """``objective(model, x, y) -> (loss, logits, parts)``: plain hard-label training."""
 
-    def forward(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        logits = model(x)
+    def forward(self, model: nn.Module, x: Any, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        logits = forward(model, x)
         loss = F.cross_entropy(logits, y)
         return loss, logits, {"hard": loss.detach()}
 
@@ -50,10 +51,10 @@ class ClassificationSystem(pl.LightningModule):
         self.cfg = cfg
         self.tag = tag
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+    def forward(self, x: Any) -> Tensor:
+        return forward(self.model, x)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Any, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         loss, logits, parts = self.objective(self.model, x, y)
         if not torch.isfinite(loss):
@@ -61,10 +62,11 @@ class ClassificationSystem(pl.LightningModule):
                 f"{self.tag}: the training loss became {loss.item()} at epoch {self.current_epoch}, "
                 f"step {self.global_step}; lower the learning rate ({self.cfg.optimizer.lr})")
         acc = (logits.argmax(1) == y).float().mean()
-        self.log(f"{self.tag}/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
-        self.log(f"{self.tag}/acc", acc, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        n = batch_size(x)  # Lightning cannot infer it from a mapping of inputs
+        self.log(f"{self.tag}/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True, batch_size=n)
+        self.log(f"{self.tag}/acc", acc, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True, batch_size=n)
         for name, value in parts.items():
-            self.log(f"{self.tag}/loss_{name}", value, on_step=True, on_epoch=True, sync_dist=True)
+            self.log(f"{self.tag}/loss_{name}", value, on_step=True, on_epoch=True, sync_dist=True, batch_size=n)
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

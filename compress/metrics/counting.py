@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from compress.batches import call, take
 from compress.pruning.masks import prunable_layers
 
 __all__ = ["LayerStats", "count_layers", "summarize"]
@@ -45,7 +46,7 @@ def _output_positions(model: nn.Module, layers: dict[str, nn.Module], example: T
     model.eval()
     try:
         with torch.no_grad():
-            model(example[:1])
+            call(model, take(example, 1))
     finally:
         for h in handles:
             h.remove()

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from compress.batches import forward, to_device
+
 __all__ = ["evaluate_accuracy"]
 
 
@@ -22,8 +24,8 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, max_batches: int | N
         for i, (x, y) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
+            x, y = to_device(x, device), y.to(device)
+            logits = forward(model, x)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)

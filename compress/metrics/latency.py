@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+
+from compress.batches import call
 
 __all__ = ["Timing", "compare_latency", "latency_ms", "measure_latency_ms", "thread_env", "machine_busy",
            "runnable_tasks", "usable_cores", "MIN_SAMPLE_S", "WIDE_SPREAD"]
@@ -258,7 +260,7 @@ def compare_latency(candidate: Callable[[], Any], baseline: Callable[[], Any], *
 
 
 @torch.inference_mode()
-def measure_latency_ms(model: nn.Module, x: Tensor, repeats: int = 20, warmup: int = 3,
+def measure_latency_ms(model: nn.Module, x: Any, repeats: int = 20, warmup: int = 3,
                        threads: int | None = None) -> float:
     """Median wall time of one ``model(x)`` in milliseconds (eval mode, no autograd).
 
@@ -267,7 +269,7 @@ def measure_latency_ms(model: nn.Module, x: Tensor, repeats: int = 20, warmup: i
 
     Args:
         model: the module; its training mode is restored after.
-        x: the input batch.
+        x: the input batch (a tensor, or a mapping/tuple of tensors: :func:`compress.batches.call`).
         repeats: timed samples.
         warmup: untimed forwards first.
         threads: torch intra-op threads during the timing (None: as they are), restored after.
@@ -275,6 +277,6 @@ def measure_latency_ms(model: nn.Module, x: Tensor, repeats: int = 20, warmup: i
     was_training = model.training
     model.eval()
     try:
-        return latency_ms(lambda: model(x), repeats=repeats, warmup=warmup, threads=threads)
+        return latency_ms(lambda: call(model, x), repeats=repeats, warmup=warmup, threads=threads)
     finally:
         model.train(was_training)

@@ -12,8 +12,9 @@ from typing import Any
 
 from torch import nn
 
+from compress.batches import set_output
 from compress.errors import UserError
-from compress.models import lenet, mlp, mobilenet, resnet  # noqa: F401  (imported for their registrations)
+from compress.models import hf, lenet, mlp, mobilenet, resnet  # noqa: F401  (imported for their registrations)
 from compress.models._registry import MODELS
 
 __all__ = ["MODELS", "build_model", "model_class", "model_kwargs"]
@@ -33,13 +34,17 @@ def model_kwargs(name: str, kwargs: dict[str, Any] | None = None, *, input_shape
     params = inspect.signature(model_class(name, f"{key}.name")).parameters
     for extra, value in (("input_shape", input_shape), ("num_classes", num_classes)):
         if value is not None and extra not in kwargs and extra in params:
-            kwargs[extra] = list(value) if extra == "input_shape" else value
+            kwargs[extra] = value if extra == "num_classes" else \
+                {str(k): list(v) for k, v in value.items()} if isinstance(value, dict) else list(value)
     return kwargs
 
 
-def build_model(name: str, *, key: str = "model", **kwargs: Any) -> nn.Module:
+def build_model(name: str, *, key: str = "model", output: str | int | None = None, **kwargs: Any) -> nn.Module:
     """Instantiate a zoo model, a class or a factory (``import:pkg.module:fn``) with exactly ``kwargs``
-    (:func:`model_kwargs` adds ``input_shape``/``num_classes`` from the data where they belong)."""
+    (:func:`model_kwargs` adds ``input_shape``/``num_classes`` from the data where they belong).
+
+    ``output`` (the recipe's ``model.output``) names the field of a structured output that holds the
+    logits (:mod:`compress.batches`); None: the automatic rule."""
     cls = model_class(name, f"{key}.name")
     params = inspect.signature(cls).parameters
     if "input_shape" in kwargs and "input_shape" in params:
@@ -51,6 +56,9 @@ def build_model(name: str, *, key: str = "model", **kwargs: Any) -> nn.Module:
         raise UserError(f"{key}.{unknown[0]}: not an argument of {getattr(cls, '__name__', name)}; "
                         f"valid: {', '.join(valid)}")
     try:
-        return cls(**kwargs)
+        model = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise UserError(f"{key}: cannot build {getattr(cls, '__name__', name)} ({e})") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{key}.name: {name} returned a {type(model).__name__}, not a torch.nn.Module")
+    return set_output(model, output)

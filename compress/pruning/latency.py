@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from compress.batches import batch_size, call, take
 from compress.errors import UserError
 from compress.files import atomic_write
 from compress.hardware import aligned_channels, load_profile, priced_at, simulate_model
@@ -60,7 +61,7 @@ from compress.pruning.structured import (
     output_layers,
     resolve_importance,
 )
-from compress.runtime import RUNTIMES, check_runtimes
+from compress.runtime import RUNTIMES, check_runtimes, feeds
 from compress.schema import match_layers
 
 __all__ = ["LatencyBackend", "latency_backend", "check_latency_target", "resolve_round_to", "auto_alignments",
@@ -149,12 +150,12 @@ def _torch_backend(threads: int) -> LatencyBackend:
     @torch.inference_mode()
     def ms(m: nn.Module, x: Tensor) -> float:
         m = m.eval()
-        return latency_ms(lambda: m(x), repeats=5, warmup=2, threads=threads)
+        return latency_ms(lambda: call(m, x), repeats=5, warmup=2, threads=threads)
 
     @torch.inference_mode()
     def speedup(m: nn.Module, b: nn.Module, x: Tensor) -> float:
         dm, db = deployed_copy(m).eval(), deployed_copy(b).eval()
-        return compare_latency(lambda: dm(x), lambda: db(x), rounds=8, repeats=3, warmup=3, threads=threads).speedup
+        return compare_latency(lambda: call(dm, x), lambda: call(db, x), rounds=8, repeats=3, warmup=3, threads=threads).speedup
 
     return LatencyBackend(name=TORCH, how=f"measured in eager torch ({threads} thread(s), A/B rounds)",
                           lanes=simd_lanes_fp32(), deterministic=False, layer_ms=ms, model_ms=ms, speedup=speedup,
@@ -165,8 +166,8 @@ def _runtime_backend(name: str, threads: int) -> LatencyBackend:
     deploy = RUNTIMES.get(name)
 
     def session(m: nn.Module, x: Tensor, folder: str, tag: str) -> Callable[[], Any]:
-        s = deploy(deployed_copy(m).eval(), Path(folder) / f"{tag}.onnx", x[:1], threads=threads)
-        a = x.detach().cpu().numpy()
+        s = deploy(deployed_copy(m).eval(), Path(folder) / f"{tag}.onnx", take(x, 1), threads=threads)
+        a = feeds(x)
         return lambda: s.run(a)
 
     def ms(m: nn.Module, x: Tensor) -> float:
@@ -366,7 +367,7 @@ def _input_shapes(model: nn.Module, x: Tensor, names: Iterable[str]) -> dict[str
     hooks = [layers[n].register_forward_hook(hook(n)) for n in names if n in layers]
     try:
         with torch.no_grad():
-            model(x[:1])
+            call(model, take(x, 1))
     finally:
         for h in hooks:
             h.remove()
@@ -378,7 +379,7 @@ def _analyze(model: nn.Module, x: Tensor, imp: Any, ignored: Sequence[str], widt
     """Torch-Pruning's groups with their importance order, and the layers their widths reach."""
     layers = prunable_layers(model)
     name_of = {m: n for n, m in layers.items()}
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=take(x, 1))
     groups: list[_Group] = []
     for group in graph.get_all_groups(ignored_layers=[layers[n] for n in ignored if n in layers],
                                       root_module_types=(nn.Conv2d, nn.Linear)):
@@ -525,7 +526,7 @@ def _pruned_copy(model: nn.Module, analysis: _Analysis, widths: Sequence[int], x
     """A copy of ``model`` pruned to ``widths`` (the same channels :func:`_prune_groups` would remove)."""
     trial = copy.deepcopy(model)
     layers = prunable_layers(trial)
-    graph = tp.DependencyGraph().build_dependency(trial, example_inputs=x[:1])
+    graph = tp.DependencyGraph().build_dependency(trial, example_inputs=take(x, 1))
     for g, w in zip(analysis.groups, widths, strict=True):
         if w < g.width:
             group = graph.get_pruning_group(layers[g.root], g.handler, sorted(g.order[: g.width - w]))
@@ -634,7 +635,7 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
     imp = resolve_importance(importance, f"{key}.importance")
     if _needs_gradients(imp) and gradient_batches is None:
         raise UserError(f"{key}.importance: taylor needs training batches (run the stage with data)")
-    batch = int(latency_inputs.shape[0])
+    batch = batch_size(latency_inputs)
     table = table or LatencyTable(backend, batch)
     masked = list(masked_modules(model))
     make_permanent(model)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from compress.batches import call, to_device
 from compress.errors import UserError
 from compress.pruning.masks import make_permanent
 from compress.quant.quantizers import ActivationQuantizer, WeightQuantizer
@@ -105,7 +106,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], max_batches: int | None 
         if max_batches is not None and seen >= max_batches:
             break
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        model(x.to(device))
+        call(model, to_device(x, device))
         seen += 1
     if seen == 0:
         raise UserError("quantize: no calibration batches")

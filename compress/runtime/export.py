@@ -19,7 +19,7 @@ import copy
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from compress.batches import batch_size, call, cat, forward
 from compress.errors import UserError
 from compress.quant import QUANTIZABLE, float_copy, is_quantized, quantized_layers
-from compress.runtime.ort import OrtModel, require
+from compress.runtime.ort import OrtModel, feeds, require
 
 __all__ = ["export_onnx", "FP32_TOLERANCE", "INT8_AGREEMENT", "OPSET"]
 
@@ -38,24 +39,69 @@ FP32_TOLERANCE = 1e-4  # max |ORT - torch| on the logits, times max(1, max |torc
 INT8_AGREEMENT = 0.99  # top-1 agreement of the int8 graph with the torch fake-quantised model
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 ONNX_LAYER_OPS = ("Conv", "Gemm", "MatMul")  # what QUANTIZABLE layers export to
+# What ORT may quantise: the layers, and ops that only move or clip values (int8 flows through them
+# into the next layer). Not ops that compute new values from float tables or statistics (Gather of an
+# embedding, LayerNormalization, ...): the torch model keeps those float, so the int8 graph does too.
+QDQ_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Relu", "Clip", "MaxPool", "AveragePool", "BatchNormalization",
+           "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Split", "Slice", "Pad", "Resize")
 
 
-def _as_batch(x: Any) -> Tensor:
-    x = x[0] if isinstance(x, list | tuple) else x
+def _as_batch(x: Any) -> Any:
+    """A batch of inputs on the CPU: a tensor (floating point as float32) or a mapping of tensors
+    (token ids keep their integer type); an ``(inputs, targets)`` pair or a one-tensor tuple gives its inputs."""
+    if isinstance(x, list | tuple):
+        x = x[0]
+    if isinstance(x, Mapping) and x and all(isinstance(v, Tensor) for v in x.values()):
+        return {str(k): _cpu(v) for k, v in x.items()}
     if not isinstance(x, Tensor):
-        raise UserError(f"export: example inputs must be a tensor (or a tuple holding one), got {type(x).__name__}")
-    return x.detach().cpu().float()
+        raise UserError(f"export: example inputs must be a tensor or a mapping of tensors, got {type(x).__name__}")
+    return _cpu(x)
 
 
-def _export_float(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:
+def _cpu(t: Tensor) -> Tensor:
+    t = t.detach().cpu()
+    return t.float() if t.is_floating_point() else t
+
+
+def input_names(example: Any) -> list[str]:
+    """The graph's input names: ``input`` for one tensor, the mapping's keys for keyword inputs."""
+    return list(example) if isinstance(example, Mapping) else [INPUT_NAME]
+
+
+class _Logits(nn.Module):
+    """The model with its logits as the one output (:func:`compress.batches.logits_of`), called with
+    keyword arguments for a mapping of inputs: what the exporter traces."""
+
+    def __init__(self, model: nn.Module, names: list[str] | None):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args: Tensor) -> Tensor:
+        inputs = dict(zip(self.names, args, strict=True)) if self.names else args[0]
+        return forward(self.model, inputs)
+
+
+def _export_float(model: nn.Module, example: Any, path: Path, opset: int) -> None:
+    names = input_names(example)
+    args = tuple(example.values()) if isinstance(example, Mapping) else (example,)
+    wrapped = _Logits(model, names if isinstance(example, Mapping) else None)
+    wrapped.train(model.training)  # the exporter restores the wrapper's mode on every submodule after
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        torch.onnx.export(wrapped, args, str(path), dynamo=False, opset_version=opset,
+                          input_names=names, output_names=[OUTPUT_NAME],
+                          dynamic_axes={**{n: {0: "batch"} for n in names}, OUTPUT_NAME: {0: "batch"}})
 
 
-def _layer_nodes(model: nn.Module, example: Tensor, onnx_path: Path) -> dict[str, str]:
+def _weight_nodes(graph: Any, weights: bool = True) -> list[Any]:
+    """Conv/Gemm/MatMul nodes that multiply by a weight (an initializer: what a layer exports to), or
+    with ``weights=False`` the MatMuls of two activations (attention's q @ k^T and weights @ v)."""
+    inits = {i.name for i in graph.initializer}
+    return [n for n in graph.node if n.op_type in ONNX_LAYER_OPS
+            and any(i in inits for i in n.input[:2]) == weights]
+
+
+def _layer_nodes(model: nn.Module, example: Any, onnx_path: Path) -> dict[str, str]:
     """Torch layer name -> ONNX node name, by order of execution (the order the exporter traced)."""
     onnx = require("onnx")
     order: list[str] = []
@@ -63,11 +109,11 @@ def _layer_nodes(model: nn.Module, example: Tensor, onnx_path: Path) -> dict[str
                for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
     try:
         with torch.no_grad():
-            model(example)
+            call(model, example)
     finally:
         for h in handles:
             h.remove()
-    nodes = [n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.op_type in ONNX_LAYER_OPS]
+    nodes = [n.name for n in _weight_nodes(onnx.load(str(onnx_path), load_external_data=False).graph)]
     if len(nodes) != len(order) or len(set(order)) != len(order):
         raise UserError(f"export: cannot match the {len(order)} layer calls to the {len(nodes)} Conv/Gemm/MatMul "
                         "nodes of the graph, so layers kept in float cannot be excluded; quantise every layer")
@@ -80,7 +126,7 @@ def _quantize_graph(fp32: Path, out: Path, calibration: list[Tensor], exclude: S
     # Constant folding and identity removal: the TorchScript exporter shares equal initializers through
     # Identity nodes, which would otherwise keep convolutions out of ORT's QDQ -> QLinearConv fusion.
     quantization.quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    batches = iter([{INPUT_NAME: b.numpy()} for b in calibration])
+    batches = iter([feeds(b) for b in calibration])
 
     class Reader(quantization.CalibrationDataReader):
         def get_next(self) -> dict[str, np.ndarray] | None:
@@ -90,6 +136,7 @@ def _quantize_graph(fp32: Path, out: Path, calibration: list[Tensor], exclude: S
         str(pre), str(out), Reader(), quant_format=quantization.QuantFormat.QDQ, per_channel=True,
         activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
         calibrate_method=quantization.CalibrationMethod.MinMax, nodes_to_exclude=list(exclude),
+        op_types_to_quantize=list(QDQ_OPS),
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
 
 
@@ -120,9 +167,9 @@ def _shorten_tensor_names(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _check_fp32(reference: nn.Module, path: Path, inputs: Tensor) -> None:
+def _check_fp32(reference: nn.Module, path: Path, inputs: Any) -> None:
     with torch.no_grad():
-        expected = reference(inputs)
+        expected = forward(reference, inputs)
     got = OrtModel(path)(inputs)
     err = float((got - expected).abs().max())
     tol = FP32_TOLERANCE * max(1.0, float(expected.abs().max()))
@@ -131,13 +178,13 @@ def _check_fp32(reference: nn.Module, path: Path, inputs: Tensor) -> None:
                         f"the graph is not faithful, file not written")
 
 
-def _check_int8(reference: nn.Module, path: Path, inputs: Tensor) -> float:
+def _check_int8(reference: nn.Module, path: Path, inputs: Any) -> float:
     with torch.no_grad():
-        expected = reference(inputs).argmax(1)
+        expected = forward(reference, inputs).argmax(1)
     agreement = float((OrtModel(path)(inputs).argmax(1) == expected).float().mean())
     if agreement < INT8_AGREEMENT:
         raise UserError(f"export: int8 ONNX Runtime top-1 agrees with the PyTorch quantised model on "
-                        f"{agreement:.1%} of {len(inputs)} inputs (< {INT8_AGREEMENT:.0%}); file not written")
+                        f"{agreement:.1%} of {batch_size(inputs)} inputs (< {INT8_AGREEMENT:.0%}); file not written")
     return agreement
 
 
@@ -151,7 +198,9 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
     Args:
         model: a float model, or one quantised by :mod:`compress.quant`.
         path: the ``.onnx`` file to write (its folder is created).
-        example_inputs: a batch ``(B, ...)`` to trace with (or a one-tensor tuple).
+        example_inputs: a batch ``(B, ...)`` to trace with (or a one-tensor tuple), or a mapping of
+            tensors passed as keyword arguments (``input_ids``, ``attention_mask``: graph inputs of those
+            names). A model whose output is a structure exports its logits (:mod:`compress.batches`).
         int8: write the int8 QDQ graph; None means "if ``model`` is quantised". False on a quantised
             model writes its float version.
         calibration: batches (tensors or ``(inputs, targets)``) ORT calibrates activation ranges on;
@@ -185,7 +234,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
             raise UserError(f"export: torch.onnx.export failed ({str(e).strip().splitlines()[0]})") from None
         if not int8:
             if check:
-                _check_fp32(deployed, fp32, check_inputs if check_inputs is not None else example)
+                _check_fp32(deployed, fp32, _as_batch(check_inputs) if check_inputs is not None else example)
             os.replace(fp32, path)
             return path
         reference = copy.deepcopy(model).cpu().eval()  # eval: observers frozen, fake quantisation on
@@ -197,11 +246,13 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
         float_layers = [n for n, m in deployed.named_modules()
                         if isinstance(m, QUANTIZABLE) and n not in quantized_layers(reference)]
         exclude = [] if not float_layers else [_layer_nodes(deployed, example, fp32)[n] for n in float_layers]
+        # the torch model quantises layers only: products of two activations stay float in ONNX too
+        exclude += [n.name for n in _weight_nodes(require("onnx").load(str(fp32)).graph, weights=False)]
         int8_path = Path(tmp) / "int8.onnx"
         _quantize_graph(fp32, int8_path, batches, exclude)
         _shorten_tensor_names(int8_path)
         if check:
-            inputs = check_inputs if check_inputs is not None else torch.cat([example, *batches])
+            inputs = _as_batch(check_inputs) if check_inputs is not None else cat([example, *batches])
             _check_int8(reference, int8_path, inputs)
         os.replace(int8_path, path)
     return path

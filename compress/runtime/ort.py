@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -48,16 +48,36 @@ class OrtModel:
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
             raise UserError(f"{self.path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from None
         self.input_name = self.session.get_inputs()[0].name
+        self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Logits for a float32 batch ``(B, ...)``."""
+    def run(self, x: np.ndarray | Mapping[str, np.ndarray]) -> np.ndarray:
+        """Logits for a float32 batch ``(B, ...)``, or for a mapping of the graph's inputs by name."""
+        if isinstance(x, Mapping):
+            return self.session.run(None, dict(x))[0]
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
-    def __call__(self, x: Tensor | np.ndarray) -> Tensor | np.ndarray:
-        """Logits as a CPU tensor for a tensor input, as an array for an array input."""
-        if isinstance(x, Tensor):
-            return torch.from_numpy(self.run(x.detach().cpu().float().numpy()))
+    def __call__(self, x: Tensor | np.ndarray | Mapping[str, Any]) -> Tensor | np.ndarray:
+        """Logits as a CPU tensor for a tensor (or mapping of tensors) input, as an array for an array input."""
+        if isinstance(x, Tensor | Mapping):
+            return torch.from_numpy(self.run(feeds(x, self.input_name)))
         return self.run(x)
+
+
+def feeds(x: Any, name: str = "input") -> dict[str, np.ndarray]:
+    """ONNX Runtime's input feed for a batch: ``{name: float32 array}`` for a tensor, ``{key: array}``
+    for a mapping of tensors (integer token ids stay integers)."""
+    if isinstance(x, list | tuple):
+        x = x[0]
+    if isinstance(x, Mapping):
+        return {str(k): _array(v) for k, v in x.items()}
+    return {name: np.ascontiguousarray(_array(x), dtype=np.float32)}
+
+
+def _array(t: Any) -> np.ndarray:
+    if isinstance(t, Tensor):
+        t = t.detach().cpu()
+        return (t.float() if t.is_floating_point() else t).numpy()
+    return np.asarray(t)
 
 
 def ort_accuracy(model_or_path: OrtModel | str | Path, dataloader: Iterable[Any], max_batches: int | None = None,
@@ -68,7 +88,7 @@ def ort_accuracy(model_or_path: OrtModel | str | Path, dataloader: Iterable[Any]
     for i, (x, y) in enumerate(dataloader):
         if max_batches is not None and i >= max_batches:
             break
-        pred = model(x).argmax(1)
+        pred = model(x if isinstance(x, Mapping) else torch.as_tensor(x)).argmax(1)
         correct += int((pred == torch.as_tensor(y).cpu()).sum())
         total += len(y)
     if total == 0:

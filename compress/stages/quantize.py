@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from compress.batches import cat, forward, take
 from compress.config import FinetuneConfig
 from compress.errors import UserError
 from compress.quant import (
@@ -114,14 +115,14 @@ class QuantizeStage(Stage):
 def layer_sensitivity(model: nn.Module, reference: nn.Module, batches: list[Tensor]) -> list[tuple[str, float]]:
     """Quantised layers, most sensitive first: the logit MSE against ``reference`` when only that layer
     is quantised (its calibrated ranges kept)."""
-    x = torch.cat(batches)[:256]
-    expected = reference(x)
+    x = take(cat(batches), 256)
+    expected = forward(reference, x)
     scores = []
     for name in quantized_layers(model):
         alone = copy.deepcopy(model).eval()
         for other in [n for n in quantized_layers(alone) if n != name]:
             dequantize_layer(alone, other)
-        scores.append((name, float(((alone(x) - expected) ** 2).mean())))
+        scores.append((name, float(((forward(alone, x) - expected) ** 2).mean())))
     return sorted(scores, key=lambda s: -s[1])
 
 
@@ -129,7 +130,7 @@ def control_accuracy(model: nn.Module, reference: nn.Module, ctx: Any, batches: 
                      key: str) -> dict[str, Any]:
     """Put layers back to float, most sensitive first, until int8 ONNX Runtime accuracy is within ``max_drop``."""
     test = ctx.datamodule.test_dataloader()
-    example = batches[0][:1]
+    example = take(batches[0], 1)
     with tempfile.TemporaryDirectory(prefix="compress-quantize-") as tmp:
         float_acc = ort_accuracy(export_onnx(reference, Path(tmp) / "float.onnx", example), test)
 
