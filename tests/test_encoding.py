@@ -208,7 +208,7 @@ def test_vectorised_decode_equals_bit_by_bit_decoding(dist):
     n = 60_000
     symbols = {
         "skewed": rng.choice(33, n, p=np.r_[0.5, np.full(32, 0.5 / 32)]),
-        "uniform16": rng.integers(0, 16, n),  # every code 4 bits long: lanes sync only by phase
+        "uniform16": rng.integers(0, 16, n),  # every code 4 bits long: read at fixed offsets
         "two": rng.integers(0, 2, n),
         "single": np.full(n, 7),
         "geometric": np.minimum(rng.geometric(0.3, n), 40),
@@ -232,3 +232,8 @@ def test_decode_of_a_short_stream_raises():
     bits = encode(np.array([0, 1, 2, 3, 0]), lengths)
     with pytest.raises(ValueError, match="ended early"):
         decode(bits[:-3], lengths, 5)
+    fixed = code_lengths(np.array([1, 1, 1, 1]))  # every code 2 bits: the fixed-length path
+    assert set(fixed.tolist()) == {2}
+    bits = encode(np.array([0, 1, 2, 3, 0]), fixed)
+    with pytest.raises(ValueError, match="ended early"):
+        decode(bits[:-1], fixed, 5)
