@@ -127,6 +127,29 @@ def test_file_decodes_to_identical_weights_and_its_size_is_the_reported_one(tmp_
     assert model_storage(model)["total"]["compression_ratio"] > 10
 
 
+class ScaledNet(nn.Module):
+    """A layer and a non-persistent buffer (not in the state_dict, so not in the file)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.register_buffer("scale", torch.full((3,), 2.0), persistent=False)
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+def test_a_model_with_a_buffer_outside_the_state_dict_reads_back_with_it(tmp_path):
+    torch.manual_seed(0)
+    model = ScaledNet()
+    share_layer(model.fc, 3)
+    write_compressed(model, tmp_path / "m.dc", {"name": "import:tests.test_encoding:ScaledNet", "kwargs": {}})
+    back = read_compressed(tmp_path / "m.dc")
+    assert not back.scale.is_meta and torch.equal(back.scale, torch.full((3,), 2.0))
+    x = torch.randn(4, 6)
+    assert torch.equal(back(x), model.eval()(x))
+
+
 def test_a_file_that_is_not_deep_compression_is_a_user_error(tmp_path):
     from compress.errors import UserError
 
