@@ -12,10 +12,15 @@ removes whole groups, so the tensors really get smaller. This module is a thin a
   regulariser, or Network Slimming's L1 on BN scales) as a Lightning callback;
 * :func:`restore_structure`: give a freshly built model the layer shapes stored in a state_dict,
   so the checkpoint of a pruned model loads in a new process with ``weights_only=True``.
+
+Inputs and outputs of any form (a mapping of tensors, a Hugging Face ``ModelOutput``) go through
+:mod:`compress.batches`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from compress.batches import call, forward, take
 from compress.errors import UserError
 from compress.pruning.masks import get_mask, make_permanent, masked_modules, prunable_layers, set_mask
 from compress.registry import Registry
@@ -93,15 +99,16 @@ def _needs_gradients(importance: Any) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Model facts: MACs, the output layer, channel counts, name matching
 # ---------------------------------------------------------------------------------------------
-def count_macs(model: nn.Module, example_inputs: Tensor) -> tuple[int, int]:
-    """(MACs, params) for one forward of ``example_inputs[:1]``, by Torch-Pruning's op counter."""
+def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
+    """(MACs, params) for one forward of the first sample of ``example_inputs``, by Torch-Pruning's op counter."""
     was_training = model.training
-    macs, params = tp.utils.count_ops_and_params(model, example_inputs[:1])
+    with contextlib.redirect_stdout(io.StringIO()):  # its "no positional inputs, assuming batch size 1" for kwargs
+        macs, params = tp.utils.count_ops_and_params(model, take(example_inputs, 1))
     model.train(was_training)
     return int(macs), int(params)
 
 
-def output_layers(model: nn.Module, example_inputs: Tensor) -> list[str]:
+def output_layers(model: nn.Module, example_inputs: Any) -> list[str]:
     """Names of the conv/linear layers whose outputs are the model's outputs (the classifier).
 
     Found by tracing: a layer whose output tensor *is* one of the model's outputs; failing that
@@ -114,7 +121,7 @@ def output_layers(model: nn.Module, example_inputs: Tensor) -> list[str]:
     model.eval()
     try:
         with torch.no_grad():
-            out = model(example_inputs[:1])
+            out = call(model, take(example_inputs, 1))
     finally:
         for h in handles:
             h.remove()
@@ -127,6 +134,11 @@ def output_layers(model: nn.Module, example_inputs: Tensor) -> list[str]:
     if not names and seen:
         names = [seen[-1][0]]
     return sorted(set(names))
+
+
+def _trace_logits(model: nn.Module, inputs: Any) -> Tensor:
+    """Torch-Pruning's ``forward_fn``: the graph is traced from the logits, whatever the input and output forms."""
+    return forward(model, inputs)
 
 
 def _flatten(obj: Any) -> list[Any]:
@@ -174,7 +186,7 @@ GLOBAL_SUBSTEPS = 10  # pruning sub-steps per step of a global ratio (keeps max_
 StepCallback = Callable[[nn.Module, int, int], None]  # (model, step (1-based), steps)
 
 
-def prune_model(model: nn.Module, example_inputs: Tensor, *, importance: Any = "l2",
+def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2",
                 ratio: float | Mapping[str, float] | None = None, layer_ratios: Mapping[str, float] | None = None,
                 mac_speedup: float | None = None,
                 global_pruning: bool = False, iterative_steps: int = 1, round_to: int | None = None,
@@ -188,7 +200,8 @@ def prune_model(model: nn.Module, example_inputs: Tensor, *, importance: Any = "
     Args:
         model: any ``nn.Module`` Torch-Pruning can trace; masked (parametrized) layers are baked
             before tracing and get masks ``weight != 0`` back afterwards.
-        example_inputs: a batch for tracing and MAC counting.
+        example_inputs: a batch for tracing and MAC counting (a tensor, or a mapping/tuple of
+            tensors: :mod:`compress.batches`).
         importance: a name in :data:`IMPORTANCES` or a Torch-Pruning ``Importance``.
         ratio: fraction of channels removed per group (local) or overall (``global_pruning``); a
             mapping is taken as ``layer_ratios`` (the other layers are then untouched).
@@ -253,7 +266,8 @@ def prune_model(model: nn.Module, example_inputs: Tensor, *, importance: Any = "
                 model, example_inputs, importance=imp, global_pruning=global_pruning, pruning_ratio=default_ratio,
                 pruning_ratio_dict=ratio_dict or None, max_pruning_ratio=max_layer_ratio,
                 iterative_steps=iterative_steps * sub, round_to=round_to,
-                ignored_layers=[layers[n] for n in ignored])
+                ignored_layers=[layers[n] for n in ignored], forward_fn=_trace_logits,
+                in_channel_groups={}, out_channel_groups={})  # Torch-Pruning fills them in place
             for step in range(1, iterative_steps + 1):
                 for i in range(sub):
                     _pruner_step(pruner, model, imp, gradient_batches if i == 0 else None, loss_fn,
@@ -264,7 +278,8 @@ def prune_model(model: nn.Module, example_inputs: Tensor, *, importance: Any = "
             pruner = tp.pruner.BasePruner(
                 model, example_inputs, importance=imp, global_pruning=global_pruning,
                 pruning_ratio=max_layer_ratio, max_pruning_ratio=max_layer_ratio, iterative_steps=search_steps,
-                round_to=round_to, ignored_layers=[layers[n] for n in ignored])
+                round_to=round_to, ignored_layers=[layers[n] for n in ignored], forward_fn=_trace_logits,
+                in_channel_groups={}, out_channel_groups={})
             for step in range(1, iterative_steps + 1):
                 target = mac_speedup ** (step / iterative_steps)  # geometric: equal MAC factor per step
                 grads_fresh = False
@@ -314,7 +329,7 @@ def _accumulate_gradients(model: nn.Module, batches: Any, loss_fn: Callable) -> 
     batches = batches() if callable(batches) else batches
     with torch.enable_grad():
         for x, y in batches:
-            loss_fn(model(x), y).backward()
+            loss_fn(forward(model, x), y).backward()
 
 
 def _clear_grads(model: nn.Module) -> None:
@@ -355,7 +370,8 @@ class SparsityRegularizer:
     def build(self, model: nn.Module) -> None:
         layers = prunable_layers(model)
         ignored = set(output_layers(model, self.example_inputs)) | set(self.ignore)
-        common = dict(model=model, example_inputs=self.example_inputs,
+        common = dict(model=model, example_inputs=self.example_inputs, forward_fn=_trace_logits,
+                      in_channel_groups={}, out_channel_groups={},  # Torch-Pruning fills them in place
                       ignored_layers=[layers[n] for n in ignored if n in layers])
         was_training = model.training
         model.eval()
