@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import Tensor, nn
 
 from compress.batches import forward
 from compress.checkpoint import load_into, read_checkpoint, save_checkpoint
+from compress.cli import main
 from compress.encoding.deep import read_compressed, write_compressed
 from compress.errors import UserError
 from compress.models import build_model
@@ -27,6 +29,7 @@ from compress.models.vit import Attention
 from compress.pruning.attention import attention_state, find_attention
 from compress.pruning.structured import prune_model
 from compress.stages.prune_structured import StructuredPruningStage
+from tests.conftest import quick_recipe
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parent
@@ -362,6 +365,21 @@ def test_stage_keys_heads_and_head_ratio():
         StructuredPruningStage(mac_speedup=2.0, head_ratio=0.5, key="s")
     with pytest.raises(UserError, match=r"^s\.heads: latency_speedup prunes by per-layer latency tables"):
         StructuredPruningStage(latency_speedup=1.5, latency_on="torch", key="s", example_inputs=_images(2)).apply(_vit())
+
+
+def test_cli_refuses_before_any_stage_runs(tmp_path, capsys):
+    """The refusal comes from the stage's plan, checked when the pipeline starts: nothing is trained."""
+    recipe = quick_recipe(tmp_path, model={"name": "vit", "patch_size": 2, "embed_dim": 32, "depth": 1, "num_heads": 4},
+                          stages=[{"type": "train", "epochs": 1},
+                                  {"type": "prune.structured", "ratio": 0.5, "heads": "dims", "round_to": 8}])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code = main([str(path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err == ("error: stages[1].round_to: 8 with heads: dims: Torch-Pruning rounds the width of all heads "
+                   "together, not each head ('blocks.0.attn' has 4 heads of 8); set round_to: null or heads: prune")
+    assert not list((tmp_path / "run").glob("*.ckpt"))
 
 
 # ---------------------------------------------------------------------------------------------

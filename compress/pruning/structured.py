@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -300,7 +301,7 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
         step_fn = callback if on_step is not None else None
         if mac_speedup is None:
             sub = GLOBAL_SUBSTEPS if global_pruning else 1
-            pruner = HeadPruner(model, example_inputs, pruning_ratio=default_ratio,
+            pruner = _head_pruner(model, example_inputs, pruning_ratio=default_ratio,
                                 pruning_ratio_dict={**ratio_dict, **plan.gates()} or None,
                                 iterative_steps=iterative_steps * sub, **common)
             for step in range(1, iterative_steps + 1):
@@ -310,7 +311,7 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
                 history.append(base_macs / max(1, count_macs(model, example_inputs)[0]))
                 _after_step(model, masked, step_fn, step, iterative_steps, was_training)
         else:
-            pruner = HeadPruner(model, example_inputs, pruning_ratio=max_layer_ratio,
+            pruner = _head_pruner(model, example_inputs, pruning_ratio=max_layer_ratio,
                                 pruning_ratio_dict=plan.gates() or None, iterative_steps=search_steps, **common)
             for step in range(1, iterative_steps + 1):
                 target = mac_speedup ** (step / iterative_steps)  # geometric: equal MAC factor per step
@@ -337,6 +338,13 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
     macs, params = count_macs(model, example_inputs)
     return PruneResult(base_macs, macs, base_params, params, before, channel_counts(model), history, iterative_steps,
                        plan.heads_before, plan.heads())
+
+
+def _head_pruner(model: nn.Module, example_inputs: Any, **kwargs: Any) -> HeadPruner:
+    with warnings.catch_warnings():
+        # A ViT's cls_token/pos_embed: Torch-Pruning prunes their last dimension, the embedding, as it should.
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        return HeadPruner(model, example_inputs, **kwargs)
 
 
 def _put_back(model: nn.Module, snapshot: nn.Module) -> None:

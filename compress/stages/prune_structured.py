@@ -200,14 +200,23 @@ class StructuredPruningStage(Stage):
         return sorted(ignored), [n for n in names if n not in ignored]
 
     def plan(self, model: nn.Module) -> list[str]:
-        """Layers whose output channels may be removed (coupled layers follow them).
+        """Layers whose output channels may be removed (coupled layers follow them), and attention modules.
 
-        Without example inputs the output layer is taken to be the last conv/linear defined.
+        Without example inputs the output layer is taken to be the last conv/linear defined. What the
+        attention modules cannot take is refused here, before the pipeline runs any stage.
         """
-        names = list(prunable_layers(model))
+        layers = prunable_layers(model)
+        names = list(layers)
         outputs = output_layers(model, self.example) if self.example is not None else names[-1:]
-        _, touched = self._check_layers(model, outputs)
+        ignored, touched = self._check_layers(model, outputs)
         c = self.config
+        if c.latency_speedup is not None:
+            self._attention_kept(model)
+        else:
+            ratio = min(c.ratio, c.max_layer_ratio) if c.ratio is not None else None
+            plan_heads(model, c.heads, ratio=ratio, head_ratio=c.head_ratio, ignored=[layers[n] for n in ignored],
+                       round_to=c.round_to if isinstance(c.round_to, int) else None,
+                       max_layer_ratio=c.max_layer_ratio, global_pruning=c.global_pruning, key=self.key)
         by_pattern = {n: c.layer_ratios[p] for p in c.layer_ratios for n in touched if n == p or fnmatchcase(n, p)}
         heads = [f"{a.name} -> heads: {c.heads} ({a.kind.label})" for a in find_attention(model)]
         if c.mac_speedup is not None:
