@@ -2,7 +2,7 @@
 
 Never a pickled module: everything loads with ``torch.load(..., weights_only=True)``, and a
 model is rebuilt by (1) building the architecture from its spec, (2) reshaping layers whose
-channels were removed, (3) re-installing parametrizations (masks, codebooks) and int8 quantisation, (4) loading the
+channels were removed and giving attention modules their pruned head attributes, (3) re-installing parametrizations (masks, codebooks) and int8 quantisation, (4) loading the
 state_dict strictly.
 """
 
@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from compress.errors import UserError
 from compress.files import atomic_write
 from compress.models import build_model
+from compress.pruning.attention import attention_state, restore_attention
 from compress.pruning.masks import set_mask
 from compress.pruning.structured import restore_structure
 from compress.quant import is_quantized, quant_state, restore_quant
@@ -62,6 +63,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, model_spec: dict[str,
         "model_spec": model_spec,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "parametrizations": describe_parametrizations(model),
+        "attention": attention_state(model),  # {module: {num_heads: ..}}: widths cannot tell heads from head dims
         "quantization": quant_state(model) if is_quantized(model) else None,
         "recipe": recipe or {},
         "stage_index": stage_index,
@@ -103,6 +105,7 @@ def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkp
     """Load a checkpoint's weights into ``model``, reshaping pruned layers and re-installing parametrizations."""
     state = data["state_dict"]
     restore_structure(model, state)
+    restore_attention(model, data.get("attention"), path)  # absent in checkpoints older than attention pruning
     for mod_name, tensors in data.get("parametrizations", {}).items():
         try:
             module = model.get_submodule(mod_name)

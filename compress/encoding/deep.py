@@ -30,6 +30,7 @@ from compress.encoding.huffman import code_lengths, decode_packed, encode
 from compress.errors import UserError
 from compress.files import atomic_write
 from compress.models import build_model
+from compress.pruning.attention import attention_state, restore_attention
 from compress.pruning.masks import deployed_copy, prunable_layers
 from compress.pruning.structured import restore_structure
 from compress.sharing.shared import get_shared
@@ -97,7 +98,8 @@ def _plan(model: nn.Module, index_bits: int | str, deployed: nn.Module | None = 
     return plans
 
 
-def _header(plans: list[dict[str, Any]], spec: dict[str, Any] | None) -> bytes:
+def _header(plans: list[dict[str, Any]], spec: dict[str, Any] | None,
+            attention: dict[str, dict[str, Any]] | None = None) -> bytes:
     tensors = []
     for p in plans:
         entry = {"name": p["name"], "shape": p["shape"], "kind": p["kind"]}
@@ -110,7 +112,10 @@ def _header(plans: list[dict[str, Any]], spec: dict[str, Any] | None) -> bytes:
             if p["kind"] == "shared":
                 entry["wl"] = p["weight_lengths"].tolist()
         tensors.append(entry)
-    text = json.dumps({"spec": spec, "tensors": tensors}, separators=(",", ":"))
+    doc = {"spec": spec, "tensors": tensors}
+    if attention:  # pruned heads: the widths alone cannot tell heads from head dims
+        doc["attention"] = attention
+    text = json.dumps(doc, separators=(",", ":"))
     return zlib.compress(text.encode(), 9)
 
 
@@ -159,7 +164,7 @@ def write_compressed(model: nn.Module, path: str | Path, model_spec: dict[str, A
         else:
             chunks.append(p["values"].tobytes())
         chunks.append(_bits_to_bytes(encode(p["stored_index"], p["index_lengths"])))
-    header = _header(plans, model_spec)
+    header = _header(plans, model_spec, attention_state(model))
     data = MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return len(data)
@@ -216,9 +221,11 @@ def read_compressed(path: str | Path) -> nn.Module:
     with torch.device("meta"):  # no random initialisation of weights the file replaces (0.2 s at 25M)
         model = build_model(spec["name"], key="model", **spec.get("kwargs", {}))
     restore_structure(model, state)
+    restore_attention(model, head.get("attention"), str(path))
     model.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # buffers the state_dict does not hold
         model = build_model(spec["name"], key="model", **spec.get("kwargs", {}))
         restore_structure(model, state)
+        restore_attention(model, head.get("attention"), str(path))
         model.load_state_dict(state, strict=True)
     return model.eval()

@@ -14,7 +14,7 @@ from torch import nn
 
 from compress.batches import set_output
 from compress.errors import UserError
-from compress.models import hf, lenet, mlp, mobilenet, resnet  # noqa: F401  (imported for their registrations)
+from compress.models import hf, lenet, mlp, mobilenet, resnet, vit  # noqa: F401  (imported for their registrations)
 from compress.models._registry import MODELS
 
 __all__ = ["MODELS", "build_model", "model_class", "model_kwargs"]

@@ -12,10 +12,20 @@ removes whole groups, so the tensors really get smaller. This module is a thin a
   regulariser, or Network Slimming's L1 on BN scales) as a Lightning callback;
 * :func:`restore_structure`: give a freshly built model the layer shapes stored in a state_dict,
   so the checkpoint of a pruned model loads in a new process with ``weights_only=True``.
+
+Attention modules are found and checked by :mod:`compress.pruning.attention` (``heads``: whole
+heads, head dimensions, or neither); their attributes follow every pruning step. A pruning that
+fails part-way (an attention module whose forward cannot take the new widths) leaves the model as
+it came in. Inputs and outputs of any form (a mapping of tensors, a Hugging Face ``ModelOutput``)
+go through :mod:`compress.batches`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +35,9 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from compress.batches import call, forward, take
 from compress.errors import UserError
+from compress.pruning.attention import HeadPlan, HeadPruner, plan_heads
 from compress.pruning.masks import get_mask, make_permanent, masked_modules, prunable_layers, set_mask
 from compress.registry import Registry
 from compress.schema import match_layers
@@ -93,15 +105,16 @@ def _needs_gradients(importance: Any) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Model facts: MACs, the output layer, channel counts, name matching
 # ---------------------------------------------------------------------------------------------
-def count_macs(model: nn.Module, example_inputs: Tensor) -> tuple[int, int]:
-    """(MACs, params) for one forward of ``example_inputs[:1]``, by Torch-Pruning's op counter."""
+def count_macs(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
+    """(MACs, params) for one forward of the first sample of ``example_inputs``, by Torch-Pruning's op counter."""
     was_training = model.training
-    macs, params = tp.utils.count_ops_and_params(model, example_inputs[:1])
+    with contextlib.redirect_stdout(io.StringIO()):  # its "no positional inputs, assuming batch size 1" for kwargs
+        macs, params = tp.utils.count_ops_and_params(model, take(example_inputs, 1))
     model.train(was_training)
     return int(macs), int(params)
 
 
-def output_layers(model: nn.Module, example_inputs: Tensor) -> list[str]:
+def output_layers(model: nn.Module, example_inputs: Any) -> list[str]:
     """Names of the conv/linear layers whose outputs are the model's outputs (the classifier).
 
     Found by tracing: a layer whose output tensor *is* one of the model's outputs; failing that
@@ -114,7 +127,7 @@ def output_layers(model: nn.Module, example_inputs: Tensor) -> list[str]:
     model.eval()
     try:
         with torch.no_grad():
-            out = model(example_inputs[:1])
+            out = call(model, take(example_inputs, 1))
     finally:
         for h in handles:
             h.remove()
@@ -127,6 +140,11 @@ def output_layers(model: nn.Module, example_inputs: Tensor) -> list[str]:
     if not names and seen:
         names = [seen[-1][0]]
     return sorted(set(names))
+
+
+def _trace_logits(model: nn.Module, inputs: Any) -> Tensor:
+    """Torch-Pruning's ``forward_fn``: the graph is traced from the logits, whatever the input and output forms."""
+    return forward(model, inputs)
 
 
 def _flatten(obj: Any) -> list[Any]:
@@ -157,16 +175,21 @@ class PruneResult:
     channels_after: dict[str, int]
     history: list[float] = field(default_factory=list)  # mac speedup after each fine pruning step
     steps: int = 0  # outer steps (callbacks run)
+    heads_before: dict[str, int] = field(default_factory=dict)  # attention module -> heads
+    heads_after: dict[str, int] = field(default_factory=dict)
 
     @property
     def mac_speedup(self) -> float:
         return self.base_macs / max(1, self.macs)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"mac_speedup": self.mac_speedup, "macs_before": self.base_macs, "macs_after": self.macs,
-                "params_before": self.base_params, "params_after": self.params,
-                "channels_before": self.channels_before, "channels": self.channels_after,
-                "speedup_history": self.history, "steps": self.steps}
+        out = {"mac_speedup": self.mac_speedup, "macs_before": self.base_macs, "macs_after": self.macs,
+               "params_before": self.base_params, "params_after": self.params,
+               "channels_before": self.channels_before, "channels": self.channels_after,
+               "speedup_history": self.history, "steps": self.steps}
+        if self.heads_before:
+            out.update(heads_before=self.heads_before, heads=self.heads_after)
+        return out
 
 
 GLOBAL_SUBSTEPS = 10  # pruning sub-steps per step of a global ratio (keeps max_layer_ratio)
@@ -174,13 +197,14 @@ GLOBAL_SUBSTEPS = 10  # pruning sub-steps per step of a global ratio (keeps max_
 StepCallback = Callable[[nn.Module, int, int], None]  # (model, step (1-based), steps)
 
 
-def prune_model(model: nn.Module, example_inputs: Tensor, *, importance: Any = "l2",
+def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2",
                 ratio: float | Mapping[str, float] | None = None, layer_ratios: Mapping[str, float] | None = None,
                 mac_speedup: float | None = None,
                 global_pruning: bool = False, iterative_steps: int = 1, round_to: int | None = None,
                 ignore: Sequence[str] = (), max_layer_ratio: float = 0.9,
+                heads: str = "prune", head_ratio: float | None = None,
                 on_step: StepCallback | None = None,
-                gradient_batches: Callable[[], Iterable[tuple[Tensor, Tensor]]] | Iterable | None = None,
+                gradient_batches: Callable[[], Iterable[tuple[Any, Tensor]]] | Iterable | None = None,
                 loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
                 search_steps: int = 200, key: str = "prune") -> PruneResult:
     """Remove channels from ``model`` in place.
@@ -188,7 +212,8 @@ def prune_model(model: nn.Module, example_inputs: Tensor, *, importance: Any = "
     Args:
         model: any ``nn.Module`` Torch-Pruning can trace; masked (parametrized) layers are baked
             before tracing and get masks ``weight != 0`` back afterwards.
-        example_inputs: a batch for tracing and MAC counting.
+        example_inputs: a batch for tracing and MAC counting (a tensor, or a mapping/tuple of
+            tensors: :mod:`compress.batches`).
         importance: a name in :data:`IMPORTANCES` or a Torch-Pruning ``Importance``.
         ratio: fraction of channels removed per group (local) or overall (``global_pruning``); a
             mapping is taken as ``layer_ratios`` (the other layers are then untouched).
@@ -198,12 +223,21 @@ def prune_model(model: nn.Module, example_inputs: Tensor, *, importance: Any = "
         iterative_steps: reach the target in this many steps, calling ``on_step`` after each.
         round_to: keep channel counts multiples of this (hardware lanes).
         ignore: layer names/globs whose output channels are kept; the output layer always is.
-        max_layer_ratio: no layer loses more than this fraction of its channels.
+        max_layer_ratio: no layer loses more than this fraction of its channels (nor a module of its heads).
+        heads: attention modules lose whole heads (``prune``), dimensions of every head (``dims``) or
+            neither (``keep``): :mod:`compress.pruning.attention`.
+        head_ratio: ``heads: prune``: fraction of each module's heads removed (default: the ratio its
+            projections get; with ``mac_speedup`` heads follow the channel schedule).
         on_step: ``on_step(model, step, steps)`` after each step (the stage fine-tunes there).
         gradient_batches: ``(x, y)`` batches (or a function returning them) for ``taylor``.
         loss_fn: loss whose gradients ``taylor`` uses.
         search_steps: fine pruning steps a ``mac_speedup`` search may take (its resolution).
         key: recipe path for error messages.
+
+    Raises:
+        UserError: a mistake in the arguments, or a pruning the model's attention modules cannot take;
+            found before the model is touched, or (a forward that fails on the new widths) after,
+            when the model is put back as it came in.
     """
     imp = resolve_importance(importance, f"{key}.importance")
     if isinstance(ratio, Mapping):
@@ -216,9 +250,10 @@ def prune_model(model: nn.Module, example_inputs: Tensor, *, importance: Any = "
         raise UserError(f"{key}.iterative_steps: {iterative_steps} must be >= 1")
     if _needs_gradients(imp) and gradient_batches is None:
         raise UserError(f"{key}.importance: taylor needs training batches (run the stage with data)")
+    if head_ratio is not None and (heads != "prune" or mac_speedup is not None):
+        raise UserError(f"{key}.head_ratio: only with heads: prune and a ratio (with mac_speedup, heads are "
+                        "removed in step with the channels)")
 
-    masked = list(masked_modules(model))
-    make_permanent(model)  # Torch-Pruning edits .weight tensors; a parametrization would hide them
     layers = prunable_layers(model)
     outputs = output_layers(model, example_inputs)
     ignored = set(outputs)
@@ -235,36 +270,49 @@ def prune_model(model: nn.Module, example_inputs: Tensor, *, importance: Any = "
         for name, pattern in hits.items():
             if name not in ignored:
                 ratio_dict[layers[name]] = float(layer_ratios[pattern])
+    if mac_speedup is None and not global_pruning:
+        # Torch-Pruning checks max_pruning_ratio only before a step, so one big step could overshoot
+        # it: local ratios are clamped; a global ranking goes in sub-steps (overshoot <= one sub-step).
+        default_ratio = min(default_ratio, max_layer_ratio)
+        ratio_dict = {m: min(r, max_layer_ratio) for m, r in ratio_dict.items()}
+    plan = plan_heads(model, heads, ratio=default_ratio if mac_speedup is None else None, layer_ratios=ratio_dict,
+                      head_ratio=head_ratio, ignored=[layers[n] for n in ignored], round_to=round_to,
+                      max_layer_ratio=max_layer_ratio, global_pruning=global_pruning, key=key)
 
-    base_macs, base_params = count_macs(model, example_inputs)
-    before = channel_counts(model)
-    history: list[float] = []
+    snapshot = copy.deepcopy(model)  # put back if a step fails part-way
+    in_callback = [False]
+
+    def callback(m: nn.Module, step: int, steps: int) -> None:
+        in_callback[0] = True
+        on_step(m, step, steps)
+        in_callback[0] = False
+
+    masked = list(masked_modules(model))
     was_training = model.training
-    model.eval()  # tracing must not update BatchNorm statistics
     try:
+        make_permanent(model)  # Torch-Pruning edits .weight tensors; a parametrization would hide them
+        base_macs, base_params = count_macs(model, example_inputs)
+        before = channel_counts(model)
+        history: list[float] = []
+        model.eval()  # tracing must not update BatchNorm statistics
+        common = dict(importance=imp, global_pruning=global_pruning, max_pruning_ratio=max_layer_ratio,
+                      round_to=round_to, ignored_layers=[layers[n] for n in ignored] + plan.ignored_layers(),
+                      forward_fn=_trace_logits, **plan.pruner_kwargs())
+        step_fn = callback if on_step is not None else None
         if mac_speedup is None:
-            # Torch-Pruning checks max_pruning_ratio only before a step, so one big step could overshoot
-            # it: local ratios are clamped; a global ranking goes in sub-steps (overshoot <= one sub-step).
             sub = GLOBAL_SUBSTEPS if global_pruning else 1
-            if not global_pruning:
-                default_ratio = min(default_ratio, max_layer_ratio)
-                ratio_dict = {m: min(r, max_layer_ratio) for m, r in ratio_dict.items()}
-            pruner = tp.pruner.BasePruner(
-                model, example_inputs, importance=imp, global_pruning=global_pruning, pruning_ratio=default_ratio,
-                pruning_ratio_dict=ratio_dict or None, max_pruning_ratio=max_layer_ratio,
-                iterative_steps=iterative_steps * sub, round_to=round_to,
-                ignored_layers=[layers[n] for n in ignored])
+            pruner = _head_pruner(model, example_inputs, pruning_ratio=default_ratio,
+                                pruning_ratio_dict={**ratio_dict, **plan.gates()} or None,
+                                iterative_steps=iterative_steps * sub, **common)
             for step in range(1, iterative_steps + 1):
                 for i in range(sub):
                     _pruner_step(pruner, model, imp, gradient_batches if i == 0 else None, loss_fn,
-                                 keep_grads=i < sub - 1)
+                                 keep_grads=i < sub - 1, plan=plan, example_inputs=example_inputs, key=key)
                 history.append(base_macs / max(1, count_macs(model, example_inputs)[0]))
-                _after_step(model, masked, on_step, step, iterative_steps, was_training)
+                _after_step(model, masked, step_fn, step, iterative_steps, was_training)
         else:
-            pruner = tp.pruner.BasePruner(
-                model, example_inputs, importance=imp, global_pruning=global_pruning,
-                pruning_ratio=max_layer_ratio, max_pruning_ratio=max_layer_ratio, iterative_steps=search_steps,
-                round_to=round_to, ignored_layers=[layers[n] for n in ignored])
+            pruner = _head_pruner(model, example_inputs, pruning_ratio=max_layer_ratio,
+                                pruning_ratio_dict=plan.gates() or None, iterative_steps=search_steps, **common)
             for step in range(1, iterative_steps + 1):
                 target = mac_speedup ** (step / iterative_steps)  # geometric: equal MAC factor per step
                 grads_fresh = False
@@ -275,25 +323,77 @@ def prune_model(model: nn.Module, example_inputs: Tensor, *, importance: Any = "
                             f"(max_layer_ratio {max_layer_ratio}, ignored layers or importance '{importance}' "
                             "leave too few prunable channels)")
                     _pruner_step(pruner, model, imp, None if grads_fresh else gradient_batches, loss_fn,
-                                 keep_grads=True)
+                                 keep_grads=True, plan=plan, example_inputs=example_inputs, key=key)
                     grads_fresh = True  # Torch-Pruning prunes .grad along with the weights
                     history.append(base_macs / max(1, count_macs(model, example_inputs)[0]))
                 _clear_grads(model)
-                _after_step(model, masked, on_step, step, iterative_steps, was_training)
+                _after_step(model, masked, step_fn, step, iterative_steps, was_training)
+    except BaseException:
+        if not in_callback[0]:
+            _put_back(model, snapshot)
+        raise
     finally:
         _clear_grads(model)
         model.train(was_training)
     macs, params = count_macs(model, example_inputs)
-    return PruneResult(base_macs, macs, base_params, params, before, channel_counts(model), history, iterative_steps)
+    return PruneResult(base_macs, macs, base_params, params, before, channel_counts(model), history, iterative_steps,
+                       plan.heads_before, plan.heads())
+
+
+def _head_pruner(model: nn.Module, example_inputs: Any, **kwargs: Any) -> HeadPruner:
+    with warnings.catch_warnings():
+        # A ViT's cls_token/pos_embed: Torch-Pruning prunes their last dimension, the embedding, as it should.
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        return HeadPruner(model, example_inputs, **kwargs)
+
+
+def _put_back(model: nn.Module, snapshot: nn.Module) -> None:
+    """Make ``model`` the copy taken before pruning (its submodules are the copy's from now on)."""
+    model.__dict__.clear()
+    model.__dict__.update(snapshot.__dict__)
 
 
 def _pruner_step(pruner: Any, model: nn.Module, imp: Any, gradient_batches: Any, loss_fn: Callable,
-                 keep_grads: bool = False) -> None:
+                 keep_grads: bool = False, plan: HeadPlan | None = None, example_inputs: Any = None,
+                 key: str = "prune") -> None:
     if _needs_gradients(imp) and gradient_batches is not None:
         _accumulate_gradients(model, gradient_batches, loss_fn)
     pruner.step()
+    if plan is not None and plan.found:
+        plan.update(pruner)  # before anything runs the model again
+        _check_attention(model, plan, example_inputs, key)
     if not keep_grads:
         _clear_grads(model)
+
+
+def _check_attention(model: nn.Module, plan: HeadPlan, example_inputs: Any, key: str) -> None:
+    """After a step: every attention module's widths agree with its attributes, and the model runs."""
+    problems = plan.problems()
+    if problems:
+        raise UserError(f"{key}.heads: pruning left {problems[0]} (the model was put back unpruned)")
+    running: list[str] = []  # modules whose forward has started and not returned: the last one failed
+
+    def finished(*_: Any) -> None:
+        running.pop()
+
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(lambda *_, n=name: running.append(n)))
+        handles.append(m.register_forward_hook(finished))
+    try:
+        with torch.no_grad():
+            forward(model, take(example_inputs, 1))
+    except (RuntimeError, ValueError, IndexError, AssertionError) as e:
+        where = running[-1] if running else ""
+        kind = next((a.kind.label for a in plan.found if a.name == where), type(model.get_submodule(where)).__name__)
+        message = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        hint = "heads: keep leaves its heads alone" if plan.mode != "keep" else \
+            "its forward may need its input width: ignore the layers that write it"
+        raise UserError(f"{key}.heads: after pruning, '{where}' ({kind}) fails in its forward ({message}); "
+                        f"the model was put back unpruned; {hint}") from None
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _after_step(model: nn.Module, masked: list[str], on_step: StepCallback | None, step: int, steps: int,
@@ -314,7 +414,7 @@ def _accumulate_gradients(model: nn.Module, batches: Any, loss_fn: Callable) -> 
     batches = batches() if callable(batches) else batches
     with torch.enable_grad():
         for x, y in batches:
-            loss_fn(model(x), y).backward()
+            loss_fn(forward(model, x), y).backward()
 
 
 def _clear_grads(model: nn.Module) -> None:
@@ -355,7 +455,8 @@ class SparsityRegularizer:
     def build(self, model: nn.Module) -> None:
         layers = prunable_layers(model)
         ignored = set(output_layers(model, self.example_inputs)) | set(self.ignore)
-        common = dict(model=model, example_inputs=self.example_inputs,
+        common = dict(model=model, example_inputs=self.example_inputs, forward_fn=_trace_logits,
+                      in_channel_groups={}, out_channel_groups={},  # Torch-Pruning fills them in place
                       ignored_layers=[layers[n] for n in ignored if n in layers])
         was_training = model.training
         model.eval()

@@ -9,6 +9,26 @@ steps with ``finetune`` after each; ``regularize`` trains with a sparsity regula
 (group norm: DepGraph eq. 6; BN scale: Network Slimming, Liu et al. 2017, eq. 1).
 The classifier's outputs are never pruned (the output layer is found by tracing).
 
+Attention modules are found automatically (timm-style ``qkv`` + ``num_heads``; Hugging Face
+``query``/``key``/``value`` or ``q_proj``/``k_proj``/``v_proj`` + ``num_attention_heads``;
+``nn.MultiheadAttention``) and ``heads`` says what happens to them:
+
+* ``prune`` (the default): whole heads go, the least important first; each module loses
+  ``head_ratio`` of its heads (default: the ratio its projections get, i.e. ``ratio`` or their
+  ``layer_ratios``), rounded to the nearest head, at least one kept; with ``mac_speedup`` heads
+  follow the channel schedule; with ``global: true`` heads are ranked across modules. Each head
+  keeps its width. ``nn.MultiheadAttention`` cannot lose whole heads (refused: use ``dims``).
+* ``dims``: every head keeps, and loses the same dimensions, at the channel ratio.
+* ``keep``: heads and head widths stay (the query/key/value projections' outputs are ignored).
+
+In every mode the MLPs and the residual stream (the embedding width) are pruned at the channel
+ratio like any other layer (``ignore`` the layers that write the stream to keep it). The modules'
+attributes (``num_heads``, ``head_dim``, ``scale``; ``num_attention_heads``, ``attention_head_size``,
+``all_head_size``, ``scaling``; ``embed_dim``, ...) follow every pruning step, are saved in the
+checkpoint and restored on reload. A pruning the attention modules cannot take is refused before
+the model is touched (a one-line error naming the key); a forward that fails on the new widths puts
+the model back as it came in. ``latency_speedup`` takes only ``heads: keep``.
+
 ``round_to: auto`` (the default) aligns channel counts to the width the latency target rewards:
 the profile's ``lanes`` (what the simulator's lane notes name), or the CPU's fp32 SIMD width for
 ``onnxruntime`` and ``torch`` (16 with AVX-512, else 8: their convolutions compute channels in
@@ -31,8 +51,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from compress.batches import repeat_to, take
 from compress.config import FinetuneConfig
 from compress.errors import UserError
+from compress.pruning.attention import HEAD_MODES, TorchMHA, find_attention, plan_heads
 from compress.pruning.latency import check_latency_target, latency_backend, prune_to_latency, resolve_round_to
 from compress.pruning.masks import prunable_layers
 from compress.pruning.structured import (
@@ -72,6 +94,8 @@ class StructuredConfig:
     round_to: int | str | None = "auto"  # channel counts multiples of this; auto: what the latency target rewards
     ignore: list[str] = field(default_factory=list)  # layers (names/globs) whose outputs are kept
     max_layer_ratio: float = 0.9  # no layer loses more than this fraction of its channels
+    heads: str = "prune"  # attention: prune (whole heads) | dims (dims of every head) | keep (neither)
+    head_ratio: float | None = None  # heads: prune: fraction of each module's heads removed (default: its ratio)
     taylor_batches: int = 4  # training batches whose gradients the taylor importance uses
     search_steps: int = 200  # resolution of the mac_speedup search (fine pruning steps)
     regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
@@ -144,6 +168,12 @@ class StructuredPruningStage(Stage):
         if isinstance(c.round_to, int) and c.round_to < 1:
             raise UserError(f"{key}.round_to: {c.round_to} must be >= 1")
         check_range(c.max_layer_ratio, f"{key}.max_layer_ratio", 0.0, 1.0, lo_open=True)
+        check_choice(c.heads, f"{key}.heads", HEAD_MODES)
+        if c.head_ratio is not None:
+            check_range(c.head_ratio, f"{key}.head_ratio", 0.0, 1.0)
+            if c.heads != "prune" or c.ratio is None and not c.layer_ratios:
+                raise UserError(f"{key}.head_ratio: only with heads: prune and ratio/layer_ratios (with a speedup "
+                                "target, heads are removed in step with the channels)")
         if c.taylor_batches < 1:
             raise UserError(f"{key}.taylor_batches: {c.taylor_batches} must be >= 1")
         if c.search_steps < 2:
@@ -170,20 +200,30 @@ class StructuredPruningStage(Stage):
         return sorted(ignored), [n for n in names if n not in ignored]
 
     def plan(self, model: nn.Module) -> list[str]:
-        """Layers whose output channels may be removed (coupled layers follow them).
+        """Layers whose output channels may be removed (coupled layers follow them), and attention modules.
 
-        Without example inputs the output layer is taken to be the last conv/linear defined.
+        Without example inputs the output layer is taken to be the last conv/linear defined. What the
+        attention modules cannot take is refused here, before the pipeline runs any stage.
         """
-        names = list(prunable_layers(model))
+        layers = prunable_layers(model)
+        names = list(layers)
         outputs = output_layers(model, self.example) if self.example is not None else names[-1:]
-        _, touched = self._check_layers(model, outputs)
+        ignored, touched = self._check_layers(model, outputs)
         c = self.config
-        by_pattern = {n: c.layer_ratios[p] for p in c.layer_ratios for n in touched if n == p or fnmatchcase(n, p)}
-        if c.mac_speedup is not None:
-            return [f"{n} -> until {c.mac_speedup:g}x MACs" for n in touched]
         if c.latency_speedup is not None:
-            return [f"{n} -> until {c.latency_speedup:g}x latency on {c.latency_on}" for n in touched]
-        return [f"{n} -> {by_pattern.get(n, c.ratio):.2f} of channels" for n in touched]
+            self._attention_kept(model)
+        else:
+            ratio = min(c.ratio, c.max_layer_ratio) if c.ratio is not None else None
+            plan_heads(model, c.heads, ratio=ratio, head_ratio=c.head_ratio, ignored=[layers[n] for n in ignored],
+                       round_to=c.round_to if isinstance(c.round_to, int) else None,
+                       max_layer_ratio=c.max_layer_ratio, global_pruning=c.global_pruning, key=self.key)
+        by_pattern = {n: c.layer_ratios[p] for p in c.layer_ratios for n in touched if n == p or fnmatchcase(n, p)}
+        heads = [f"{a.name} -> heads: {c.heads} ({a.kind.label})" for a in find_attention(model)]
+        if c.mac_speedup is not None:
+            return [f"{n} -> until {c.mac_speedup:g}x MACs" for n in touched] + heads
+        if c.latency_speedup is not None:
+            return [f"{n} -> until {c.latency_speedup:g}x latency on {c.latency_on}" for n in touched] + heads
+        return [f"{n} -> {by_pattern.get(n, c.ratio):.2f} of channels" for n in touched] + heads
 
     # -- apply -----------------------------------------------------------------------------------
     def apply(self, model: nn.Module, ctx: Context | None = None) -> StageResult:
@@ -211,9 +251,10 @@ class StructuredPruningStage(Stage):
         torch.manual_seed(ctx.seed + 1000 * ctx.stage_index)  # random/taylor choices replay on resume
         ignore = [n for n in ignored if n not in outputs]
         if c.latency_speedup is not None:
+            ignore += self._attention_kept(model)
             backend = latency_backend(c.latency_on, threads=ctx.latency_threads, key=f"{key}.latency_on")
             batch = self._latency_batch(ctx)
-            xb = x[:1].expand(batch, *x.shape[1:]).contiguous() if ctx.datamodule is None else \
+            xb = repeat_to(take(x, 1), batch) if ctx.datamodule is None else \
                 ctx.example_inputs(batch_size=batch)
             result = prune_to_latency(model, x, xb, target=c.latency_speedup, backend=backend, importance=importance,
                                       iterative_steps=c.iterative_steps,
@@ -226,12 +267,30 @@ class StructuredPruningStage(Stage):
                                  layer_ratios=dict(c.layer_ratios) or None, mac_speedup=c.mac_speedup,
                                  global_pruning=c.global_pruning, iterative_steps=c.iterative_steps,
                                  round_to=resolve_round_to(c.round_to, None), ignore=ignore,
-                                 max_layer_ratio=c.max_layer_ratio, on_step=on_step,
-                                 gradient_batches=gradient_batches, search_steps=c.search_steps, key=key)
+                                 max_layer_ratio=c.max_layer_ratio, heads=c.heads, head_ratio=c.head_ratio,
+                                 on_step=on_step, gradient_batches=gradient_batches, search_steps=c.search_steps,
+                                 key=key)
         info = result.as_dict()
         info.update(importance=c.importance if self.importance_obj is None else type(self.importance_obj).__name__,
                     output_layers=outputs)
         return StageResult(model, info)
+
+    def _attention_kept(self, model: nn.Module) -> list[str]:
+        """A latency target's tables know no heads: the attention projections are left alone (heads: keep)."""
+        found = find_attention(model)
+        if not found:
+            return []
+        key = self.key
+        if self.config.heads != "keep":
+            raise UserError(f"{key}.heads: latency_speedup prunes by per-layer latency tables, which know no attention "
+                            f"heads ('{found[0].name}'); set heads: keep, or use ratio or mac_speedup")
+        plan = plan_heads(model, "keep", key=key)
+        names = {m: n for n, m in model.named_modules()}
+        mha = [a.name for a in plan.kept if isinstance(a.kind, TorchMHA)]
+        if mha:
+            raise UserError(f"{key}.latency_speedup: nn.MultiheadAttention '{mha[0]}' cannot be left out of a latency "
+                            "target; use ratio or mac_speedup")
+        return [names[p] for p in plan.ignored_layers()]
 
     def _latency_batch(self, ctx: Context) -> int:
         """``latency_batch``, else the pipeline's latency batch, else the data batch size, else 1."""
