@@ -22,8 +22,9 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from compress.errors import UserError
+from compress.pruning.attention import plan_heads
 from compress.pruning.masks import deployed_copy, prunable_layers
-from compress.pruning.structured import count_macs, output_layers, resolve_importance
+from compress.pruning.structured import count_macs, output_layers, resolve_importance, trace_logits
 from compress.schema import match_layers
 
 __all__ = ["run_sensitivity", "suggest_ratios", "DEFAULT_RATIOS"]
@@ -35,7 +36,7 @@ def _coupled_groups(model: nn.Module, example_inputs: Tensor, names: list[str], 
     """Each layer that roots its own group -> every prunable layer whose outputs go with it."""
     layers = prunable_layers(model)
     module2name = {m: n for n, m in layers.items()}
-    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=trace_logits)
     groups: dict[str, list[str]] = {}
     covered: set[str] = set()
     for name in names:
@@ -99,6 +100,9 @@ def run_sensitivity(model: nn.Module, evaluate_fn: Callable[[nn.Module], float],
     all_layers = prunable_layers(base)
     outputs = output_layers(base, example_inputs)
     ignored = set(outputs) | (set(match_layers(list(all_layers), list(ignore), "sensitivity.ignore")) if ignore else set())
+    # channels, not heads: a projection narrowed alone would split its module's heads (prune.structured heads:)
+    name_of = {m: n for n, m in all_layers.items()}
+    ignored |= {name_of[p] for p in plan_heads(base, "keep").ignored_layers() if p in name_of}
     names = list(match_layers(list(all_layers), list(layers), "sensitivity.layers")) if layers else list(all_layers)
     names = [n for n in all_layers if n in names and n not in ignored]
     groups = _coupled_groups(copy.deepcopy(base), example_inputs, names, sorted(ignored))
@@ -113,7 +117,7 @@ def run_sensitivity(model: nn.Module, evaluate_fn: Callable[[nn.Module], float],
             m = copy.deepcopy(base)
             layer = m.get_submodule(name)
             pruner = tp.pruner.BasePruner(
-                m, example_inputs, importance=resolve_importance(importance), pruning_ratio=0.0,
+                m, example_inputs, importance=resolve_importance(importance), pruning_ratio=0.0, forward_fn=trace_logits,
                 pruning_ratio_dict={layer: float(ratio)},
                 ignored_layers=[m.get_submodule(n) for n in sorted(ignored)])
             pruner.step()

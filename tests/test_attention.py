@@ -461,3 +461,26 @@ def test_hf_vit_with_q_proj_k_proj_v_proj(heads, expected):
         assert a.module.scaling == pytest.approx(expected[1] ** -0.5)
         assert a.module.q_proj.out_features == expected[0] * expected[1]
     assert forward(model, _images(2)).shape == (2, 5)
+
+
+def test_sensitivity_scans_channels_of_a_vit_but_leaves_attention_projections_whole(tmp_path):
+    """A qkv narrowed alone would split its heads: the per-layer scan leaves attention to heads:."""
+    from compress.models import build_model
+    from compress.sensitivity import run_sensitivity
+
+    torch.manual_seed(0)
+    model = build_model("vit", input_shape=(3, 16, 16), num_classes=4, embed_dim=32, depth=1, num_heads=4).eval()
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+
+    def evaluate(m):
+        with torch.no_grad():  # every pruned copy must still run: heads consistent
+            return float((m(x).argmax(1) == y).float().mean())
+
+    out = run_sensitivity(model, evaluate, x, tmp_path, ratios=(0.5,), max_drop=1.0)
+    scanned = {name for group in out["groups"].values() for name in group}
+    assert "blocks.0.mlp.fc1" in out["curves"]  # the MLP's hidden channels are scanned
+    assert not any(n.endswith("attn.qkv") for n in scanned)  # its outputs are the heads
+    assert "blocks.0.attn.proj" in out["groups"]["patch_embed"]  # the stream it writes is scanned as one group
+    assert out["baseline"] == 1.0

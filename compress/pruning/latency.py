@@ -60,6 +60,7 @@ from compress.pruning.structured import (
     count_macs,
     output_layers,
     resolve_importance,
+    trace_logits,
 )
 from compress.runtime import RUNTIMES, check_runtimes, feeds
 from compress.schema import match_layers
@@ -379,7 +380,7 @@ def _analyze(model: nn.Module, x: Tensor, imp: Any, ignored: Sequence[str], widt
     """Torch-Pruning's groups with their importance order, and the layers their widths reach."""
     layers = prunable_layers(model)
     name_of = {m: n for n, m in layers.items()}
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=take(x, 1))
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=take(x, 1), forward_fn=trace_logits)
     groups: list[_Group] = []
     for group in graph.get_all_groups(ignored_layers=[layers[n] for n in ignored if n in layers],
                                       root_module_types=(nn.Conv2d, nn.Linear)):
@@ -526,7 +527,7 @@ def _pruned_copy(model: nn.Module, analysis: _Analysis, widths: Sequence[int], x
     """A copy of ``model`` pruned to ``widths`` (the same channels :func:`_prune_groups` would remove)."""
     trial = copy.deepcopy(model)
     layers = prunable_layers(trial)
-    graph = tp.DependencyGraph().build_dependency(trial, example_inputs=take(x, 1))
+    graph = tp.DependencyGraph().build_dependency(trial, example_inputs=take(x, 1), forward_fn=trace_logits)
     for g, w in zip(analysis.groups, widths, strict=True):
         if w < g.width:
             group = graph.get_pruning_group(layers[g.root], g.handler, sorted(g.order[: g.width - w]))

@@ -42,7 +42,7 @@ from compress.pruning.masks import get_mask, make_permanent, masked_modules, pru
 from compress.registry import Registry
 from compress.schema import match_layers
 
-__all__ = ["IMPORTANCES", "resolve_importance", "PruneResult", "prune_model", "count_macs", "output_layers",
+__all__ = ["IMPORTANCES", "resolve_importance", "PruneResult", "prune_model", "count_macs", "output_layers", "trace_logits",
            "channel_counts", "SparsityRegularizer", "restore_structure", "mask_shapes_ok"]
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def output_layers(model: nn.Module, example_inputs: Any) -> list[str]:
     return sorted(set(names))
 
 
-def _trace_logits(model: nn.Module, inputs: Any) -> Tensor:
+def trace_logits(model: nn.Module, inputs: Any) -> Tensor:
     """Torch-Pruning's ``forward_fn``: the graph is traced from the logits, whatever the input and output forms."""
     return forward(model, inputs)
 
@@ -297,7 +297,7 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
         model.eval()  # tracing must not update BatchNorm statistics
         common = dict(importance=imp, global_pruning=global_pruning, max_pruning_ratio=max_layer_ratio,
                       round_to=round_to, ignored_layers=[layers[n] for n in ignored] + plan.ignored_layers(),
-                      forward_fn=_trace_logits, **plan.pruner_kwargs())
+                      forward_fn=trace_logits, **plan.pruner_kwargs())
         step_fn = callback if on_step is not None else None
         if mac_speedup is None:
             sub = GLOBAL_SUBSTEPS if global_pruning else 1
@@ -455,7 +455,7 @@ class SparsityRegularizer:
     def build(self, model: nn.Module) -> None:
         layers = prunable_layers(model)
         ignored = set(output_layers(model, self.example_inputs)) | set(self.ignore)
-        common = dict(model=model, example_inputs=self.example_inputs, forward_fn=_trace_logits,
+        common = dict(model=model, example_inputs=self.example_inputs, forward_fn=trace_logits,
                       in_channel_groups={}, out_channel_groups={},  # Torch-Pruning fills them in place
                       ignored_layers=[layers[n] for n in ignored if n in layers])
         was_training = model.training
