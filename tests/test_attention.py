@@ -484,3 +484,28 @@ def test_sensitivity_scans_channels_of_a_vit_but_leaves_attention_projections_wh
     assert not any(n.endswith("attn.qkv") for n in scanned)  # its outputs are the heads
     assert "blocks.0.attn.proj" in out["groups"]["patch_embed"]  # the stream it writes is scanned as one group
     assert out["baseline"] == 1.0
+
+
+def test_vit_recipe_heads_distil_and_int8_in_onnxruntime(tmp_path):
+    """The zoo ViT through a recipe: train, prune whole heads with distillation from the dense model,
+    then int8, each stage measured in ONNX Runtime."""
+    from compress.pipeline import Pipeline
+    from compress.recipe import load_recipe
+    from tests.conftest import quick_recipe
+
+    recipe = quick_recipe(
+        tmp_path, model={"name": "vit", "patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 4},
+        eval={"latency_repeats": 3, "latency_warmup": 1, "runtimes": ["onnxruntime"]},
+        stages=[{"type": "train", "epochs": 6, "optimizer": {"name": "adamw", "lr": 0.003}},
+                {"type": "prune.structured", "ratio": 0.5, "heads": "prune",
+                 "finetune": {"epochs": 2, "optimizer": {"name": "adamw", "lr": 0.001},
+                              "distill": {"teacher": "self", "T": 2.0, "alpha": 0.5}}},
+                {"type": "quantize", "mode": "ptq", "calibration_batches": 4}])
+    records = Pipeline(load_recipe(recipe), quiet=True).run()
+    trained, pruned, q = (r["metrics"] for r in records[1:])
+    assert records[2]["info"]["heads"] == {"blocks.0.attn": 2, "blocks.1.attn": 2}
+    assert trained["accuracy"] > 0.6 and pruned["accuracy"] > 0.5  # digits, 10 classes (chance 0.1), a few epochs
+    assert pruned["mac_speedup"] > 2.0 and q["precision"] == "int8"
+    for m in (trained, pruned):
+        assert m["runtime_accuracy/onnxruntime"] == pytest.approx(m["accuracy"], abs=0.01)
+    assert q["runtime_accuracy/onnxruntime"] >= pruned["accuracy"] - 0.05

@@ -275,23 +275,28 @@ def test_hugging_face_bert_from_a_config_runs_a_recipe_on_token_tensors(tmp_path
         data={"name": "tokens", "vocab_size": 32, "seq_len": 12, "train_size": 768, "batch_size": 32},
         eval={"latency_repeats": 3, "latency_warmup": 1, "runtimes": ["onnxruntime"]}, hardware=["cpu-local"],
         stages=[{"type": "train", "epochs": 5, "optimizer": {"name": "adamw", "lr": 0.003}},
+                {"type": "prune.structured", "ratio": 0.5, "heads": "prune",
+                 "finetune": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 0.001}}},
                 {"type": "prune.unstructured", "sparsity": 0.5,
                  "finetune": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 0.0005},
                               "distill": {"teacher": "self", "T": 2.0, "alpha": 0.5}}},
                 {"type": "share", "bits": 6}])
     records = Pipeline(load_recipe(recipe), quiet=True).run()
-    trained, pruned, shared = (r["metrics"] for r in records[1:])
+    trained, heads, pruned, shared = (r["metrics"] for r in records[1:])
+    assert records[2]["info"]["heads"] == {"bert.encoder.layer.0.attention.self": 1}  # 2 heads -> 1
+    assert heads["params"] < trained["params"] and heads["mac_speedup"] > 1.5
     assert trained["accuracy"] > 0.8  # chance is ~0.6 (two bands, the larger class)
-    assert pruned["sparsity"] == pytest.approx(0.5, abs=0.01) and pruned["accuracy"] > 0.75
+    assert pruned["sparsity"] == pytest.approx(0.5, abs=0.01) and pruned["accuracy"] > 0.7
     assert shared["compression_ratio"] > pruned["compression_ratio"] > 1.0
-    for m in (trained, pruned, shared):
+    for m in (trained, heads, pruned, shared):
         assert m["runtime_accuracy/onnxruntime"] == pytest.approx(m["accuracy"], abs=0.01)
     from compress.data import build_datamodule
 
     dm = build_datamodule(recipe["data"])
     dm.setup()
-    loaded = load_model(tmp_path / "run" / "stage-3-share.ckpt")
+    loaded = load_model(tmp_path / "run" / "stage-4-share.ckpt")
     assert type(loaded).__name__ == "BertForSequenceClassification"
+    assert loaded.bert.encoder.layer[0].attention.self.attention_head_size == 16  # a whole head of 16 went
     from compress.metrics import evaluate_accuracy
 
     assert evaluate_accuracy(loaded, dm.test_dataloader())["accuracy"] == shared["accuracy"]

@@ -36,7 +36,7 @@ __all__ = ["export_onnx", "FP32_TOLERANCE", "INT8_AGREEMENT", "OPSET"]
 
 OPSET = 17
 FP32_TOLERANCE = 1e-4  # max |ORT - torch| on the logits, times max(1, max |torch logits|)
-INT8_AGREEMENT = 0.99  # top-1 agreement of the int8 graph with the torch fake-quantised model
+INT8_AGREEMENT = 0.99  # top-1 agreement of the int8 graph with the torch fake-quantised model (or: _check_int8)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 ONNX_LAYER_OPS = ("Conv", "Gemm", "MatMul")  # what QUANTIZABLE layers export to
 # What ORT may quantise: the layers, and ops that only move or clip values (int8 flows through them
@@ -178,13 +178,21 @@ def _check_fp32(reference: nn.Module, path: Path, inputs: Any) -> None:
                         f"the graph is not faithful, file not written")
 
 
-def _check_int8(reference: nn.Module, path: Path, inputs: Any) -> float:
+def _check_int8(reference: nn.Module, float_model: nn.Module, path: Path, inputs: Any) -> float:
+    """Top-1 agreement of the int8 graph with the PyTorch quantised model, which must be at least
+    ``INT8_AGREEMENT``; where quantisation itself moves predictions (low-margin models: a small ViT),
+    it passes too if the graph agrees with the float model within ``1 - INT8_AGREEMENT`` of how well the
+    PyTorch quantised model does (two int8 approximations of one float model; a broken graph misses both)."""
     with torch.no_grad():
         expected = forward(reference, inputs).argmax(1)
-    agreement = float((OrtModel(path)(inputs).argmax(1) == expected).float().mean())
-    if agreement < INT8_AGREEMENT:
-        raise UserError(f"export: int8 ONNX Runtime top-1 agrees with the PyTorch quantised model on "
-                        f"{agreement:.1%} of {batch_size(inputs)} inputs (< {INT8_AGREEMENT:.0%}); file not written")
+        floats = forward(float_model, inputs).argmax(1)
+    got = OrtModel(path)(inputs).argmax(1)
+    agreement = float((got == expected).float().mean())
+    sim, ort = float((expected == floats).float().mean()), float((got == floats).float().mean())
+    if agreement < INT8_AGREEMENT and ort < sim - (1 - INT8_AGREEMENT):
+        raise UserError(f"export: int8 ONNX Runtime top-1 agrees with the PyTorch quantised model on {agreement:.1%} "
+                        f"of {batch_size(inputs)} inputs (< {INT8_AGREEMENT:.0%}) and with the float model on {ort:.1%} "
+                        f"(the PyTorch quantised model: {sim:.1%}); file not written")
     return agreement
 
 
@@ -253,6 +261,6 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
         _shorten_tensor_names(int8_path)
         if check:
             inputs = _as_batch(check_inputs) if check_inputs is not None else cat([example, *batches])
-            _check_int8(reference, int8_path, inputs)
+            _check_int8(reference, deployed, int8_path, inputs)
         os.replace(int8_path, path)
     return path
