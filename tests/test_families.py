@@ -11,7 +11,14 @@ import copy
 import pytest
 import torch
 
-from compress import Context, QuantizeStage, ShareStage, UnstructuredPruningStage, build_datamodule, build_model
+from compress import (
+    Context,
+    QuantizeStage,
+    ShareStage,
+    UnstructuredPruningStage,
+    build_datamodule,
+    build_model,
+)
 from compress.batches import forward
 from compress.encoding import read_compressed, write_compressed
 from compress.pruning.masks import deployed_copy, prunable_layers
