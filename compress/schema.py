@@ -30,7 +30,7 @@ def join_key(prefix: str, key: str) -> str:
 
 def schema_error(e: OmegaConfBaseException, prefix: str) -> UserError:
     full_key = join_key(prefix, str(getattr(e, "full_key", "") or ""))
-    msg = str(getattr(e, "msg", e)).splitlines()[0]
+    msg = str(getattr(e, "msg", None) or e).splitlines()[0]  # a merge error of a nested config has no msg
     if isinstance(e, ConfigKeyError) and getattr(e, "parent_node", None) is not None:
         key = str(getattr(e, "key", ""))
         node = e.parent_node

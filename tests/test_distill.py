@@ -297,6 +297,37 @@ def test_every_feature_kind_runs_on_conv_pairs(kind):
     assert value.dim() == 0 and s.grad is not None
 
 
+
+def test_attention_transfer_by_hand():
+    """Zagoruyko & Komodakis eq. 2 with p = 2, in plain Python: maps, average-pooled to the teacher's size,
+    L2-normalised per sample, then the mean squared difference."""
+    from compress.distill.losses import AttentionLoss, attention_map
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randint(-3, 4, (2, 2, 4, 4), generator=g).double()  # (B, C, H, W), 4x4 -> pooled to 2x2
+    teacher = torch.randint(-3, 4, (2, 3, 2, 2), generator=g).double()
+    assert attention_map(student).shape == (2, 1, 4, 4)
+    s, t = student.tolist(), teacher.tolist()
+
+    def normalise(v):
+        n = math.sqrt(sum(x * x for x in v))
+        return [x / n for x in v]
+
+    total = 0.0
+    for b in range(2):
+        q_s = [sum(s[b][c][2 * i + di][2 * j + dj] ** 2 for c in range(2) for di in (0, 1) for dj in (0, 1)) / 2 / 4
+               for i in range(2) for j in range(2)]
+        q_t = [sum(t[b][c][i][j] ** 2 for c in range(3)) / 3 for i in range(2) for j in range(2)]
+        total += sum((a - c) ** 2 for a, c in zip(normalise(q_s), normalise(q_t), strict=True))
+    loss = AttentionLoss(student.shape, teacher.shape, "k")(student, teacher)
+    assert float(loss) == pytest.approx(total / 8, rel=1e-12)
+    assert float(attention_map(student)[1, 0, 2, 3]) == pytest.approx((s[1][0][2][3] ** 2 + s[1][1][2][3] ** 2) / 2)
+    # vectors have no spatial attention: the error says which side gave one
+    for shapes, side in ((((2, 8), (2, 3, 4, 4)), "student"), (((2, 3, 4, 4), (2, 8)), "teacher")):
+        with pytest.raises(UserError, match=rf"^k: attention transfer needs conv feature maps \(B, C, H, W\); "
+                                            rf"the {side}'s module gives shape \(2, 8\)"):
+            AttentionLoss(*shapes, "k")
+
 @pytest.mark.parametrize("name", KD_LOSSES.names())
 def test_every_logit_loss_runs(name):
     loss, parts = KD_LOSSES.get(name)(T=3.0, alpha=0.5)(torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3]))

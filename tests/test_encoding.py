@@ -260,3 +260,33 @@ def test_decode_of_a_short_stream_raises():
     bits = encode(np.array([0, 1, 2, 3, 0]), fixed)
     with pytest.raises(ValueError, match="ended early"):
         decode(bits[:-1], fixed, 5)
+
+
+@pytest.mark.parametrize("spec", [
+    # BatchNorm (scalar num_batches_tracked), pruned convs stored as CSR, an unpruned classifier stored dense
+    {"name": "resnet", "kwargs": {"depth": 8, "input_shape": [1, 8, 8], "widths": [4, 4, 8], "num_classes": 3}},
+    # a file whose header is longer than its weights
+    {"name": "mlp", "kwargs": {"hidden": [4], "input_shape": [1, 2, 2], "num_classes": 2}},
+])
+def test_pruned_unshared_model_round_trips_through_the_file(tmp_path, spec):
+    from compress.pruning.masks import deployed_copy
+
+    torch.manual_seed(0)
+    model = build_model(spec["name"], **spec["kwargs"])
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for m in layers[:-1]:  # all but the classifier: 70% zeros, non-zeros kept as fp32 values (CSR)
+        set_mask(m, m.weight.abs() > m.weight.abs().flatten().quantile(0.7))
+    model.eval()
+    formats = {n: layer["format"] for n, layer in model_storage(model, index_bits=3)["layers"].items()}
+    assert set(formats.values()) == {"csr", "dense"}
+    path = tmp_path / "m.dc"
+    write_compressed(model, path, spec, index_bits=3)
+    back = read_compressed(path)
+    assert type(back) is type(model) and not back.training
+    expected, got = deployed_copy(model).state_dict(), back.state_dict()
+    assert expected.keys() == got.keys()
+    for k in expected:
+        assert got[k].dtype == expected[k].dtype and got[k].shape == expected[k].shape, k
+        assert torch.equal(got[k], expected[k]), k
+    x = torch.randn(2, *spec["kwargs"]["input_shape"])
+    assert torch.equal(back(x), model(x))

@@ -160,6 +160,23 @@ def test_two_four_sparsity_pays_only_for_layers_whose_mask_is_two_four(tmp_path)
     assert no.weight_format == "dense" and no.weight_bytes == 32 * 64 * 4
 
 
+
+def test_n_m_groups_run_along_the_input_dim_of_linear_and_conv_weights():
+    # a linear (O, I): groups of 4 along I; fully dense groups break 2:4, half-zero ones keep it
+    assert not nm_compliant(torch.ones(3, 8), 2, 4)
+    assert nm_compliant(torch.tensor([[1.0, 1.0, 0.0, 0.0]]).repeat(3, 2), 2, 4)  # 3 rows: not a multiple of 4
+    assert not nm_compliant(torch.ones(4, 6), 2, 4)  # I = 6 is no whole number of groups
+    assert not nm_compliant(torch.ones(8), 2, 4)  # a vector has no input dim to group along
+    # a conv (O, I, kh, kw) and a conv1d (O, I, k): the groups run along I at each kernel position, so
+    # input channels 0-1 on and 2-3 off comply, although each channel's kernel row is all non-zero
+    conv = torch.zeros(1, 4, 1, 4)
+    conv[0, :2] = 1.0
+    assert nm_compliant(conv, 2, 4) and nm_compliant(conv[:, :, 0], 2, 4)
+    # and the transpose of that pattern (every channel half on, along its kernel row) does not
+    across = torch.zeros(1, 4, 1, 4)
+    across[0, :, 0, :2] = 1.0
+    assert not nm_compliant(across, 2, 4) and not nm_compliant(across[:, :, 0], 2, 4)
+
 # -- the traced graph and fusion ------------------------------------------------------------------
 class Branchy(nn.Module):
     def __init__(self) -> None:

@@ -419,3 +419,176 @@ def test_kmeans_other_inits_give_sorted_centroids_and_nearest_labels(init):
     assert centroids[0] == pytest.approx(-4, abs=0.3) and centroids[1] == pytest.approx(4, abs=0.3)
     with pytest.raises(ValueError, match="unknown init 'kmeans'"):
         kmeans_1d(w, 2, init="kmeans")
+
+
+SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "in1_features", "in2_features",
+               "num_features", "num_channels", "normalized_shape", "num_parameters", "num_embeddings", "embedding_dim")
+
+
+def _shape_attrs(module: nn.Module) -> dict:
+    return {a: getattr(module, a) for a in SHAPE_ATTRS if hasattr(module, a)}
+
+
+class _Scale(nn.Module):
+    """A layer restore_structure has no rule for: an absent tensor and an unchanged one before the pruned one."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+        self.register_parameter("offset", None)
+        self.gain = nn.Parameter(torch.ones(1))
+        self.weight = nn.Parameter(torch.ones(size))
+
+    @property
+    def scale(self) -> Tensor:
+        return self.weight
+
+
+def _layers(c: int, dw: int, g: int, ti: int, to: int, tdw: int, pair: int) -> nn.ModuleDict:
+    """One of every kind of layer restore_structure knows, at the given channel counts."""
+    return nn.ModuleDict({
+        "conv": nn.Conv2d(c, c + 2, 3),
+        "dw": nn.Conv2d(dw, dw, 3, groups=dw),  # depthwise: stays depthwise
+        "pair": nn.Conv2d(pair, pair, 3, groups=pair),  # depthwise, from 2 channels down to 1
+        "grouped": nn.Conv2d(2 * g, 2 * g, 1, groups=2),  # grouped, not depthwise: keeps 2 groups
+        "single": nn.Conv2d(c, 1, 1),  # one output channel, groups 1: not depthwise
+        "up": nn.ConvTranspose2d(ti, to, 2),
+        "up_dw": nn.ConvTranspose2d(tdw, tdw, 2, groups=tdw),
+        "up_single": nn.ConvTranspose2d(ti, 1, 2),
+        "fc": nn.Linear(c, c + 1),
+        "bilinear": nn.Bilinear(c, c + 3, c + 1),
+        "bn": nn.BatchNorm2d(c),
+        "bn_plain": nn.BatchNorm1d(c, affine=False),  # no weight: running_mean gives the size
+        "bn_nostats": nn.BatchNorm2d(c, track_running_stats=False),  # no running_mean: the weight gives it
+        "gn": nn.GroupNorm(2, 2 * g),
+        "ln": nn.LayerNorm(c),
+        "prelu": nn.PReLU(c),
+        "emb": nn.Embedding(c + 4, c),
+    })
+
+
+def test_restore_structure_gives_every_kind_of_layer_the_attributes_of_one_built_at_the_stored_shapes():
+    big, small = _layers(6, 6, 4, 6, 4, 4, 2).double(), _layers(4, 3, 3, 3, 2, 3, 1).double()
+    big["other"], small["other"] = _Scale(6).double(), _Scale(4).double()
+    big["conv"].requires_grad_(False)  # a frozen layer stays frozen
+    changed = restore_structure(big, small.state_dict())
+    assert set(changed) == set(big.keys())
+    assert big["other"].scale.shape == (4,) and big["other"].size == 6  # reshaped; attributes it cannot know
+    for name, layer in small.items():
+        assert _shape_attrs(big[name]) == _shape_attrs(layer), name
+    # parameters stay trainable parameters (but the frozen ones), buffers stay buffers, all in the model's dtype
+    assert {n for n, _ in big.named_parameters()} == {n for n, _ in small.named_parameters()}
+    assert {n for n, _ in big.named_buffers()} == {n for n, _ in small.named_buffers()}
+    assert not any(isinstance(b, nn.Parameter) for b in big.buffers())
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad == (not n.startswith("conv."))
+               for n, p in big.named_parameters())
+    assert all(t.dtype == torch.float64 for t in big.state_dict().values() if t.is_floating_point())
+    big.load_state_dict(small.state_dict())
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    assert torch.equal(big["conv"](x), small["conv"](x)) and torch.equal(big["up"](x[:, :3]), small["up"](x[:, :3]))
+    # a bare layer (the model is the layer: no name prefix), and a model on another device (meta) stays there
+    fc = nn.Linear(6, 5)
+    assert restore_structure(fc, nn.Linear(4, 3).state_dict()) == [""] and (fc.in_features, fc.out_features) == (4, 3)
+    meta = _layers(6, 6, 4, 6, 4, 4, 2).to("meta")
+    restore_structure(meta, small.state_dict())
+    assert all(t.device.type == "meta" for t in meta.state_dict().values())
+
+
+def test_restore_structure_follows_the_stored_original_of_masked_layers_without_bias():
+    def masked(c: int, o: int) -> nn.ModuleDict:
+        torch.manual_seed(c)
+        layers = nn.ModuleDict({"fc": nn.Linear(c, o, bias=False), "conv": nn.Conv2d(c, o, 3, bias=False),
+                                "up": nn.ConvTranspose2d(c, o, 2, bias=False)})
+        for layer in layers.values():
+            set_mask(layer, torch.rand_like(layer.weight) > 0.5)
+        return layers
+
+    big, small = masked(6, 5), masked(4, 3)
+    state = small.state_dict()
+    assert "fc.parametrizations.weight.original" in state and "fc.weight" not in state
+    changed = restore_structure(big, state)
+    assert set(changed) == {f"{n}.parametrizations.weight{i}" for n in small for i in ("", ".0")}  # original, mask
+    for name, layer in small.items():
+        assert _shape_attrs(big[name]) == _shape_attrs(layer), name
+    big.load_state_dict(state)
+    assert mask_shapes_ok(big)
+    assert torch.equal(big["conv"].weight, small["conv"].weight)
+    # a checkpoint's case: the fresh model has no masks yet (they are re-installed after the reshape)
+    plain = nn.ModuleDict({"fc": nn.Linear(6, 5, bias=False), "conv": nn.Conv2d(6, 5, 3, bias=False),
+                           "up": nn.ConvTranspose2d(6, 5, 2, bias=False)})
+    assert set(restore_structure(plain, state)) == set(small)
+    for name, layer in small.items():
+        assert _shape_attrs(plain[name]) == _shape_attrs(layer), name
+        assert plain[name].weight.shape == layer.weight.shape
+
+
+def test_mask_shapes_ok_spots_a_mask_of_another_shape():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    for layer in model:
+        set_mask(layer, torch.ones_like(layer.weight, dtype=torch.bool))
+    assert mask_shapes_ok(model)
+    model[1].parametrizations.weight[0].mask = torch.ones(2, 2, dtype=torch.bool)  # a mask the pruning forgot
+    assert not mask_shapes_ok(model)
+
+
+def _zero_grads(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+
+
+def test_group_norm_regularizer_is_depgraphs_gradient_on_the_prunable_groups():
+    # conv0 (1 -> 3) feeds conv2 (3 -> 2), the output layer: one group per conv0 filter, holding that filter
+    # and conv2's matching input channel. DepGraph (Fang et al. 2023, eq. 6): the gradient of
+    # gamma_k ||w_k||^2 / 2 is gamma_k w_k, gamma_k = 2^(alpha (s_max - s_k) / (s_max - s_min)), 2^alpha = 16,
+    # s_k the group's L2 norm; the output layer's own filters are never pruned, so never pushed to zero.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 1, bias=False), nn.ReLU(), nn.Conv2d(3, 2, 1, bias=False))
+    x = torch.randn(2, 1, 4, 4)
+    reg = SparsityRegularizer("group_norm", x, reg=1e-3)
+    assert reg.calls == 0
+    with pytest.raises(RuntimeError, match=r"build\(model\) must run first"):
+        reg.regularize()
+    reg.build(model)
+    _zero_grads(model)
+    reg.regularize()
+    w0, w2 = model[0].weight.detach(), model[2].weight.detach()  # (3, 1, 1, 1), (2, 3, 1, 1)
+    s = (w0.pow(2).sum((1, 2, 3)) + w2.pow(2).sum((0, 2, 3))).sqrt()  # (3,)
+    gamma = 16 ** ((s.max() - s) / (s.max() - s.min()))
+    assert torch.allclose(model[0].weight.grad, 1e-3 * gamma.view(3, 1, 1, 1) * w0)
+    assert torch.allclose(model[2].weight.grad, 1e-3 * gamma.view(1, 3, 1, 1) * w2)
+    reg.regularize()
+    assert reg.calls == 2
+    # ignoring conv0 too leaves no prunable group: nothing to push
+    reg = SparsityRegularizer("group_norm", x, ignore=["0"])
+    reg.build(model)
+    _zero_grads(model)
+    reg.regularize()
+    assert all(not p.grad.any() for p in model.parameters())
+
+
+def test_bn_scale_regularizer_is_network_slimmings_l1_subgradient_at_the_default_strength():
+    # Liu et al. 2017, eq. 1: lambda * |gamma| on every BN scale adds lambda * sign(gamma); lambda defaults to 1e-4
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([0.5, -2.0, 1.0, -0.1]))
+    reg = SparsityRegularizer("bn_scale", torch.randn(2, 1, 6, 6))
+    reg.build(model)
+    _zero_grads(model)
+    reg.regularize()
+    assert torch.equal(model[1].weight.grad, 1e-4 * torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    assert not model[0].weight.grad.any() and not model[4].weight.grad.any()
+
+
+def test_regularizer_builds_on_the_model_a_lightning_module_wraps():
+    inner = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    wrapper = nn.Module()
+    wrapper.model = inner
+    reg = SparsityRegularizer("group_norm", torch.randn(2, 4))
+    reg.on_fit_start(None, wrapper)
+    assert reg.model is inner
+    reg.on_fit_start(None, inner)  # a bare module is the model itself
+    assert reg.model is inner
+    _zero_grads(inner)
+    reg.on_after_backward(None, wrapper)
+    assert reg.calls == 1 and inner[0].weight.grad.any()
