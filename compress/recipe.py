@@ -263,6 +263,8 @@ def _check_lists(raw: DictConfig, schema: type, prefix: str = "") -> None:
             example = "- {type: train, epochs: 10}" if f.name == "stages" else "[a, b]"
             raise UserError(f"{key}: expected a list (YAML items like {example}), got "
                             f"{'a mapping' if isinstance(value, DictConfig) else repr(value)}")
+        elif str(f.type).startswith("dict") and isinstance(value, ListConfig):  # else OmegaConf's TypeError
+            raise UserError(f"{key}: expected a mapping (like {{name: ...}}), got a list")
 
 
 def _validate_top(cfg: DictConfig) -> None:

@@ -84,6 +84,34 @@ def test_kd_loss_equals_hand_computation():
     assert kd_loss(tt, tt, T).item() == pytest.approx(0.0, abs=1e-12)
 
 
+
+def test_kd_loss_on_per_position_logits_softens_the_class_dim():
+    """(B, K, L) logits (a class per token or pixel): softmax over K at each position, KL summed, mean over B."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 4, generator=g).double(), torch.randn(2, 3, 4, generator=g).double()
+    T = 2.0
+
+    def softmax(col):
+        e = [math.exp(v / T) for v in col]
+        return [v / sum(e) for v in e]
+
+    kl = 0.0
+    for b in range(2):
+        for pos in range(4):
+            p, q = softmax(t[b, :, pos].tolist()), softmax(s[b, :, pos].tolist())
+            kl += sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q, strict=True))
+    assert kd_loss(s, t, T).item() == pytest.approx(T * T * kl / 2, rel=1e-12)
+
+
+def test_kd_loss_defaults_and_ranges():
+    assert KDLoss().extra_repr() == "T=4, alpha=0.9"  # Hinton et al.'s usual temperature, mostly soft targets
+    for T, alpha in ((0.5, 0.0), (1.0, 1.0)):  # a sharpening T below 1; all hard or all soft
+        assert KDLoss(T=T, alpha=alpha).extra_repr() == f"T={T:g}, alpha={alpha:g}"
+    for T, alpha, match in ((0.0, 0.5, "T must be > 0"), (2.0, 1.5, r"alpha must be in \[0, 1\]"),
+                            (2.0, -0.1, "alpha must be in")):
+        with pytest.raises(ValueError, match=match):
+            KDLoss(T=T, alpha=alpha)
+
 # -- the teacher stays frozen, hooks go away -----------------------------------------------------
 
 def test_gradients_do_not_reach_teacher_and_teacher_is_not_registered():

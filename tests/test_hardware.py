@@ -537,3 +537,369 @@ def test_cpu_calibration_measures_every_field_a_profile_needs(tmp_path, monkeypa
     monkeypatch.setattr(cal, "measure_cpu", lambda: dict(figures))
     assert cal.main(["--force"]) == 0
     assert json.loads(cal.cache_path().read_text())["figures"]["lanes"] == figures["lanes"]
+
+
+# -- the simulator on hand-built traces: every figure by hand --------------------------------------------------
+# 1 GFLOP/s and 1 GB/s: one FLOP or one byte costs 1 ns = 0.001 us, so every time below is a count / 1000.
+
+def _hw(**over):
+    from compress.hardware.profiles import HardwareProfile, OverheadConfig, PeakConfig
+
+    kw = {"name": "h", "peak_gflops": PeakConfig(fp32=1.0), "memory_gbps": 1.0, "overhead_us": OverheadConfig()}
+    kw.update(over)
+    return HardwareProfile(**kw)
+
+
+def _op(index, kind, flops=0, reads=(), writes=(), module=None, name=None, weight=None, params=(), **shape):
+    from compress.hardware.trace import Op
+
+    module = module if module is not None else f"m{index}"
+    return Op(index=index, module=module, module_type="M", leaf=True, name=name or kind, kind=kind, flops=flops,
+              reads=list(reads), writes=list(writes), weight=weight, params=list(params), **shape)
+
+
+def _sim(ops, profile, weights=None, inputs=(0,), outputs=None, module_calls=0):
+    from compress.hardware.roofline import simulate
+    from compress.hardware.trace import Trace
+
+    outputs = {ops[-1].writes[0][0]} if outputs is None else set(outputs)
+    trace = Trace(ops=ops, module_calls=module_calls, input_ids=set(inputs), output_ids=outputs, weights={})
+    return simulate(trace, weights or {}, profile)
+
+
+def _fc(out_ch=20, in_ch=10, flops=2000, **shape):
+    """A linear layer: reads 10 floats (40 B), writes 20 (80 B), 200 weights (800 B), 20 biases (80 B)."""
+    shape = {"out_channels": out_ch, "in_channels": in_ch, "groups": 1, **shape}
+    return _op(0, shape.pop("kind", "matmul"), flops, [(0, 10, 0)], [(1, 20, 0)], module="fc", name="addmm",
+               weight="fc.weight", params=[("fc.bias", 20)], **shape)
+
+
+def _info(elements=200, nonzero=200, rows=20, bits=None, tensor=None):
+    from compress.hardware.roofline import WeightInfo
+
+    return {"fc.weight": WeightInfo("fc.weight", elements, nonzero, rows, bits, tensor)}
+
+
+def test_one_layer_priced_by_hand_compute_memory_and_overhead_bounds():
+    from compress.hardware.profiles import OverheadConfig
+
+    # 2000 FLOPs: 2 us; 40 + 80 + 800 + 80 = 1000 B: 1 us; 1 us launch; 0.5 us per module call
+    sim = _sim([_fc()], _hw(overhead_us=OverheadConfig(op=1.0, module=0.5)), _info(), module_calls=2)
+    (o,) = sim.ops
+    assert (o.name, o.module, o.op, o.kind, o.weight_format) == ("fc", "fc", "addmm", "matmul", "dense")
+    assert (o.flops, o.dram_bytes, o.chip_bytes, o.weight_bytes) == (2000, 1000, 0, 800)
+    assert (o.compute_us, o.memory_us, o.overhead_us, o.time_us) == pytest.approx((2.0, 1.0, 1.0, 3.0), rel=1e-12)
+    assert o.bound == "compute"
+    assert (o.out_channels, o.in_channels, o.groups) == (20, 10, 1)
+    assert sim.latency_us == pytest.approx(4.0) and sim.framework_us == pytest.approx(1.0)
+    assert sim.share("compute") == pytest.approx(3 / 4) and sim.share("memory") == 0.0
+    assert sim.overhead_share == pytest.approx(2 / 4)
+    # ties: compute = memory is compute-bound; an overhead equal to the roofline time is overhead-bound
+    (o,) = _sim([_fc(flops=1000)], _hw(), _info()).ops
+    assert o.bound == "compute" and o.compute_us == o.memory_us == pytest.approx(1.0)
+    (o,) = _sim([_fc()], _hw(overhead_us=OverheadConfig(op=9.0, matmul=2.0)), _info()).ops
+    assert o.overhead_us == pytest.approx(2.0) and o.bound == "overhead" and o.time_us == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("matmul", 3.0), ("conv", 4.0), ("grouped_conv", 5.0), ("view", 0.25), ("pool", 0.5), ("activation", 0.5)])
+def test_each_kind_of_op_pays_its_own_launch(kind, expected):
+    from compress.hardware.profiles import OverheadConfig
+
+    over = OverheadConfig(op=0.5, view=0.25, matmul=3.0, conv=4.0, grouped_conv=5.0)
+    (o,) = _sim([_op(0, kind, 0, [(0, 1, 0)], [(1, 1, 0)], out_channels=1, in_channels=1)], _hw(overhead_us=over)).ops
+    assert o.overhead_us == pytest.approx(expected)
+    # unset kernel-specific costs fall back: grouped_conv -> conv -> op, conv and matmul -> op
+    fallback = {"grouped_conv": 4.0 if kind == "grouped_conv" else None}
+    (o,) = _sim([_op(0, kind, 0, [(0, 1, 0)], [(1, 1, 0)], out_channels=1, in_channels=1)],
+                _hw(overhead_us=OverheadConfig(op=0.5, view=0.25, conv=fallback["grouped_conv"]))).ops
+    assert o.overhead_us == pytest.approx({"view": 0.25, "grouped_conv": 4.0}.get(kind, 0.5))
+
+
+@pytest.mark.parametrize("kind, out_ch, in_ch, groups, lanes, expected_us", [
+    # efficiency conv 0.5, matmul 0.25, grouped 0.125, pool 0.2, elementwise 0.4; unaligned 0.5 more
+    ("conv", 16, 8, 1, 8, 2 / 0.5),
+    ("matmul", 16, 8, 1, 8, 2 / 0.25),
+    ("conv", 20, 8, 1, 8, 2 / (0.5 * 20 / 24 * 0.5)),  # 20 of 24 lanes filled, and unaligned
+    ("conv", 16, 10, 1, 8, 2 / (0.5 * 0.5)),  # the input channels are unaligned
+    ("grouped_conv", 16, 10, 2, 8, 2 / 0.125),  # grouped: only the output channels count
+    ("conv", 1, 8, 1, 8, 2 / (0.5 * 1 / 8 * 0.5)),  # a single output channel fills 1 of 8 lanes
+    ("conv", 3, 8, 1, 2, 2 / (0.5 * 3 / 4 * 0.5)),  # 2 lanes: 3 channels fill 3 of 4
+    ("conv", 3, 7, 1, 1, 2 / 0.5),  # one lane: always full and aligned
+    ("pool", 0, 0, 1, 8, 2 / 0.2),
+    ("activation", 0, 0, 1, 8, 2 / 0.4),
+])
+def test_compute_time_by_kind_lanes_and_alignment(kind, out_ch, in_ch, groups, lanes, expected_us):
+    from compress.hardware.profiles import EfficiencyConfig
+
+    eff = EfficiencyConfig(conv=0.5, matmul=0.25, grouped_conv=0.125, pool=0.2, elementwise=0.4, unaligned=0.5)
+    op = _op(0, kind, 2000, [(0, 1, 0)], [(1, 1, 0)], out_channels=out_ch, in_channels=in_ch, groups=groups)
+    (o,) = _sim([op], _hw(efficiency=eff, lanes=lanes)).ops
+    assert o.compute_us == pytest.approx(expected_us)
+
+
+def test_weights_stay_on_chip_only_when_all_of_them_fit():
+    # weights 800 B + bias 80 B = 880 B; the buffer reads at 4 GB/s; activations 40 + 80 B stay in DRAM
+    fits = _hw(on_chip_bytes=880, on_chip_gbps=4.0, weights_on_chip=True)
+    (o,) = _sim([_fc()], fits, _info()).ops
+    assert (o.dram_bytes, o.chip_bytes) == (120, 880)
+    assert o.memory_us == pytest.approx(120 / 1000 + 880 / 4000, rel=1e-12)
+    for profile in (_hw(on_chip_bytes=879, on_chip_gbps=4.0, weights_on_chip=True),  # one byte short
+                    _hw(on_chip_bytes=880, on_chip_gbps=4.0)):  # or not allowed to keep them
+        (o,) = _sim([_fc()], profile, _info()).ops
+        assert (o.dram_bytes, o.chip_bytes) == (1000, 0) and o.memory_us == pytest.approx(1.0)
+    # an on-chip buffer with no bandwidth of its own is free next to DRAM
+    (o,) = _sim([_fc()], _hw(on_chip_bytes=880, weights_on_chip=True), _info()).ops
+    assert o.memory_us == pytest.approx(120 / 1000)
+
+
+def _skip_chain():
+    """input v0 (50 int64) -> v1 (100 floats) -> v2 (25 int64) -> v3 (25 floats); op3 reads v1, v3, v0 -> v4.
+
+    Bytes 400, 400, 200, 100, 400. Live (from the op after the producer to the last reader): v0 at positions
+    0-3, v1 1-3, v2 2, v3 3, so [400, 800, 1000, 900]. v1 and v2 fit in 1000 B, v3 in 900 B.
+    """
+    return [_op(0, "elementwise", 0, [(0, 50, 8)], [(1, 100, 0)]),
+            _op(1, "elementwise", 0, [(1, 100, 0)], [(2, 25, 8)]),
+            _op(2, "elementwise", 0, [(2, 25, 8)], [(3, 25, 0)]),
+            _op(3, "elementwise", 0, [(1, 100, 0), (3, 25, 0), (0, 50, 8)], [(4, 100, 0)])]
+
+
+@pytest.mark.parametrize("capacity, on_chip", [(0, set()), (899, set()), (900, {3}), (1000, {1, 2, 3}),
+                                               (10 ** 6, {1, 2, 3})])
+def test_activations_are_held_on_chip_when_their_whole_life_fits(capacity, on_chip):
+    sizes = {0: 400, 1: 400, 2: 200, 3: 100, 4: 400}
+    sim = _sim(_skip_chain(), _hw(on_chip_bytes=capacity, on_chip_gbps=4.0))
+    for o, op in zip(sim.ops, _skip_chain(), strict=True):
+        moved = [vid for vid, _, _ in op.reads + op.writes]
+        assert o.chip_bytes == sum(sizes[v] for v in moved if v in on_chip), o.name
+        assert o.dram_bytes == sum(sizes[v] for v in moved if v not in on_chip), o.name  # inputs, outputs: DRAM
+
+
+def test_element_wise_fusion_keeps_the_fused_values_internal():
+    from compress.hardware.profiles import FusionConfig
+
+    # op2 reads v2 (op1's only reader) and op3 reads v3: both run inside op1; v1 has two readers, so it is
+    # written out; op0 reads the model's input and leads its own kernel
+    sim = _sim(_skip_chain(), _hw(fusion=FusionConfig(elementwise=True), on_chip_bytes=800, on_chip_gbps=4.0))
+    assert [(o.name, o.fused) for o in sim.ops] == [("m0", []), ("m1", ["m2", "m3"])]
+    assert sim.ops[1].op == "elementwise+elementwise+elementwise"
+    # v2 and v3 never leave the kernel; v1 (alone live now: 800 B) is on chip; v0 in, v4 out are DRAM
+    assert (sim.ops[0].dram_bytes, sim.ops[0].chip_bytes) == (400, 400)
+    assert (sim.ops[1].dram_bytes, sim.ops[1].chip_bytes) == (400 + 400, 400 + 400)
+
+
+class _ConvBias(nn.Module):
+    """conv -> (+1) and conv -> BN -> (+1): an add is not an activation, so conv_bn_act leaves it out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.conv2 = nn.Conv2d(2, 2, 1)
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.conv(x) + 1) * (self.bn(self.conv2(x)) + 1)
+
+
+def test_conv_bn_act_fusion_takes_bn_then_an_activation_and_nothing_else(tmp_path):
+    path = write_profile(tmp_path, "fused", fusion={"conv_bn_act": True, "elementwise": False})
+    sim = simulate_model(_ConvBias().eval(), torch.randn(1, 2, 4, 4), [path])["fused"]
+    assert {o.name: o.fused for o in sim.ops if o.kind == "conv"} == {"conv": [], "conv2": ["bn"]}
+    assert sum(o.op == "add" for o in sim.ops) == 2
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1, bias=False)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.relu(y) + y  # y has two readers: written out, so the ReLU cannot fuse
+
+
+class _InputFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(torch.relu(x))  # the add's first operand is the input: it fuses by the second
+
+
+def test_fusion_needs_a_single_reader_and_looks_past_unfusable_operands(tmp_path):
+    x = torch.randn(1, 2, 4, 4)
+    fused = write_profile(tmp_path, "f", fusion={"conv_bn_act": True, "elementwise": True})
+    sim = simulate_model(_Residual().eval(), x, [fused])["f"]
+    assert [o.fused for o in sim.ops if o.kind == "conv"] == [[]]
+    sim = simulate_model(_InputFirst().eval(), x, [fused])["f"]
+    conv = next(o for o in sim.ops if o.kind == "conv")
+    assert conv.op == "conv2d+add" and next(o for o in sim.ops if o.op == "relu").fused == []
+    # the kernel reads the ReLU's output (32 floats) and 4 weights, the add reads x (32) and writes the model's
+    # output (32); the conv's own output never leaves the kernel
+    assert conv.dram_bytes == (32 + 4 + 32 + 32) * 4
+
+
+def _conv_bn_relu(with_bn: bool = True):
+    """conv (1000 FLOPs, 4 weights, 2 biases) -> BN (100 FLOPs, 4 vectors of 2) -> ReLU_ (50 FLOPs); 8 floats each."""
+    ops = [_op(0, "conv", 1000, [(0, 8, 0)], [(1, 8, 0)], module="c", name="convolution", weight="c.weight",
+               params=[("c.bias", 2)], out_channels=2, in_channels=2, groups=1, kernel=(1, 1))]
+    if with_bn:
+        ops.append(_op(1, "norm", 100, [(1, 8, 0)], [(2, 8, 0)], module="bn", name="batch_norm",
+                       params=[("bn.weight", 2), ("bn.bias", 2), ("bn.running_mean", 2), ("bn.running_var", 2)]))
+    last = ops[-1].writes[0][0]
+    ops.append(_op(len(ops), "activation", 50, [(last, 8, 0)], [(last + 1, 8, 0)], module="relu", name="relu_"))
+    return ops
+
+
+def test_bn_folds_into_the_conv_and_the_activation_runs_in_its_kernel():
+    from compress.hardware.profiles import EfficiencyConfig, FusionConfig
+    from compress.hardware.roofline import WeightInfo
+
+    weights = {"c.weight": WeightInfo("c.weight", 4, 4, 2)}
+    eff = EfficiencyConfig(conv=0.5, elementwise=0.25)
+    fused = _hw(fusion=FusionConfig(conv_bn_act=True), efficiency=eff)
+    (o,) = _sim(_conv_bn_relu(), fused, weights).ops
+    # the conv's input and output (32 B each), weights 16 B, bias 8 B; BN folded away: no FLOPs, no bytes
+    assert (o.op, o.fused, o.flops, o.dram_bytes) == ("convolution+batch_norm+relu", ["bn", "relu"], 1050, 88)
+    assert o.compute_us == pytest.approx(1000 / 0.5 / 1000 + 50 / 0.25 / 1000)
+    (o,) = _sim(_conv_bn_relu(with_bn=False), fused, weights).ops  # conv + ReLU: the ReLU's FLOPs still count
+    assert (o.op, o.flops, o.dram_bytes) == ("convolution+relu", 1050, 88)
+    assert o.compute_us == pytest.approx(2.2)
+    # unfused, each op moves its own values and parameters (BN: 4 x 2 floats)
+    ops = _sim(_conv_bn_relu(), _hw(efficiency=eff), weights).ops
+    assert [(o.op, o.flops, o.dram_bytes) for o in ops] == [("convolution", 1000, 88), ("batch_norm", 100, 96),
+                                                             ("relu", 50, 64)]
+    assert [o.weight_format for o in ops] == ["dense", "", ""] and ops[0].kernel == (1, 1)
+    assert ops[1].compute_us == pytest.approx(100 / 0.25 / 1000)
+
+
+def test_activations_share_the_buffer_with_resident_weights():
+    # fc: 880 B of weights and bias; its output v1 (80 B) is read by a ReLU that writes the output
+    ops = [_fc(), _op(1, "activation", 0, [(1, 20, 0)], [(2, 20, 0)])]
+    for on_chip, weights_on_chip, v1_on_chip in [(960, True, True), (959, True, False), (80, False, True),
+                                                 (79, False, False)]:
+        sim = _sim(ops, _hw(on_chip_bytes=on_chip, on_chip_gbps=4.0, weights_on_chip=weights_on_chip), _info())
+        fc, relu = sim.ops
+        resident = 880 if weights_on_chip else 0
+        assert fc.chip_bytes == resident + (80 if v1_on_chip else 0), (on_chip, weights_on_chip)
+        assert relu.chip_bytes == (80 if v1_on_chip else 0) and relu.dram_bytes == 80 + (0 if v1_on_chip else 80)
+
+
+def test_sparse_and_shared_formats_by_hand_and_ties_keep_the_plain_format():
+    from compress.hardware.profiles import SparsityConfig, UnstructuredConfig
+
+    # 200 weights, 50 non-zero, 20 rows; CSR: value + 4-bit index per non-zero, a 4-byte pointer per row + 1
+    csr = SparsityConfig(unstructured=UnstructuredConfig(format="csr", efficiency=0.5, index_bits=4))
+    (o,) = _sim([_fc(flops=2000)], _hw(sparsity=csr), _info(nonzero=50)).ops
+    assert o.weight_format == "csr" and o.weight_bytes == pytest.approx(50 * (32 + 4) / 8 + 21 * 4)
+    assert o.flops == pytest.approx(2000 * 0.25 / 0.5)  # the non-zero MACs at half the dense kernel's rate
+    # shared 3-bit codes + CSR: 3 + 4 bits per non-zero, the pointers, and the 8-entry fp32 codebook
+    (o,) = _sim([_fc()], _hw(sparsity=csr, weight_sharing=True), _info(nonzero=50, bits=3)).ops
+    assert o.weight_format == "shared3+csr" and o.weight_bytes == pytest.approx(50 * 7 / 8 + 21 * 4 + 8 * 4)
+    # a dense layer is never offered CSR
+    (o,) = _sim([_fc()], _hw(sparsity=csr), _info()).ops
+    assert o.weight_format == "dense" and o.weight_bytes == 800
+    # half the weights zero at half the kernel's efficiency: the same FLOP time, and compute-bound either way
+    (o,) = _sim([_fc(flops=10 ** 6)], _hw(sparsity=csr), _info(nonzero=100)).ops
+    assert o.weight_format == "dense" and o.flops == 10 ** 6
+
+
+def test_two_four_conv_weights_and_shared_two_four_by_hand():
+    from compress.hardware.profiles import SparsityConfig
+    from compress.hardware.roofline import WeightInfo
+
+    w = torch.tensor([1.0, 0.0, 1.0, 0.0]).repeat(4, 2).view(4, 8, 1, 1)  # 2 of every 4 input channels
+    conv = _op(0, "conv", 1000, [(0, 8, 0)], [(1, 4, 0)], module="c", weight="c.weight", out_channels=4,
+               in_channels=8)
+    gpu = _hw(sparsity=SparsityConfig(nm="2:4"))
+    (o,) = _sim([conv], gpu, {"c.weight": WeightInfo("c.weight", 32, 16, 4, None, w)}).ops
+    assert o.weight_format == "2:4" and o.weight_bytes == pytest.approx(32 / 2 * (32 + 2) / 8) and o.flops == 500
+    # 2-bit codes: half the weights at 2 + 2 bits, and the 4-entry codebook
+    shared = _hw(sparsity=SparsityConfig(nm="2:4"), weight_sharing=True)
+    (o,) = _sim([conv], shared, {"c.weight": WeightInfo("c.weight", 32, 16, 4, 2, w)}).ops
+    assert o.weight_format == "shared2+2:4" and o.weight_bytes == pytest.approx(16 * 4 / 8 + 4 * 4)
+
+
+def test_report_helpers_sum_repeated_calls_and_rank_the_slowest():
+    from compress.hardware.roofline import OpCost, Simulation
+
+    def cost(name, time_us, bound="memory", **kw):
+        return OpCost(name=name, module=name, op="addmm", kind="matmul", flops=10, dram_bytes=20, chip_bytes=30,
+                      weight_bytes=40, compute_us=1, memory_us=2, overhead_us=3, time_us=time_us, bound=bound, **kw)
+
+    ops = [cost("fc", 5, fused=["relu"], kernel=(3, 3)), cost("a", 1), cost("fc", 7, bound="compute"), cost("b", 2),
+           cost("c", 3), cost("d", 4), cost("e", 6)]
+    sim = Simulation("h", ops, framework_us=2.0)
+    layers = sim.by_layer()
+    assert list(layers) == ["fc", "a", "b", "c", "d", "e"]
+    fc = layers["fc"]  # the two calls of fc, summed
+    assert (fc.flops, fc.dram_bytes, fc.chip_bytes, fc.weight_bytes) == (20, 40, 60, 80)
+    assert (fc.compute_us, fc.memory_us, fc.overhead_us, fc.time_us) == (2, 4, 6, 12)
+    assert ops[0].time_us == 5 and ops[0].flops == 10  # the simulation's own rows are left as they were
+    row = fc.as_row()
+    assert row["fused"] == ["relu"] and row["kernel"] == [3, 3] and row["bound"] == "memory"
+    assert [o.time_us for o in sim.bottlenecks()] == [7, 6, 5, 4, 3]  # five by default
+    assert sim.latency_us == 30 and sim.share("compute") == pytest.approx(7 / 30)
+    assert Simulation("h", [], 0.0).share("memory") == 0.0 and Simulation("h", [], 0.0).overhead_share == 0.0
+
+
+def test_weight_infos_count_the_deployed_values_given():
+    from compress.hardware import weight_infos
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Conv2d(2, 2, 1))
+    deployed = nn.Sequential(nn.Linear(4, 3), nn.Conv2d(2, 2, 1))
+    with torch.no_grad():
+        deployed[0].weight[:2] = 0  # the deployed copy holds zeros the model's own tensors do not show
+    infos = weight_infos(model, deployed)
+    assert set(infos) == {"0.weight", "1.weight"} and infos["0.weight"].name == "0.weight"
+    assert (infos["0.weight"].elements, infos["0.weight"].nonzero, infos["0.weight"].rows) == (12, 4, 3)
+    assert infos["0.weight"].shared_bits is None and torch.equal(infos["0.weight"].tensor, deployed[0].weight)
+    assert weight_infos(nn.Linear(4, 3))["weight"].rows == 3  # a bare layer: no name prefix
+
+
+@pytest.mark.parametrize("capacity, on_chip", [(439, set()), (440, {1}), (1039, {1}), (1040, {1, 9})])
+def test_a_value_read_but_never_written_is_live_from_the_start(capacity, on_chip):
+    # v9 is no input of the model (a constant tensor), read by both ops; v0 (1000 B) is read only by op0.
+    # Live: position 0 holds v0 and v9 (1040 B), position 1 holds v9 and v1 (440 B).
+    ops = [_op(0, "elementwise", 0, [(0, 250, 0), (9, 10, 0)], [(1, 100, 0)]),
+           _op(1, "elementwise", 0, [(1, 100, 0), (9, 10, 0)], [(2, 10, 0)])]
+    sim = _sim(ops, _hw(on_chip_bytes=capacity, on_chip_gbps=4.0))
+    sizes = {0: 1000, 1: 400, 2: 40, 9: 40}
+    for o, op in zip(sim.ops, ops, strict=True):
+        moved = [vid for vid, _, _ in op.reads + op.writes]
+        assert o.chip_bytes == sum(sizes[v] for v in moved if v in on_chip), (capacity, o.name)
+
+
+def test_a_value_leaves_the_buffer_after_its_last_reader():
+    # v1 (40 B) lives at position 1 only; v2 (400 B, at position 2) never fits 100 B, v1 does; and so does a
+    # single int8 element in a 1-byte buffer
+    ops = [_op(0, "elementwise", 0, [(0, 10, 0)], [(1, 10, 0)]), _op(1, "elementwise", 0, [(1, 10, 0)], [(2, 100, 0)]),
+           _op(2, "elementwise", 0, [(2, 100, 0)], [(3, 10, 0)])]
+    assert [o.chip_bytes for o in _sim(ops, _hw(on_chip_bytes=100, on_chip_gbps=4.0)).ops] == [40, 40, 0]
+    ops = [_op(0, "elementwise", 0, [(0, 1, 0)], [(1, 1, 1)]), _op(1, "elementwise", 0, [(1, 1, 1)], [(2, 1, 0)])]
+    assert [o.chip_bytes for o in _sim(ops, _hw(on_chip_bytes=1, on_chip_gbps=4.0)).ops] == [1, 1]
+
+
+@pytest.mark.parametrize("capacity, on_chip", [(399, set()), (400, {4}), (800, {1, 4})])
+def test_fused_values_take_no_buffer_space(capacity, on_chip):
+    from compress.hardware.profiles import FusionConfig
+
+    # the skip chain, with op1-op3 fused (v2, v3 internal), then a matmul reading v4: live [400, 800, 800, 800, 400]
+    ops = _skip_chain() + [_op(4, "matmul", 0, [(4, 100, 0)], [(5, 10, 0)], out_channels=10, in_channels=100)]
+    sim = _sim(ops, _hw(fusion=FusionConfig(elementwise=True), on_chip_bytes=capacity, on_chip_gbps=4.0))
+    assert [o.fused for o in sim.ops] == [[], ["m2", "m3"], []]
+    assert sim.ops[2].chip_bytes == (400 if 4 in on_chip else 0)
+    assert sim.ops[0].chip_bytes == (400 if 1 in on_chip else 0)
+
+
+def test_element_wise_fusion_alone_runs_bn_in_the_conv_kernel_but_does_not_fold_it():
+    from compress.hardware.profiles import FusionConfig
+    from compress.hardware.roofline import WeightInfo
+
+    weights = {"c.weight": WeightInfo("c.weight", 4, 4, 2)}
+    (o,) = _sim(_conv_bn_relu(), _hw(fusion=FusionConfig(elementwise=True)), weights).ops
+    # BN's FLOPs and its 4 x 2 floats of parameters are still paid
+    assert (o.op, o.flops, o.dram_bytes) == ("convolution+batch_norm+relu", 1150, 88 + 32)

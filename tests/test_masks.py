@@ -54,3 +54,18 @@ def test_stage_used_from_python_without_recipe():
     assert int((model[0].weight == 0).sum()) == round(0.6 * 600)
     assert int((model[2].weight == 0).sum()) == round(0.2 * 150)
     FinetuneConfig()  # importable config types for Python users
+
+
+def test_masks_are_bool_buffers_replaced_in_place_and_per_tensor():
+    from compress.pruning.masks import Mask
+
+    assert Mask(torch.tensor([1.0, 0.0])).mask.dtype == torch.bool
+    layer = nn.Linear(3, 2)
+    set_mask(layer, torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]))  # 0/1 floats are taken as a keep-mask
+    set_mask(layer, torch.tensor([[0.0, 0.0, 1.0], [1.0, 1.0, 0.0]]))  # a second mask replaces the first
+    assert len(layer.parametrizations.weight) == 1 and get_mask(layer).dtype == torch.bool
+    assert get_mask(layer).tolist() == [[False, False, True], [True, True, False]]
+    assert get_mask(layer, "bias") is None
+    set_mask(layer, torch.tensor([True, False]), "bias")  # the bias has a mask of its own
+    assert get_mask(layer, "bias").tolist() == [True, False] and layer.bias[1] == 0
+    assert get_mask(layer).shape == (2, 3) and len(layer.parametrizations.bias) == 1

@@ -83,3 +83,28 @@ def test_latency_is_the_median_time_per_call_after_warmup_in_eval_mode(tiny_mode
     # the warm-up sized each sample at MIN_SAMPLE_S / 5 ms -> 1 call: 1 + 3 calls in all, in eval mode, no autograd
     assert len(calls) == 4 and not any(training or grad for training, grad in calls)
     assert model.training and tiny_model.training  # the caller's mode is restored
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_counts_are_per_sample_integers_whatever_the_batch_and_skip_unused_layers():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Linear(3, 3)  # registered first, never called
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.empty = nn.Linear(0, 2)  # no weights at all
+            self.fc = nn.Linear(2 * 6 * 6, 4)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).flatten(1)) + self.empty(x.new_zeros(len(x), 0)).sum(1, keepdim=True)
+
+    layers = count_layers(Net(), torch.randn(3, 1, 8, 8))  # a batch of 3: still per sample
+    assert [(s.name, s.type) for s in layers] == [("conv", "Conv2d"), ("empty", "Linear"), ("fc", "Linear")]
+    conv, empty, fc = layers
+    assert conv.macs == 18 * 36 and fc.macs == 72 * 4 and type(conv.macs) is int and type(fc.effective_macs) is int
+    assert (empty.params, empty.macs, empty.sparsity) == (0, 0, 0.0)
+    assert conv.as_dict() == {"name": "conv", "type": "Conv2d", "params": 18, "nonzero": 18, "sparsity": 0.0,
+                              "macs": 18 * 36, "effective_macs": 18 * 36}
+    bn_only = nn.Sequential(nn.BatchNorm2d(2))
+    s = summarize(bn_only, count_layers(bn_only, torch.randn(1, 2, 4, 4)))
+    assert (s["params"], s["sparsity"], s["macs"]) == (4, 0.0, 0)  # nothing prunable: no sparsity to speak of

@@ -191,3 +191,126 @@ def test_gradual_stage_prunes_step_one_before_training_and_ends_at_the_target():
     start = 26 / 53
     assert seen[0] == pytest.approx(start + (0.8 - start) / 2, abs=1 / model[0].weight.numel())
     assert seen[-1] == pytest.approx(0.8, abs=1 / model[0].weight.numel())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sparsity": 0.5, "scope": "globl"},
+     "prune.unstructured.scope: 'globl' is not valid; valid: global, layer (did you mean 'global'?)"),
+    ({"sparsity": 0.5, "criterion": "l1"}, "prune.unstructured.criterion: 'l1' is not valid; valid: magnitude, std"),
+    ({"sparsity": 0.5, "layers": {"0": 1.5}}, "prune.unstructured.layers.0: 1.5 is outside [0, 1)"),
+    ({"criterion": "std", "quality": 0}, "prune.unstructured.quality: 0.0 must be > 0"),
+    ({"sparsity": 0.5, "ramp": 0}, "prune.unstructured.ramp: 0.0 is outside (0, 1]"),
+    ({"sparsity": 0.5, "ramp": 1.5}, "prune.unstructured.ramp: 1.5 is outside (0, 1]"),
+])
+def test_config_errors_name_the_key_exactly(kwargs, message):
+    with pytest.raises(UserError) as e:
+        UnstructuredPruningStage(**kwargs)
+    assert str(e.value) == message
+
+
+def test_config_edges_that_are_valid():
+    UnstructuredPruningStage(sparsity=0.5, ramp=1.0)  # the whole fine-tuning
+    UnstructuredPruningStage(sparsity=0.5, quality=0)  # quality only matters to the std criterion
+    with pytest.raises(UserError) as e:
+        UnstructuredPruningStage(sparsity=0.5, ignore=["nope"]).apply(mlp())
+    assert str(e.value).startswith("prune.unstructured.ignore: 'nope' matches no layer")
+
+
+def test_plans_list_each_layers_target():
+    assert UnstructuredPruningStage(sparsity=0.3, layers={"4": 0.1}).plan(mlp()) == \
+        ["0 -> 0.30", "2 -> 0.30", "4 -> 0.10"]
+    assert UnstructuredPruningStage(sparsity=0.3, scope="global", layers={"4": 0.1}).plan(mlp()) == \
+        ["0 -> global 0.30", "2 -> global 0.30", "4 -> 0.10"]
+    assert UnstructuredPruningStage(layers={"4": 0.1}).plan(mlp()) == ["4 -> 0.10"]
+    assert UnstructuredPruningStage(criterion="std", quality=0.5).plan(mlp()) == \
+        ["0 -> |w| < 0.5 std", "2 -> |w| < 0.5 std", "4 -> |w| < 0.5 std"]
+
+
+def test_per_layer_targets_alone_leave_the_other_layers_dense_and_one_weight_can_go():
+    model = mlp()
+    UnstructuredPruningStage(layers={"4": 0.5}).apply(model)
+    assert zeros(model[0]) == zeros(model[2]) == 0 and zeros(model[4]) == round(0.5 * 29 * 7)
+    layer = nn.Linear(10, 1)
+    UnstructuredPruningStage(sparsity=0.1).apply(nn.Sequential(layer))  # 10 weights: exactly one pruned
+    assert zeros(layer) == 1
+
+
+def test_k_smallest_mask_keeps_the_scores_device():
+    from compress.stages.prune_unstructured import _k_smallest_mask
+
+    assert _k_smallest_mask(torch.rand(10, device="meta"), 3).device.type == "meta"
+
+
+def test_prune_to_is_a_usable_verb_on_its_own_and_never_revives_a_pruned_weight():
+    # without apply, a gradual step starts from 0%: step 1 of 2 of AGP to 0.8 is 0.8 * (1 - 1/8) = 0.7
+    for kwargs in ({"sparsity": 0.8}, {"sparsity": 0.8, "scope": "global"}):
+        model = mlp()
+        stage = UnstructuredPruningStage(schedule="agp", **kwargs)
+        out = stage.prune_to(model, 1, 2)
+        total = sum(model[i].weight.numel() for i in (0, 2, 4))
+        assert sum(zeros(model[i]) for i in (0, 2, 4)) == pytest.approx(0.7 * total, abs=3)
+        assert out == stage.report(model)
+    # std at step 2 of 4: half the quality
+    model = mlp()
+    w = model[0].weight.detach().clone()
+    UnstructuredPruningStage(criterion="std", quality=1.0).prune_to(model, 2, 4)
+    assert zeros(model[0]) == int((w.abs() < 0.5 * w.std()).sum())
+    # with nothing to fine-tune, a gradual schedule is one-shot: the std of the unpruned weights, once
+    model = mlp()
+    UnstructuredPruningStage(criterion="std", quality=1.0, schedule="iterative", steps=2).apply(model)
+    assert zeros(model[0]) == int((w.abs() < w.std()).sum())
+    # a mask already holding 60% zeros stays on when the new target is 50%
+    model = mlp()
+    UnstructuredPruningStage(sparsity=0.6).apply(model)
+    UnstructuredPruningStage(sparsity=0.5).apply(model)
+    from compress.pruning.masks import get_mask
+
+    assert int((~get_mask(model[0])).sum()) == round(0.6 * model[0].weight.numel())
+
+
+class _Recording:
+    """The part of a Context a stage calls: fine-tuning, recorded as (model, tag, overall sparsity at each batch)."""
+
+    def __init__(self, batches: int = 2):
+        self.batches, self.calls = batches, []
+
+    def finetune(self, model, cfg, callbacks=(), tag="finetune"):
+        seen = []
+        trainer = _Trainer(self.batches, cfg.epochs)
+        for epoch in range(cfg.epochs):
+            trainer.current_epoch = epoch
+            for batch in range(self.batches):
+                for cb in callbacks:
+                    cb.on_train_batch_start(trainer, model, None, batch)
+                seen.append(sum(zeros(model[i]) for i in (0, 2, 4)))
+        self.calls.append((model, tag, seen))
+        return {}
+
+
+def test_oneshot_and_gradual_stages_drive_fine_tuning_as_documented():
+    total = 37 * 53 + 53 * 29 + 29 * 7
+    target = round(0.8 * 37 * 53) + round(0.8 * 53 * 29) + round(0.8 * 29 * 7)  # per layer
+
+    def agp(t, n, start=0.0):  # AGP's overall sparsity, in weights
+        return (0.8 + (start - 0.8) * (1 - t / n) ** 3) * total
+
+    # one-shot: pruned to the target before fine-tuning, which is told the model and the stage's name
+    model, ctx = mlp(), _Recording()
+    result = UnstructuredPruningStage(sparsity=0.8, name="p", finetune={"epochs": 4}).apply(model, ctx)
+    assert ctx.calls == [(model, "p", [target] * 8)]
+    assert result.info == {"layer_sparsity": UnstructuredPruningStage(sparsity=0.8).report(model)}
+    # gradual over 1 epoch: round(0.75 * 1) = 1 step, the target at once; or 2 steps when asked
+    model, ctx = mlp(), _Recording()
+    UnstructuredPruningStage(sparsity=0.8, schedule="agp", name="g", finetune={"epochs": 1}).apply(model, ctx)
+    assert ctx.calls == [(model, "g", [target, target])]
+    model, ctx = mlp(), _Recording()
+    UnstructuredPruningStage(sparsity=0.8, schedule="agp", steps=2, finetune={"epochs": 1}).apply(model, ctx)
+    assert ctx.calls[0][2][0] == pytest.approx(agp(1, 2), abs=3) and ctx.calls[0][2][1] == target
+    # global scope ramps from the layers' overall sparsity when the stage began (26 of 53 rows of layer 0)
+    model, ctx = mlp(), _Recording()
+    with torch.no_grad():
+        model[0].weight[:26] = 0
+    UnstructuredPruningStage(sparsity=0.8, scope="global", schedule="agp", steps=2,
+                             finetune={"epochs": 1}).apply(model, ctx)
+    first, last = ctx.calls[0][2]
+    assert first == pytest.approx(agp(1, 2, start=26 * 37 / total), abs=1) and last == round(0.8 * total)

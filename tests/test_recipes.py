@@ -67,3 +67,60 @@ def test_layer_patterns_that_match_nothing_name_the_nearest_layer_when_there_is_
     with pytest.raises(UserError) as e:
         match_layers(names, ["zzz"], "k.layers")
     assert str(e.value) == "k.layers: 'zzz' matches no layer; layers: features.0, features.2, fc_out"
+
+
+@pytest.mark.parametrize("top, message", [
+    ({"model": ["name"]}, "model: expected a mapping (like {name: ...}), got a list"),
+    ({"hardware": "cpu-local"}, "hardware: expected a list (YAML items like [a, b]), got 'cpu-local'"),
+    # a field that cannot be read yet (its interpolation is broken) does not stop the check of the others
+    ({"name": "${nope}", "hardware": "cpu-local"}, "hardware: expected a list (YAML items like [a, b]), got 'cpu-local'"),
+    ({"stages": {"train": {"epochs": 1}}},
+     "stages: expected a list (YAML items like - {type: train, epochs: 10}), got a mapping"),
+    ({"stages": [{"epochs": 1}]},
+     "stages[0].type: required; valid: distill, evaluate, prune.structured, prune.unstructured, quantize, share, train"),
+    ({"eval": {"runtimes": ["nope"]}}, "eval.runtimes[0]: unknown runtime 'nope'; valid: onnxruntime"),
+    ({"eval": {"latency_repeats": 0}}, "eval.latency_repeats: 0 must be >= 1"),
+    ({"model": {"name": "lenet300", "checkpoint": "no/such.ckpt"}}, "model.checkpoint: file 'no/such.ckpt' not found"),
+])
+def test_recipe_shape_errors_are_one_exact_line(top, message):
+    assert _error({**_recipe({"type": "train", "epochs": 1}), **top}) == message
+
+
+@pytest.mark.parametrize("first, second", [("share", "prune.structured"), ("quantize", "prune.unstructured"),
+                                           ("share", "quantize"), ("quantize", "share")])
+def test_stage_orders_that_cannot_work_are_refused_at_load(first, second):
+    blocks = {"share": {"type": "share", "bits": 4}, "quantize": {"type": "quantize"},
+              "prune.structured": {"type": "prune.structured", "ratio": 0.5},
+              "prune.unstructured": {"type": "prune.unstructured", "sparsity": 0.5}}
+    message = _error(_recipe(blocks[first], blocks[second]))
+    assert message.startswith(f"stages[1].type: '{second}' after '{first}' (stages[0]): ")
+
+
+def test_the_loaded_recipe_is_resolved_read_only_and_names_every_stage(tmp_path):
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ReadonlyConfigError
+
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.write_bytes(b"")  # only its existence is checked at load
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "x", "model": {"name": "lenet300", "checkpoint": str(ckpt)}, "data": {"name": "digits"},
+        "eval": {"latency_repeats": 1},
+        "stages": [{"type": "train", "epochs": 1}, {"type": "train", "epochs": 1},
+                   {"type": "prune.unstructured", "name": "cut", "sparsity": 0.5}]}))
+    recipe = load_recipe(path)
+    assert recipe.path == path
+    stages = recipe.to_container()["stages"]
+    assert [(s["type"], s["name"]) for s in stages] == [("train", "train"), ("train", "train-1"),
+                                                        ("prune.unstructured", "cut")]
+    assert stages[2]["schedule"] == "oneshot"  # defaults filled in
+    assert recipe.to_container()["out_dir"] == "runs/x" and "out_dir: runs/x" in recipe.to_yaml()
+    with pytest.raises(ReadonlyConfigError):
+        recipe.cfg.name = "y"
+    assert load_recipe(_recipe()).path is None
+    # a Recipe made from a config resolves it itself
+    from compress.recipe import Recipe
+
+    direct = Recipe(OmegaConf.create({"name": "z", "out_dir": "runs/${name}", "stages": []}))
+    assert direct.cfg.out_dir == "runs/z" and direct.to_container() == {"name": "z", "out_dir": "runs/z", "stages": []}

@@ -592,3 +592,30 @@ def test_regularizer_builds_on_the_model_a_lightning_module_wraps():
     _zero_grads(inner)
     reg.on_after_backward(None, wrapper)
     assert reg.calls == 1 and inner[0].weight.grad.any()
+
+
+def test_prune_result_reports_the_counts_before_and_after():
+    from compress.pruning.structured import channel_counts, count_macs
+
+    model, x = _build("lenet5"), _x("lenet5")
+    macs0, params0 = count_macs(model, x)
+    channels0 = channel_counts(model)
+    result = prune_model(model, x, ratio=0.5, iterative_steps=2)
+    macs1, params1 = count_macs(model, x)
+    assert result.as_dict() == {
+        "mac_speedup": macs0 / macs1, "macs_before": macs0, "macs_after": macs1, "params_before": params0,
+        "params_after": params1, "channels_before": channels0, "channels": channel_counts(model),
+        "speedup_history": result.history, "steps": 2}
+    assert len(result.history) == 2 and result.history[-1] == pytest.approx(macs0 / macs1)
+
+
+def test_taylor_importance_takes_its_batches_from_a_function():
+    model, x = _build("lenet5"), _x("lenet5")
+    calls = []
+
+    def batches():
+        calls.append(1)
+        return [(x, torch.tensor([0, 1, 2, 3]))]
+
+    result = prune_model(model, x, importance="taylor", ratio=0.25, gradient_batches=batches)
+    assert calls and result.mac_speedup > 1
