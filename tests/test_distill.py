@@ -341,14 +341,16 @@ def test_attention_transfer_by_hand():
         n = math.sqrt(sum(x * x for x in v))
         return [x / n for x in v]
 
-    total = 0.0
-    for b in range(2):
-        q_s = [sum(s[b][c][2 * i + di][2 * j + dj] ** 2 for c in range(2) for di in (0, 1) for dj in (0, 1)) / 2 / 4
-               for i in range(2) for j in range(2)]
-        q_t = [sum(t[b][c][i][j] ** 2 for c in range(3)) / 3 for i in range(2) for j in range(2)]
-        total += sum((a - c) ** 2 for a, c in zip(normalise(q_s), normalise(q_t), strict=True))
-    loss = AttentionLoss(student.shape, teacher.shape, "k")(student, teacher)
-    assert float(loss) == pytest.approx(total / 8, rel=1e-12)
+    for power in (2.0, 3.0):  # the paper's p = 2 by default; another p is applied to both sides
+        total = 0.0
+        for b in range(2):
+            q_s = [sum(abs(s[b][c][2 * i + di][2 * j + dj]) ** power for c in range(2) for di in (0, 1)
+                       for dj in (0, 1)) / 2 / 4 for i in range(2) for j in range(2)]
+            q_t = [sum(abs(t[b][c][i][j]) ** power for c in range(3)) / 3 for i in range(2) for j in range(2)]
+            total += sum((a - c) ** 2 for a, c in zip(normalise(q_s), normalise(q_t), strict=True))
+        kwargs = {} if power == 2.0 else {"p": power}
+        loss = AttentionLoss(student.shape, teacher.shape, "k", **kwargs)(student, teacher)
+        assert float(loss) == pytest.approx(total / 8, rel=1e-12), power
     assert float(attention_map(student)[1, 0, 2, 3]) == pytest.approx((s[1][0][2][3] ** 2 + s[1][1][2][3] ** 2) / 2)
     # vectors have no spatial attention: the error says which side gave one
     for shapes, side in ((((2, 8), (2, 3, 4, 4)), "student"), (((2, 3, 4, 4), (2, 8)), "teacher")):

@@ -222,7 +222,7 @@ def _decode_bit_by_bit(bits, lengths, count):
     return np.array(out)
 
 
-@pytest.mark.parametrize("dist", ["skewed", "uniform16", "two", "single", "geometric"])
+@pytest.mark.parametrize("dist", ["skewed", "uniform16", "uniform8", "uniform32", "two", "single", "geometric"])
 def test_vectorised_decode_equals_bit_by_bit_decoding(dist):
     """Many lanes (streams far longer than LANE_BITS), codes that do and do not self-synchronise."""
     from compress.encoding.huffman import LANE_BITS, decode_packed
@@ -232,6 +232,9 @@ def test_vectorised_decode_equals_bit_by_bit_decoding(dist):
     symbols = {
         "skewed": rng.choice(33, n, p=np.r_[0.5, np.full(32, 0.5 / 32)]),
         "uniform16": rng.integers(0, 16, n),  # every code 4 bits long: read at fixed offsets
+        # 3- and 5-bit fixed-length codes: LANE_BITS is no multiple of 3 or 5, so offsets cross bytes unaligned
+        "uniform8": rng.integers(0, 8, n),
+        "uniform32": rng.integers(0, 32, n),
         "two": rng.integers(0, 2, n),
         "single": np.full(n, 7),
         "geometric": np.minimum(rng.geometric(0.3, n), 40),
@@ -290,3 +293,99 @@ def test_pruned_unshared_model_round_trips_through_the_file(tmp_path, spec):
         assert torch.equal(got[k], expected[k]), k
     x = torch.randn(2, *spec["kwargs"]["input_shape"])
     assert torch.equal(back(x), model(x))
+
+
+def test_decode_packed_inputs_and_edges():
+    from compress.encoding.huffman import decode_packed
+
+    lengths = code_lengths(np.array([5, 3, 1, 1]))  # 1, 2, 3, 3 bits
+    symbols = np.array([0, 1, 2, 3, 0, 0, 1])
+    packed = np.packbits(encode(symbols, lengths))
+    want = (symbols, int(lengths[symbols].sum()))
+    for data in (packed, packed.tobytes(), bytearray(packed.tobytes()), packed.astype(np.int64)):
+        got = decode_packed(data, lengths, len(symbols))
+        assert np.array_equal(got[0], want[0]) and got[1] == want[1], type(data)
+    one, used = decode_packed(packed, lengths, 1)
+    assert one.tolist() == [0] and used == 1
+    none, used = decode_packed(b"", lengths, 0)
+    assert none.shape == (0,) and none.dtype == np.int64 and used == 0
+    with pytest.raises(ValueError, match="no code"):
+        decode_packed(packed, np.zeros(4, dtype=np.int64), 3)
+    with pytest.raises(ValueError, match="longer than 56 bits"):
+        decode_packed(packed, np.array([1, 57]), 3)
+    # one symbol, coded '0': a 1 bit is no codeword, so the stream is refused rather than read as garbage
+    with pytest.raises(ValueError, match="ended early"):
+        decode_packed(np.packbits([0, 0, 1, 0, 0, 0, 0, 0]), np.array([0, 1]), 4)
+
+
+def test_reported_sizes_are_the_bytes_written_and_count_only_float_tensors(tmp_path):
+    from compress.pruning.masks import deployed_copy
+
+    torch.manual_seed(0)
+    spec = {"name": "resnet", "kwargs": {"depth": 8, "input_shape": [1, 8, 8], "widths": [4, 4, 8], "num_classes": 3}}
+    model = build_model(spec["name"], **spec["kwargs"]).eval()
+    set_mask(model.conv1, model.conv1.weight.abs() > model.conv1.weight.abs().median())  # CSR
+    share_layer(model.fc, 4)  # shared: 16 centroids; the other convs stay dense
+    storage = model_storage(model)
+    assert {layer["index_bits"] for layer in storage["layers"].values()} == {5}  # the paper's 5 by default
+    deployed = deployed_copy(model)
+    dense = sum(4 * t.numel() for t in deployed.state_dict().values() if t.is_floating_point())
+    assert storage["total"]["dense_bytes"] == dense  # BatchNorm's int64 counters are not weights
+    # without a model spec, the file is exactly the reported size (5-bit indices unless told otherwise)
+    written = write_compressed(model, tmp_path / "a.dc", None)
+    assert written == storage["total"]["compressed_bytes"] == write_compressed(model, tmp_path / "b.dc", None, 5)
+    assert storage["total"]["compression_ratio"] == pytest.approx(dense / written)
+    for name, layer in storage["layers"].items():
+        w = deployed.get_submodule(name).weight
+        assert layer["dense_bytes"] == 4 * w.numel(), name
+        assert layer["compression_ratio"] == pytest.approx(4 * w.numel() / layer["compressed_bytes"]), name
+        assert layer["kept"] == pytest.approx(int((w != 0).sum()) / w.numel()), name
+
+
+def _single_layer_file(tmp_path, layer: nn.Module) -> tuple[int, dict]:
+    """(bytes the layer's weight adds to a file, its model_storage row) for a bias-free one-layer model."""
+    import struct
+
+    model = nn.Sequential(layer)
+    path = tmp_path / "one.dc"
+    write_compressed(model, path, None)
+    raw = path.read_bytes()
+    (hlen,) = struct.unpack("<I", raw[5:9])
+    return len(raw) - 9 - hlen, model_storage(model)["layers"]["0"]
+
+
+def test_each_layers_reported_bytes_are_the_bytes_its_streams_take_in_the_file(tmp_path):
+    torch.manual_seed(0)
+    shared = nn.Linear(32, 8, bias=False)
+    set_mask(shared, shared.weight.abs() > 0.05)
+    share_layer(shared, 4)  # 16 centroids: 64 bytes of codebook
+    dense = nn.Linear(8, 4, bias=False)  # nothing pruned: stored dense
+    single = nn.Linear(1, 1, bias=False)  # one weight: one entry
+    for layer in (shared, dense, single):
+        written, row = _single_layer_file(tmp_path, layer)
+        assert row["compressed_bytes"] == written, row["format"]
+    assert _single_layer_file(tmp_path, dense)[1]["format"] == "dense"
+    row = _single_layer_file(tmp_path, single)[1]
+    assert (row["entries"], row["kept"], row["index_bits_huffman"], row["weight_bits_huffman"]) == (1, 1.0, 1.0, 32.0)
+
+
+def test_a_codebook_of_three_values_and_the_filler_needs_two_bits():
+    layer = nn.Linear(6, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0.0, 2.0, 0.0, 3.0, 3.0]]))
+    share_layer(layer, 3)  # room for 8 centroids, but only 3 distinct non-zero values
+    row = model_storage(nn.Sequential(layer))["layers"]["0"]
+    assert row["format"] == "shared" and row["weight_bits"] == 2
+
+
+def test_a_file_without_model_kwargs_or_of_another_architecture(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("lenet5").eval()  # the zoo's defaults: no kwargs to record
+    write_compressed(model, tmp_path / "a.dc", {"name": "lenet5"})
+    x = torch.randn(1, 1, 28, 28)
+    assert torch.equal(read_compressed(tmp_path / "a.dc")(x), model(x))
+    # the spec of a deeper MLP than the tensors: a layer the file does not hold is an error, not left random
+    mlp = build_model("mlp", hidden=[32], input_shape=[1, 4, 4])
+    write_compressed(mlp, tmp_path / "b.dc", {"name": "mlp", "kwargs": {"hidden": [32, 16], "input_shape": [1, 4, 4]}})
+    with pytest.raises(RuntimeError, match="Missing key"):
+        read_compressed(tmp_path / "b.dc")

@@ -69,3 +69,14 @@ def test_masks_are_bool_buffers_replaced_in_place_and_per_tensor():
     set_mask(layer, torch.tensor([True, False]), "bias")  # the bias has a mask of its own
     assert get_mask(layer, "bias").tolist() == [True, False] and layer.bias[1] == 0
     assert get_mask(layer).shape == (2, 3) and len(layer.parametrizations.bias) == 1
+
+
+def test_a_bias_mask_alone_is_not_a_weight_mask_and_masks_follow_the_layers_device():
+    from compress.sharing.shared import get_shared
+
+    layer = nn.Linear(3, 2)
+    set_mask(layer, torch.tensor([True, False]), "bias")
+    assert get_mask(layer) is None and get_shared(layer) is None and get_mask(layer, "bias") is not None
+    meta = nn.Linear(3, 2, device="meta")  # a layer on another device than the mask given
+    set_mask(meta, torch.ones(2, 3, dtype=torch.bool))
+    assert get_mask(meta).device.type == "meta"

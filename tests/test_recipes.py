@@ -124,3 +124,62 @@ def test_the_loaded_recipe_is_resolved_read_only_and_names_every_stage(tmp_path)
 
     direct = Recipe(OmegaConf.create({"name": "z", "out_dir": "runs/${name}", "stages": []}))
     assert direct.cfg.out_dir == "runs/z" and direct.to_container() == {"name": "z", "out_dir": "runs/z", "stages": []}
+
+
+def test_merge_structured_fills_defaults_resolves_checks_and_freezes():
+    from dataclasses import dataclass, field
+
+    from omegaconf import MISSING, OmegaConf
+    from omegaconf.errors import ReadonlyConfigError
+
+    from compress.errors import UserError
+    from compress.schema import merge_structured
+
+    @dataclass
+    class Schema:
+        lr: float = 0.1
+        epochs: int = 1
+        betas: list = field(default_factory=lambda: [0.9, 0.99])
+
+    @dataclass
+    class Required:
+        bits: int = MISSING
+
+    assert OmegaConf.to_container(merge_structured(Schema, None)) == {"lr": 0.1, "epochs": 1, "betas": [0.9, 0.99]}
+    # a block that interpolates a key of the recipe around it is resolved there, before the merge
+    recipe = OmegaConf.create({"max_epochs": 7, "stage": {"epochs": "${max_epochs}"}})
+    cfg = merge_structured(Schema, recipe.stage, "stages[0]")
+    assert cfg.epochs == 7
+    with pytest.raises(ReadonlyConfigError):
+        cfg.lr = 1.0
+    for values, key, message in [
+        ({"lr": float("nan")}, "s", "s.lr: nan is not a finite number"),
+        ({"betas": [0.9, float("inf")]}, "s", "s.betas[1]: inf is not a finite number"),
+        ({"epochs": "many"}, "", "epochs: Value 'many' of type 'str' could not be converted to Integer"),
+    ]:
+        with pytest.raises(UserError) as e:
+            merge_structured(Schema, values, key)
+        assert str(e.value) == message
+    with pytest.raises(UserError) as e:
+        merge_structured(Required, {}, "share")
+    assert str(e.value) == "share.bits: required value is missing"
+
+
+def test_range_and_index_width_checks_at_their_bounds():
+    from compress.errors import UserError
+    from compress.schema import check_index_bits, check_range
+
+    check_range(0.0, "k", 0.0, 1.0)  # [0, 1)
+    check_range(1.0, "k", 0.0, 1.0, hi_open=False)  # [0, 1]
+    for value, kw, message in [(1.0, {}, "k: 1.0 is outside [0, 1)"),
+                               (0.0, {"lo_open": True}, "k: 0.0 is outside (0, 1)"),
+                               (-0.5, {"hi_open": False}, "k: -0.5 is outside [0, 1]"),
+                               (2.0, {"lo_open": True, "hi_open": False}, "k: 2.0 is outside (0, 1]")]:
+        with pytest.raises(UserError) as e:
+            check_range(value, "k", 0.0, 1.0, **kw)
+        assert str(e.value) == message
+    for ok in (1, 16, "auto"):
+        check_index_bits(ok, "encoding.index_bits")
+    for bad in (0, 17, True, 5.0, "5"):
+        with pytest.raises(UserError, match=r"^encoding\.index_bits: .* is not a width; use an integer in \[1, 16\]"):
+            check_index_bits(bad, "encoding.index_bits")

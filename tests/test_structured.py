@@ -609,13 +609,172 @@ def test_prune_result_reports_the_counts_before_and_after():
     assert len(result.history) == 2 and result.history[-1] == pytest.approx(macs0 / macs1)
 
 
-def test_taylor_importance_takes_its_batches_from_a_function():
+class _Heads(nn.Module):
+    """Two classifier heads returned in a dict inside a tuple, and an auxiliary tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.a = nn.Linear(6, 3)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor):
+        h = self.body(x).relu()
+        return ({"a": self.a(h), "b": self.b(h)}, [h.sum(1)])
+
+
+class _Softmaxed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 3)
+        self.head = nn.Linear(3, 3)
+        self.aux = nn.Linear(3, 7)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.head(self.body(x))
+        self.aux(h)  # runs last, but its output is not the model's
+        return h.softmax(1)  # body also gives (1, 3): the last layer run with the output's shape is the head
+
+
+class _Pooled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.mid = nn.Conv2d(2, 2, 1)
+        self.last = nn.Conv2d(2, 5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.last(self.mid(self.conv(x))).mean((2, 3))  # no layer gives (1, 5): the last layer run
+
+
+def test_output_layers_found_through_structures_activations_and_pooling():
+    assert output_layers(_Heads(), torch.randn(2, 4)) == ["a", "b"]
+    assert output_layers(_Softmaxed(), torch.randn(2, 4)) == ["head"]
+    assert output_layers(_Pooled(), torch.randn(2, 1, 6, 6)) == ["last"]
+    from compress.pruning.structured import channel_counts
+
+    assert channel_counts(_Pooled()) == {"conv": 2, "mid": 2, "last": 5} and channel_counts(_Heads())["b"] == 2
+
+
+def test_local_ratios_are_per_layer_and_a_global_ratio_is_one_threshold_over_all_channels():
+    from compress.pruning.structured import channel_counts
+
+    x = _x("lenet5")
+    before = channel_counts(_build("lenet5"))  # features.0 20, features.3 50, fc1 500; fc_out is the output
+    prunable = ("features.0", "features.3", "fc1")
+    local = channel_counts(_pruned_by(_build("lenet5"), x, ratio=0.3))
+    assert {n: local[n] for n in prunable} == {n: round(0.7 * before[n]) for n in prunable}
+    glob = channel_counts(_pruned_by(_build("lenet5"), x, ratio=0.3, global_pruning=True))
+    assert sum(glob[n] for n in prunable) == round(0.7 * sum(before[n] for n in prunable))
+    assert len({glob[n] / before[n] for n in prunable}) > 1  # not 30% of each layer
+    # the same holds for a MAC target: a local search shrinks every layer, a global one only the cheapest groups
+    local = channel_counts(_pruned_by(_build("lenet5"), x, mac_speedup=1.3))
+    glob = channel_counts(_pruned_by(_build("lenet5"), x, mac_speedup=1.3, global_pruning=True))
+    assert all(local[n] < before[n] for n in prunable) and any(glob[n] == before[n] for n in prunable)
+    # a global ratio above the cap: no layer loses much more than max_layer_ratio (one of 10 sub-steps at most)
+    capped = channel_counts(_pruned_by(_build("lenet5"), x, ratio=0.7, global_pruning=True, max_layer_ratio=0.5))
+    assert all(capped[n] >= 0.4 * before[n] for n in prunable)
+
+
+def _pruned_by(model: nn.Module, x: Tensor, **kwargs) -> nn.Module:
+    prune_model(model, x, **kwargs)
+    return model
+
+
+def test_steps_report_their_own_speedup_and_reach_the_target_geometrically():
+    from compress.pruning.structured import count_macs
+
     model, x = _build("lenet5"), _x("lenet5")
+    base = count_macs(model, x)[0]
+    seen = []
+    result = prune_model(model, x, ratio=0.5, iterative_steps=3,
+                         on_step=lambda m, step, steps: seen.append((step, steps, base / count_macs(m, x)[0])))
+    assert [(s, n) for s, n, _ in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert result.history == pytest.approx([r for _, _, r in seen]) and result.steps == 3
+    assert seen[0][2] < seen[1][2] < seen[2][2]
+    # mac_speedup in 3 steps: 8 ** (1/3) = 2 after the first, not 8/3
+    seen.clear()
+    model = _build("lenet5")
+    prune_model(model, x, mac_speedup=8.0, iterative_steps=3, max_layer_ratio=0.95,
+                on_step=lambda m, step, steps: seen.append(base / count_macs(m, x)[0]))
+    assert 2.0 <= seen[0] < 8 / 3 and seen[-1] >= 8.0
+
+
+def test_taylor_gradients_are_taken_once_per_step_and_required():
+    model, x = _build("lenet5"), _x("lenet5")
+    with pytest.raises(UserError, match=r"^prune\.importance: taylor needs training batches"):
+        prune_model(model, x, importance="taylor", ratio=0.3)
+    with pytest.raises(UserError, match=r"^prune\.mac_speedup: 1\.0 must be > 1"):
+        prune_model(model, x, mac_speedup=1.0)
     calls = []
 
     def batches():
         calls.append(1)
         return [(x, torch.tensor([0, 1, 2, 3]))]
 
-    result = prune_model(model, x, importance="taylor", ratio=0.25, gradient_batches=batches)
-    assert calls and result.mac_speedup > 1
+    prune_model(model, x, importance="taylor", mac_speedup=1.5, iterative_steps=2, gradient_batches=batches)
+    assert len(calls) == 2  # Torch-Pruning prunes .grad with the weights: one backward pass per outer step
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_masked_layers_keep_exactly_their_non_zero_weights_after_channel_removal():
+    model, x = _build("lenet5"), _x("lenet5")
+    torch.manual_seed(3)
+    set_mask(model.fc1, torch.rand_like(model.fc1.weight) > 0.5)
+    prune_model(model, x, ratio=0.4, iterative_steps=2)
+    w = model.fc1.parametrizations.weight.original
+    assert torch.equal(get_mask(model.fc1), w != 0) and 0.3 < float((w != 0).float().mean()) < 0.7
+
+
+def test_prune_model_arguments_defaults_and_mistakes():
+    from compress.pruning.structured import channel_counts, count_macs, resolve_importance
+
+    x = _x("lenet5")
+    assert count_macs(_build("lenet5"), x) == count_macs(_build("lenet5"), x[:1])  # one sample's MACs
+    result = prune_model(_build("lenet5"), x, ratio=0.3)
+    assert result.steps == 1 and len(result.history) == 1  # one step unless asked
+    # a ratio above max_layer_ratio (0.9 by default) acts as the cap
+    assert channel_counts(_pruned_by(_build("lenet5"), x, ratio=0.99)) == \
+        channel_counts(_pruned_by(_build("lenet5"), x, ratio=0.9))
+    # a mapping for ratio is per-layer ratios; the output layer stays whole even when other layers are ignored
+    counts = channel_counts(_pruned_by(_build("lenet5"), x, ratio={"features.0": 0.5}))
+    assert counts == {"features.0": 10, "features.3": 50, "fc1": 500, "fc_out": 10}
+    counts = channel_counts(_pruned_by(_build("lenet5"), x, ratio=0.5, ignore=["features.0"]))
+    assert counts["features.0"] == 20 and counts["fc_out"] == 10 and counts["fc1"] == 250
+    # a MAC target past half of every layer, in channel counts that are multiples of 4
+    counts = channel_counts(_pruned_by(_build("lenet5"), x, mac_speedup=5.0, round_to=4))
+    assert counts["features.0"] < 10 and all(c % 4 == 0 for n, c in counts.items() if n != "fc_out")
+    # a global MAC search keeps to the cap too: 3x needs more than half of some layer
+    with pytest.raises(UserError, match=r"^prune\.mac_speedup: reached only 2\.1\d*x of 3\.0x \(max_layer_ratio 0\.5"):
+        prune_model(_build("lenet5"), x, mac_speedup=3.0, global_pruning=True, max_layer_ratio=0.5)
+    for kwargs, message in [({}, "prune: give either ratio/layer_ratios or mac_speedup"),
+                            ({"ratio": 0.5, "mac_speedup": 2.0}, "prune: give either"),
+                            ({"importance": "l3", "ratio": 0.5}, "prune.importance: unknown importance 'l3'"),
+                            ({"ratio": 0.5, "ignore": ["nope"]}, "prune.ignore: 'nope' matches no layer"),
+                            ({"layer_ratios": {"nope": 0.5}}, "prune.layer_ratios: 'nope' matches no layer"),
+                            ({"layer_ratios": {"fc_*": 0.5}}, "prune.layer_ratios: 'fc_*' would prune the output layer "
+                                                             "'fc_out'")]:
+        with pytest.raises(UserError) as e:
+            prune_model(_build("lenet5"), x, **kwargs)
+        assert str(e.value).startswith(message), kwargs
+    with pytest.raises(UserError) as e:
+        resolve_importance("l3")
+    assert str(e.value).startswith("importance: unknown importance 'l3'")
+
+
+def test_global_taylor_ranks_every_sub_step_with_one_backward_pass():
+    from compress.pruning.structured import channel_counts
+
+    x = _x("lenet5")
+    calls = []
+
+    def batches():
+        calls.append(1)
+        return [(x, torch.tensor([0, 1, 2, 3]))]
+
+    model = _build("lenet5")
+    prune_model(model, x, importance="taylor", ratio=0.3, global_pruning=True, gradient_batches=batches)
+    counts = channel_counts(model)
+    assert len(calls) == 1  # the 10 sub-steps share the gradients Torch-Pruning prunes along with the weights
+    assert counts["features.0"] + counts["features.3"] + counts["fc1"] == round(0.7 * 570)
+    assert all(p.grad is None for p in model.parameters())

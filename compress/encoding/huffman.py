@@ -138,6 +138,8 @@ def decode_packed(data: np.ndarray | bytes, lengths: np.ndarray, count: int, bit
         total, chunk = count * width, width << 22  # 4M symbols per look-up
         symbols = np.concatenate([step(np.arange(start + i, start + min(i + chunk, total), width, dtype=np.int64))[0]
                                   for i in range(0, total, chunk)])
+        if (symbols < 0).any():  # a window that is no codeword (a one-symbol code has one unused 1-bit word)
+            raise ValueError("bit stream ended early")
         return symbols.astype(np.int64), total
 
     lanes = np.arange(start, max(end, start + 1), LANE_BITS, dtype=np.int64)
