@@ -1,0 +1,1 @@
+"""hardware/roofline.py: per-op times, residency and fusion priced by hand (mutation testing: docs/mutants.md)."""
