@@ -1,1 +1,156 @@
-"""hardware/roofline.py: per-op times, residency and fusion priced by hand (mutation testing: docs/mutants.md)."""
+"""hardware/roofline.py: per-op times, residency and fusion priced by hand (mutation testing: docs/mutants/roofline.md).
+
+The profiles run at 1 GFLOP/s and 1 GB/s, so one FLOP or one byte costs 1 ns = 0.001 us: every time
+below is a count worked out from the layer shapes, divided by 1000 and by the efficiencies given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from compress.hardware import simulate_model, weight_infos
+from compress.hardware.profiles import (
+    EfficiencyConfig,
+    FusionConfig,
+    HardwareProfile,
+    OverheadConfig,
+    PeakConfig,
+)
+from compress.hardware.roofline import OpCost, simulate
+from compress.hardware.trace import Op, Trace
+
+
+def hw(**over) -> HardwareProfile:
+    kw = {"name": "h", "peak_gflops": PeakConfig(fp32=1.0), "memory_gbps": 1.0, "overhead_us": OverheadConfig()}
+    kw.update(over)
+    return HardwareProfile(**kw)
+
+
+def conv_bn_relu_fc() -> nn.Module:
+    """conv 2->4 (3x3, no bias) on 4x4 -> BN -> ReLU -> flatten -> linear 16->3: six module calls."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(16, 3)).eval()
+
+
+X = torch.randn(1, 2, 4, 4)
+
+
+# -- a traced model, every op by hand ---------------------------------------------------------------------
+def test_tiny_model_unfused_every_op_by_hand():
+    # conv: 16 outputs x 18 MACs = 576 FLOPs; reads 32 floats, writes 16, 72 weights: (32 + 16 + 72) x 4 = 480 B
+    # BN: 2 FLOPs per element = 32; 16 in, 16 out, 4 x 4 parameters: 192 B
+    # ReLU: 16 FLOPs; 16 in, 16 out: 128 B.  flatten: a view.
+    # linear: 2 x 3 x 16 + 3 (bias) = 99 FLOPs; 16 in, 3 out, 48 weights, 3 biases: 280 B
+    # 0.25 us per op: the conv is compute-bound, BN and ReLU overhead-bound, the linear memory-bound
+    profile = hw(overhead_us=OverheadConfig(op=0.25, module=0.5))
+    sim = simulate_model(conv_bn_relu_fc(), X, [profile])["h"]
+    rows = [(o.name, o.kind, o.flops, o.dram_bytes, o.chip_bytes, o.weight_bytes, o.bound) for o in sim.ops]
+    assert rows == [("0", "conv", 576, 480, 0, 288, "compute"), ("1", "norm", 32, 192, 0, 0, "overhead"),
+                    ("2", "activation", 16, 128, 0, 0, "overhead"), ("3", "view", 0, 0, 0, 0, "overhead"),
+                    ("4", "matmul", 99, 280, 0, 192, "memory")]
+    assert [o.compute_us for o in sim.ops] == pytest.approx([0.576, 0.032, 0.016, 0.0, 0.099])
+    assert [o.memory_us for o in sim.ops] == pytest.approx([0.480, 0.192, 0.128, 0.0, 0.280])
+    assert [o.overhead_us for o in sim.ops] == pytest.approx([0.25, 0.25, 0.25, 0.0, 0.25])
+    assert [o.time_us for o in sim.ops] == pytest.approx([0.826, 0.442, 0.378, 0.0, 0.530])
+    assert [o.weight_format for o in sim.ops] == ["dense", "", "", "", "dense"]
+    assert (sim.ops[0].out_channels, sim.ops[0].in_channels, sim.ops[0].kernel) == (4, 2, (3, 3))
+    assert sim.profile == "h" and sim.framework_us == pytest.approx(6 * 0.5)
+    assert sim.latency_us == pytest.approx(0.826 + 0.442 + 0.378 + 0.530 + 3.0)
+
+
+def test_tiny_model_fused_with_resident_weights_lanes_and_an_on_chip_activation():
+    # Weights 288 + 192 B, parameters (BN 16, bias 3) 76 B: 556 B stay on chip, leaving 64 B: the ReLU's
+    # output (16 floats), live from the view to the linear, fits; the model's input and output do not count.
+    # 4 lanes: the conv fills 4 of 4 but its 2 input channels are unaligned (x 0.5); the linear's 3 outputs fill
+    # 3 of 4, unaligned too.
+    profile = hw(weights_on_chip=True, on_chip_bytes=556 + 64, on_chip_gbps=2.0, lanes=4,
+                 fusion=FusionConfig(conv_bn_act=True),
+                 efficiency=EfficiencyConfig(conv=0.5, matmul=0.8, elementwise=0.25, unaligned=0.5),
+                 overhead_us=OverheadConfig(op=1.0, conv=0.5, matmul=0.125, view=0.25, module=0.5))
+    sim = simulate_model(conv_bn_relu_fc(), X, [profile])["h"]
+    conv, view, fc = sim.ops
+    assert (conv.op, conv.fused, view.kind, fc.op) == ("conv2d+batch_norm+relu", ["1", "2"], "view", "linear")
+    # conv + ReLU (BN folded: no FLOPs, no bytes): 576 / (0.5 x 0.5) + 16 / 0.25 ns
+    assert conv.flops == 592 and conv.compute_us == pytest.approx(2.304 + 0.064)
+    # DRAM: the input (128 B); chip: the ReLU's output (64 B) and the weights (288 B) at 2 GB/s
+    assert (conv.dram_bytes, conv.chip_bytes, conv.weight_bytes) == (128, 64 + 288, 288)
+    assert conv.memory_us == pytest.approx(0.128 + 352 / 2000)
+    assert (conv.overhead_us, conv.time_us, conv.bound) == pytest.approx((0.5, 2.868, "compute"))
+    assert (view.overhead_us, view.time_us, view.bound) == pytest.approx((0.25, 0.25, "overhead"))
+    # linear: 99 FLOPs at 0.8 x 3/4 x 0.5; DRAM: its 3 outputs; chip: its input, 3 biases and 48 weights
+    assert fc.compute_us == pytest.approx(99 / 0.3 / 1000)
+    assert (fc.dram_bytes, fc.chip_bytes) == (12, 64 + 12 + 192)
+    assert fc.memory_us == pytest.approx(0.012 + 268 / 2000)
+    assert (fc.time_us, fc.bound) == pytest.approx((0.33 + 0.125, "compute"))
+    assert sim.latency_us == pytest.approx(2.868 + 0.25 + 0.455 + 3.0)
+    # one byte short: the weights and parameters stream from DRAM, and the whole buffer holds the activation
+    (conv, _, fc) = simulate_model(conv_bn_relu_fc(), X, [dataclasses.replace(profile, on_chip_bytes=555)])["h"].ops
+    assert (conv.dram_bytes, conv.chip_bytes, fc.dram_bytes, fc.chip_bytes) == (128 + 288, 64, 12 + 12 + 192, 64)
+    assert conv.memory_us == pytest.approx(0.416 + 0.032) and fc.memory_us == pytest.approx(0.216 + 0.032)
+
+
+# -- weights the layers of ``prunable_layers`` do not hold ----------------------------------------------------
+def test_a_layer_the_deployed_copy_lacks_is_counted_on_the_model_itself():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Conv2d(2, 2, 1))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]).view(2, 2, 1, 1))
+    infos = weight_infos(model, nn.Sequential(nn.Linear(4, 3)))
+    assert (infos["1.weight"].elements, infos["1.weight"].nonzero, infos["1.weight"].rows) == (4, 1, 2)
+    assert torch.equal(infos["1.weight"].tensor, model[1].weight)
+
+
+def test_codebook_bits_of_a_shared_layer_survive_the_deployed_copy():
+    from compress.sharing.shared import share_layer
+
+    torch.manual_seed(0)
+    fc = nn.Sequential(nn.Linear(8, 4))
+    share_layer(fc[0], bits=2)
+    assert set(weight_infos(fc)) == {"0.weight"} and weight_infos(fc)["0.weight"].shared_bits == 2
+
+
+# -- hand-built traces -----------------------------------------------------------------------------------------
+def op(index, kind, flops=0, reads=(), writes=(), name=None, **kw) -> Op:
+    return Op(index=index, module=f"m{index}", module_type="M", leaf=True, name=name or kind, kind=kind, flops=flops,
+              reads=list(reads), writes=list(writes), **kw)
+
+
+def run(ops, profile, weights=None):
+    trace = Trace(ops=ops, module_calls=0, input_ids={0}, output_ids={ops[-1].writes[0][0]}, weights={})
+    return simulate(trace, weights or {}, profile)
+
+
+def test_a_weight_without_facts_is_reported_dense_and_moves_no_bytes():
+    # simulate prices the formats weight_infos describes: a weight missing from them adds nothing
+    (o,) = run([op(0, "matmul", 1000, [(0, 10, 0)], [(1, 20, 0)], weight="w.weight", out_channels=20,
+                   in_channels=10)], hw()).ops
+    assert (o.weight_format, o.weight_bytes, o.dram_bytes) == ("dense", 0, 120)
+
+
+def test_an_empty_layer_fills_its_lanes():
+    # no output channels (all removed): nothing idles, so the conv runs at the full kernel rate
+    (o,) = run([op(0, "conv", 800, [(0, 8, 0)], [(1, 0, 0)], out_channels=0, in_channels=8)],
+               hw(lanes=8, efficiency=EfficiencyConfig(conv=0.5, unaligned=0.25))).ops
+    assert o.compute_us == pytest.approx(800 / 0.5 / 1000)
+
+
+def test_op_row_keeps_groups_and_strips_only_the_in_place_underscore():
+    (o,) = run([op(0, "grouped_conv", 100, [(0, 8, 0)], [(1, 8, 0)], name="conv_depthwiseX_", out_channels=8,
+                   in_channels=8, groups=8, kernel=(3, 3))], hw()).ops
+    assert (o.op, o.groups, o.kernel) == ("conv_depthwiseX", 8, (3, 3))
+
+
+def test_as_row_holds_every_field_once_as_json_values():
+    cost = OpCost(name="fc", module="fc", op="addmm+relu", kind="matmul", flops=1.0, dram_bytes=2.0, chip_bytes=3.0,
+                  weight_bytes=4.0, compute_us=5.0, memory_us=6.0, overhead_us=7.0, time_us=8.0, bound="memory",
+                  weight_format="dense", fused=["relu"], out_channels=2, in_channels=3, groups=1, kernel=(1, 1))
+    row = cost.as_row()
+    assert list(row) == [f.name for f in dataclasses.fields(OpCost)]
+    assert json.loads(json.dumps(row)) == row and row["kernel"] == [1, 1] and row["fused"] == ["relu"]
+    row["fused"].append("x")
+    assert cost.fused == ["relu"]  # the row is a copy
