@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compress.hardware import simulate_model, weight_infos
@@ -96,6 +97,74 @@ def test_tiny_model_fused_with_resident_weights_lanes_and_an_on_chip_activation(
 
 
 # -- weights the layers of ``prunable_layers`` do not hold ----------------------------------------------------
+class BareWeight(nn.Module):
+    """F.linear on a bare parameter, as transformers' Conv1D and MultiheadAttention's in_proj_weight do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj_weight = nn.Parameter(torch.randn(8, 16))
+        self.scale = nn.Parameter(torch.ones(8))  # a 1-D weight-like parameter: read as a parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.proj_weight) * self.scale
+
+
+def test_a_bare_weight_read_by_a_matmul_is_priced_like_a_linear_layer():
+    # 16 inputs (64 B), 8 outputs (32 B), 128 weights (512 B): found by its own name, dense
+    profile = hw()
+    fc, _ = simulate_model(BareWeight(), torch.randn(1, 16), [profile])["h"].ops
+    assert (fc.op, fc.weight_format, fc.weight_bytes, fc.dram_bytes) == ("linear", "dense", 512, 64 + 32 + 512)
+    assert fc.memory_us == pytest.approx(0.608)
+    info = weight_infos(BareWeight())["proj_weight"]
+    assert (info.elements, info.nonzero, info.rows, info.shared_bits) == (128, 128, 8, None)
+    assert "scale" not in weight_infos(BareWeight())
+
+
+class Tied(nn.Module):
+    """An embedding's table reused by the output layer (GPT-2's lm_head): the trace names it after the first holder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))
+
+
+def test_a_tied_weight_is_priced_under_the_name_the_trace_gives_it():
+    tied = Tied()
+    with torch.no_grad():
+        tied.embed.weight[:5] = 0  # half the table zero
+    infos = weight_infos(tied)
+    assert (infos["embed.weight"].elements, infos["embed.weight"].nonzero) == (40, 20)
+    sim = simulate_model(tied, torch.tensor([[1, 2]]), [hw()])["h"]
+    head = next(o for o in sim.ops if o.kind == "matmul")
+    # 2 tokens: 8 floats in, 20 out, the 40-entry table as the weight (160 B)
+    assert (head.weight_format, head.weight_bytes, head.dram_bytes) == ("dense", 160, (8 + 20 + 40) * 4)
+
+
+class RootWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(3, 4))
+        with torch.no_grad():
+            self.weight[0, 0] = 1.0
+        self.register_buffer("table_weight", torch.ones(2, 2))  # buffers are read like parameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def test_a_weight_of_the_model_itself_has_no_prefix_and_buffers_count():
+    infos = weight_infos(RootWeight())
+    assert set(infos) == {"weight", "table_weight"}
+    assert (infos["weight"].elements, infos["weight"].nonzero, infos["weight"].rows) == (12, 1, 3)
+    assert torch.equal(infos["weight"].tensor, RootWeight().weight)
+    assert (infos["table_weight"].elements, infos["table_weight"].rows) == (4, 2)
+
+
 def test_a_layer_the_deployed_copy_lacks_is_counted_on_the_model_itself():
     model = nn.Sequential(nn.Linear(4, 3), nn.Conv2d(2, 2, 1))
     with torch.no_grad():

@@ -53,10 +53,12 @@ class WeightInfo:
 
 
 def weight_infos(model: nn.Module, deployed: nn.Module | None = None) -> dict[str, WeightInfo]:
-    """Stored-format facts of every conv/linear weight of ``model`` (masks and codebooks included).
+    """Stored-format facts of every weight a conv or matmul of ``model`` may read (masks and codebooks included).
 
     Zeros are counted on the deployed values (whatever made them: a mask, structured removal,
-    a codebook over pruned weights); codebook bits come from ``SharedWeight``.
+    a codebook over pruned weights); codebook bits come from ``SharedWeight``. Besides the
+    conv/linear layers' weights, every other parameter or buffer of two or more dimensions whose
+    name ends in ``weight`` is described (the trace takes those as a matmul's weight).
     """
     deployed = deployed if deployed is not None else deployed_copy(model)
     plain = prunable_layers(deployed)
@@ -67,6 +69,17 @@ def weight_infos(model: nn.Module, deployed: nn.Module | None = None) -> dict[st
             key = f"{name}.weight" if name else "weight"
             out[key] = WeightInfo(key, w.numel(), int(torch.count_nonzero(w)),
                                                int(w.shape[0]), shared_bits(m), w)
+        # A conv or matmul also reads weights no such layer holds: a bare parameter given to F.linear
+        # (MultiheadAttention's in_proj_weight, transformers' Conv1D) or a table tied to an earlier module
+        # (GPT-2's lm_head). They are stored plain, under the name the trace gives a tensor: its first holder's.
+        first: dict[int, tuple[str, Tensor]] = {}
+        for mname, m in deployed.named_modules():
+            for pname, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                first.setdefault(p.untyped_storage().data_ptr(), (f"{mname}.{pname}" if mname else pname, p))
+        for key, p in first.values():
+            if key not in out and key.endswith("weight") and p.dim() >= 2:
+                w = p.detach()
+                out[key] = WeightInfo(key, w.numel(), int(torch.count_nonzero(w)), int(w.shape[0]), None, w)
     return out
 
 
