@@ -116,7 +116,7 @@ def test_a_bare_weight_read_by_a_matmul_is_priced_like_a_linear_layer():
     assert (fc.op, fc.weight_format, fc.weight_bytes, fc.dram_bytes) == ("linear", "dense", 512, 64 + 32 + 512)
     assert fc.memory_us == pytest.approx(0.608)
     info = weight_infos(BareWeight())["proj_weight"]
-    assert (info.elements, info.nonzero, info.rows, info.shared_bits) == (128, 128, 8, None)
+    assert info.name == "proj_weight" and (info.elements, info.nonzero, info.rows, info.shared_bits) == (128, 128, 8, None)
     assert "scale" not in weight_infos(BareWeight())
 
 
@@ -163,6 +163,38 @@ def test_a_weight_of_the_model_itself_has_no_prefix_and_buffers_count():
     assert (infos["weight"].elements, infos["weight"].nonzero, infos["weight"].rows) == (12, 1, 3)
     assert torch.equal(infos["weight"].tensor, RootWeight().weight)
     assert (infos["table_weight"].elements, infos["table_weight"].rows) == (4, 2)
+
+
+class Aliased(nn.Module):
+    """Two tensors, each held twice: a layer's weight also kept as a later module's buffer, and a buffer of an
+    earlier module that a later layer holds as its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4, bias=False)
+        self.b = nn.Module()
+        self.b.register_buffer("copy_weight", self.a.weight.detach())
+        self.c = nn.Module()
+        self.c.register_buffer("table_weight", torch.randn(4, 4))
+        self.d = nn.Linear(4, 4, bias=False)
+        self.d.weight = nn.Parameter(self.c.table_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d(self.a(x))
+
+
+def test_weight_infos_name_a_tensor_held_twice_as_the_trace_does():
+    from compress.hardware import trace_ops
+
+    model = Aliased().eval()
+    x = torch.randn(1, 4)
+    # the trace names a tensor after its first holder, parameters and buffers module by module
+    read = [o.weight for o in trace_ops(model, x).ops if o.kind == "matmul"]
+    assert read == ["a.weight", "c.table_weight"]
+    infos = weight_infos(model, model)
+    assert set(infos) == {"a.weight", "d.weight", "c.table_weight"}  # the layers' own, and the table's first name
+    a, d = simulate_model(model, x, [hw()], deployed=model)["h"].ops
+    assert a.weight_bytes == d.weight_bytes == 64 and d.dram_bytes == 16 + 16 + 64
 
 
 def test_a_layer_the_deployed_copy_lacks_is_counted_on_the_model_itself():
