@@ -536,3 +536,45 @@ def test_a_schema_merge_error_inside_a_dictconfig_names_the_nested_key():
     OmegaConf.set_readonly(block, True)
     cfg = merge_structured(Schema, block, "s")
     assert isinstance(cfg, DictConfig) and cfg.opt.lr == 0.2
+
+
+@dataclass
+class Lists:
+    ignore: list = field(default_factory=list)
+    ratios: dict = field(default_factory=dict)
+    opt: Opt = field(default_factory=Opt)
+
+
+@pytest.mark.parametrize("values, message", [
+    # OmegaConf raises a TypeError with no key for these ("Cannot merge incompatible container types"): a
+    # traceback before
+    ({"ignore": {"fc": 1}}, "s.ignore: expected a list (YAML items like [a, b]), got a mapping"),
+    ({"ratios": ["fc"]}, "s.ratios: expected a mapping (like {key: value}), got a list"),
+    ({"ignore": ["fc"], "opt": {"lr": 0.5, "betas": {"b1": 0.9}}},
+     "s.opt.betas: expected a list (YAML items like [a, b]), got a mapping"),
+])
+def test_a_list_given_a_mapping_or_a_mapping_given_a_list_is_one_line(values, message):
+    with pytest.raises(UserError) as e:
+        merge_structured(Lists, values, "s")
+    assert str(e.value) == message
+
+
+def test_stage_lists_of_the_wrong_shape_name_the_stage_key():
+    assert error_of(minimal(stages=[{"type": "prune.unstructured", "sparsity": 0.5, "ignore": {"fc": 1}}])) == \
+        "stages[0].ignore: expected a list (YAML items like [a, b]), got a mapping"
+    assert error_of(minimal(stages=[{"type": "prune.structured", "ratio": 0.5, "layer_ratios": ["fc"]}])) == \
+        "stages[0].layer_ratios: expected a mapping (like {key: value}), got a list"
+
+
+def test_a_recipe_made_from_a_config_holds_its_values_not_interpolations():
+    from compress.recipe import Recipe
+
+    recipe = Recipe(OmegaConf.create({"name": "z", "out_dir": "runs/${name}", "stages": []}))
+    # read without resolving: the stored value itself is the resolved one
+    assert OmegaConf.to_container(recipe.cfg) == {"name": "z", "out_dir": "runs/z", "stages": []}
+
+
+def test_stage_blocks_that_interpolate_the_recipe_are_resolved_against_it():
+    recipe = OmegaConf.create({"epochs": 3, "stages": [{"type": "train", "epochs": "${epochs}"}]})
+    (stage,) = build_stages(recipe.stages)
+    assert stage.config.epochs == 3
