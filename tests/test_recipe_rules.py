@@ -424,6 +424,9 @@ def test_merge_structured_fills_defaults_and_keeps_given_values():
         cfg.opt.lr = 1.0
     assert OmegaConf.to_container(merge_structured(Schema, OmegaConf.create({"epochs": 4}))) == \
         {"epochs": 4, "opt": {"lr": 0.1, "betas": [0.9, 0.99]}}
+    with pytest.raises(UserError) as e:  # no key given: the path inside is the whole key
+        merge_structured(Schema, {"opt": {"lr": "fast"}})
+    assert str(e.value) == "opt.lr: Value 'fast' of type 'str' could not be converted to Float"
 
 
 @pytest.mark.parametrize("values, message", [
