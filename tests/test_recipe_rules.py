@@ -189,6 +189,18 @@ def test_an_override_replaces_list_items_but_never_appends(override, message):
     assert list(cfg.hardware) == ["a100"] and [s.type for s in cfg.stages] == ["evaluate"]
 
 
+def test_indices_are_checked_inside_list_items_and_lists_of_lists():
+    source = minimal(model={"name": "lenet300", "grid": [[1, 2], [3]]},
+                     stages=[{"type": "prune.unstructured", "sparsity": 0.5, "ignore": []}])
+    assert error_of(source, ["stages.0.ignore.3=fc"]) == \
+        "override 'stages.0.ignore.3': 'stages.0.ignore' has 0 items; index '3' is out of range"
+    assert error_of(source, ["model.grid.1.1=5"]) == \
+        "override 'model.grid.1.1': 'model.grid.1' has 1 items; index '1' is out of range"
+    assert error_of(source, ["model.grid.0.2=5"]) == \
+        "override 'model.grid.0.2': 'model.grid.0' has 2 items; index '2' is out of range"
+    assert load_recipe(source, ["model.grid.0.1=5"]).cfg.model.grid == [[1, 5], [3]]
+
+
 def test_an_override_replaces_a_value_that_does_not_resolve_and_names_one_it_must_walk_through():
     assert load_recipe(minimal(name="${nope}"), ["name=x"]).cfg.out_dir == "runs/x"
     assert list(load_recipe(minimal(hardware=["${nope}"]), ["hardware.0=a100"]).cfg.hardware) == ["a100"]
