@@ -134,17 +134,17 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
             value = raw
         key = key.strip().lstrip("+")
         parts = key.split(".")
-        node: Any = cfg
-        for i, part in enumerate(parts[:-1]):  # lists must exist already: check indices
-            if isinstance(node, ListConfig):
-                if not part.isdigit() or int(part) >= len(node):
-                    raise UserError(f"override '{key}': '{'.'.join(parts[:i])}' has {len(node)} items; index '{part}' is out of range")
-                node = node[int(part)]
-            elif isinstance(node, DictConfig):
-                node = node.get(part) if part in node else None
-                if node is None:
-                    break
         try:
+            node: Any = cfg
+            for i, part in enumerate(parts):  # list indices must exist already, the last one too (no appends)
+                if isinstance(node, ListConfig):
+                    if not part.isdigit() or int(part) >= len(node):
+                        raise UserError(f"override '{key}': '{'.'.join(parts[:i])}' has {len(node)} items; index '{part}' is out of range")
+                    node = node[int(part)] if i < len(parts) - 1 else None
+                elif isinstance(node, DictConfig) and part in node and i < len(parts) - 1:
+                    node = node.get(part)  # the last value is replaced, never read (it may not resolve)
+                else:
+                    break
             OmegaConf.update(cfg, key, value, merge=True, force_add=True)
         except OmegaConfBaseException as e:
             raise UserError(f"override '{key}': {str(e).splitlines()[0]}") from None
@@ -201,7 +201,7 @@ def build_stages(blocks: Any) -> list[Any]:
             raise UserError(f"{key}.type: required; {suggest('', STAGES.names())}")
         cls = STAGES.get(str(stype), f"{key}.type")
         name = block.pop("name", None) or f"{stype}"
-        if name in names:  # stage names key metrics and checkpoints: keep them unique
+        while name in names:  # stage names key metrics and checkpoints: keep them unique
             name = f"{name}-{i}"
         names.add(name)
         for earlier in stages:

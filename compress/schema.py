@@ -56,12 +56,29 @@ def merge_structured(schema: type, values: Any, key: str = "") -> DictConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(schema), values)
     except OmegaConfBaseException as e:
         raise schema_error(e, key) from None
+    except TypeError as e:  # OmegaConf's "Cannot merge incompatible container types" names no key: find it
+        raise UserError(_container_mismatch(OmegaConf.structured(schema), values, key) or f"{key}: {e}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"{join_key(key, missing[0])}: required value is missing")
     check_finite(cfg, key)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _container_mismatch(cfg: DictConfig, values: dict, key: str) -> str | None:
+    """The error line for the first value that is a mapping where ``cfg`` has a list, or a list where it has a
+    mapping; None if there is none."""
+    for k, v in values.items():
+        node = cfg._get_node(k) if k in cfg else None
+        path = join_key(key, str(k))
+        if isinstance(node, ListConfig) and isinstance(v, dict):
+            return f"{path}: expected a list (YAML items like [a, b]), got a mapping"
+        if isinstance(node, DictConfig) and isinstance(v, list):
+            return f"{path}: expected a mapping (like {{key: value}}), got a list"
+        if isinstance(node, DictConfig) and isinstance(v, dict) and (inner := _container_mismatch(node, v, path)):
+            return inner
+    return None
 
 
 def check_finite(cfg: Any, key: str) -> None:
