@@ -3,9 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+from compress.encoding import model_storage, read_compressed, write_compressed
 from compress.encoding.csr import absolute_positions, relative_indices
 from compress.encoding.huffman import code_lengths, decode, decode_packed
+from compress.models import build_model
+from compress.pruning.masks import set_mask
+from compress.sharing.kmeans import init_centroids, kmeans_1d
 
 # --- relative indices (Deep Compression, section 2, Fig. 2) ---------------------------------------
 
@@ -66,7 +71,33 @@ def test_a_stream_cut_inside_its_last_codeword_is_refused():
 def test_density_init_of_16m_weights_takes_the_value_at_or_below_each_quantile():
     # From 16,000,000 weights on, torch.quantile is not used (its input limit is 2^24): the centroid
     # is the weight at floor(q * (n - 1)). For k = 3, q = 0.5: floor(7999999.5) = 7999999.
-    from compress.sharing.kmeans import init_centroids
-
     w = torch.arange(16_000_000, dtype=torch.float64)
     assert init_centroids(w, 3, "density").tolist() == [0.0, 7_999_999.0, 15_999_999.0]
+
+
+def test_kmeans_stops_after_30_lloyd_steps_by_default():
+    # heavy-tailed weights (cubed normals) that Lloyd has not settled after 30 steps
+    w = torch.randn(2000, generator=torch.Generator().manual_seed(1), dtype=torch.float64) ** 3
+    at_30, _ = kmeans_1d(w, 16, iters=30)
+    assert not torch.equal(at_30, kmeans_1d(w, 16, iters=31)[0])  # still moving at step 31
+    assert torch.equal(kmeans_1d(w, 16)[0], at_30)
+
+
+# --- the Deep Compression file ---------------------------------------------------------------------
+
+
+def test_a_fully_pruned_layer_costs_no_bytes_and_reads_back_as_zeros(tmp_path):
+    spec = {"name": "mlp", "kwargs": {"hidden": [3], "input_shape": [1, 2, 2], "num_classes": 2}}
+    torch.manual_seed(0)
+    model = build_model(spec["name"], **spec["kwargs"]).eval()
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    set_mask(first, torch.zeros_like(first.weight, dtype=torch.bool))
+    name = next(n for n, m in model.named_modules() if m is first)
+    layer = model_storage(model)["layers"][name]
+    # no entries: no values, no indices, no Huffman streams; the ratio's denominator is floored at
+    # one byte, so it reads as the layer's dense size, 3 x 4 weights x 4 bytes
+    assert (layer["entries"], layer["compressed_bytes"], layer["dense_bytes"]) == (0, 0, 48)
+    assert layer["compression_ratio"] == 48
+    write_compressed(model, tmp_path / "m.dc", spec)
+    back = read_compressed(tmp_path / "m.dc")
+    assert torch.equal(dict(back.named_modules())[name].weight, torch.zeros(3, 4))
