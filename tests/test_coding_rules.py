@@ -1,5 +1,7 @@
 """encoding/*, sharing/* and distill/losses.py: values worked out by hand (mutation testing: docs/mutants.md)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,9 @@ from torch import nn
 from compress.encoding import model_storage, read_compressed, write_compressed
 from compress.encoding.csr import absolute_positions, relative_indices
 from compress.encoding.huffman import code_lengths, decode, decode_packed
+from compress.errors import UserError
 from compress.models import build_model
+from compress.models.vit import Attention
 from compress.pruning.masks import set_mask
 from compress.sharing.kmeans import init_centroids, kmeans_1d
 
@@ -101,3 +105,102 @@ def test_a_fully_pruned_layer_costs_no_bytes_and_reads_back_as_zeros(tmp_path):
     write_compressed(model, tmp_path / "m.dc", spec)
     back = read_compressed(tmp_path / "m.dc")
     assert torch.equal(dict(back.named_modules())[name].weight, torch.zeros(3, 4))
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 2, bias=False)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_csr_weight_of_exactly_one_reads_back(tmp_path):
+    # CSR values are fp32 and fillers store 0.0, so only a 0.0 marks a filler: 1.0 is a weight.
+    # Positions 0, 3, 15 with 2-bit indices need two fillers between 3 and 15 (gap 11).
+    model = TinyNet()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.weight.view(-1)[[0, 3, 15]] = torch.tensor([1.0, 1.0, -0.5])
+    layer = model_storage(model, index_bits=2)["layers"]["fc"]
+    assert (layer["format"], layer["entries"]) == ("csr", 5)
+    write_compressed(model, tmp_path / "m.dc", {"name": "import:tests.test_coding_rules:TinyNet"}, index_bits=2)
+    assert torch.equal(read_compressed(tmp_path / "m.dc").fc.weight, model.fc.weight)
+
+
+class HeadNet(nn.Module):
+    """One attention block over (B, N, dim) tokens and a classifier; ``gain``: a buffer outside the state_dict."""
+
+    def __init__(self, dim: int = 4, heads: int = 2, gain: bool = False):
+        super().__init__()
+        self.attn = Attention(dim, heads)
+        self.fc = nn.Linear(dim, 2)
+        if gain:
+            self.register_buffer("gain", torch.full((2,), 2.0), persistent=False)
+
+    def forward(self, x):
+        return self.fc(self.attn(x).mean(1)) * getattr(self, "gain", 1.0)
+
+
+class OtherNet(HeadNet):
+    """HeadNet's tensors, its attention module under another name."""
+
+    def __init__(self, dim: int = 4, heads: int = 2, gain: bool = False):
+        super().__init__(dim, heads, gain)
+        self.block = self.attn
+        del self.attn
+
+    def forward(self, x):
+        return self.fc(self.block(x).mean(1))
+
+
+def _regrouped_head_net(gain: bool) -> nn.Module:
+    """8 wide, built with 4 heads of 2 and then read as 2 heads of 4 (what head pruning leaves:
+    widths that cannot tell the two apart); the spec's kwargs differ from the defaults."""
+    torch.manual_seed(0)
+    model = HeadNet(dim=8, heads=4, gain=gain).eval()
+    model.attn.num_heads, model.attn.head_dim, model.attn.scale = 2, 4, 4 ** -0.5
+    return model
+
+
+@pytest.mark.parametrize("gain", [False, True])
+def test_attention_heads_and_model_kwargs_come_back_from_the_file(tmp_path, gain):
+    model = _regrouped_head_net(gain)
+    spec = {"name": "import:tests.test_coding_rules:HeadNet", "kwargs": {"dim": 8, "heads": 4, "gain": gain}}
+    write_compressed(model, tmp_path / "m.dc", spec)
+    back = read_compressed(tmp_path / "m.dc")
+    assert (back.attn.num_heads, back.attn.head_dim, back.attn.scale) == (2, 4, 0.5)
+    assert back.fc.weight.shape == (2, 8)
+    assert hasattr(back, "gain") == gain
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+        # 4 heads of 2 is another function of the same weights: the file must say which
+        assert not torch.allclose(back(x), _four_heads(model)(x))
+
+
+def _four_heads(model: nn.Module) -> nn.Module:
+    other = HeadNet(8, 4, hasattr(model, "gain")).eval()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def test_a_file_whose_attention_module_the_spec_lacks_names_the_file(tmp_path):
+    path = tmp_path / "m.dc"
+    write_compressed(_regrouped_head_net(False), path, {"name": "import:tests.test_coding_rules:OtherNet",
+                                                          "kwargs": {"dim": 8, "heads": 4}})
+    with pytest.raises(UserError, match=f"^{re.escape(str(path))}: .*no attention module 'attn'"):
+        read_compressed(path)
+
+
+def test_a_file_with_a_tensor_the_spec_lacks_or_of_an_unknown_model_is_refused(tmp_path):
+    model = _regrouped_head_net(False)
+    model.register_buffer("extra", torch.ones(1))  # in the file, not in the model the spec builds
+    spec = {"name": "import:tests.test_coding_rules:HeadNet", "kwargs": {"dim": 8, "heads": 4}}
+    write_compressed(model, tmp_path / "extra.dc", spec)
+    with pytest.raises(RuntimeError, match="Unexpected key.*extra"):
+        read_compressed(tmp_path / "extra.dc")
+    write_compressed(model, tmp_path / "unknown.dc", {"name": "no_such_model"})
+    with pytest.raises(UserError, match=r"^model\.name: unknown model 'no_such_model'"):
+        read_compressed(tmp_path / "unknown.dc")
