@@ -1,6 +1,9 @@
 """encoding/*, sharing/* and distill/losses.py: values worked out by hand (mutation testing: docs/mutants.md)."""
 
+import json
 import re
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -67,6 +70,48 @@ def test_a_stream_cut_inside_its_last_codeword_is_refused():
     assert decode_packed(packed, lengths, 5)[0].tolist() == [0, 1, 1, 1, 1]
     with pytest.raises(ValueError, match="ended early"):
         decode_packed(packed[:1], lengths, 5)
+
+
+
+def test_nbits_bounds_a_stream_that_starts_inside_the_data():
+    # one byte before the stream, then "1011": with nbits = 3 the second codeword (11) is cut
+    data = np.concatenate([[0xFF], np.packbits([1, 0, 1, 1])]).astype(np.uint8)
+    lengths = np.array([1, 2, 2])  # codes 0, 10, 11
+    assert decode_packed(data, lengths, 2, bit_offset=8, nbits=4)[0].tolist() == [1, 2]
+    with pytest.raises(ValueError, match="ended early"):
+        decode_packed(data, lengths, 2, bit_offset=8, nbits=3)
+
+
+def _decode_bit_by_bit(bits: np.ndarray, words: dict[str, int], count: int) -> list[int]:
+    out, word = [], ""
+    for b in bits:
+        word += str(int(b))
+        if word in words:
+            out.append(words[word])
+            word = ""
+        if len(out) == count:
+            break
+    return out
+
+
+@pytest.mark.parametrize("bit_offset", [0, 5])
+def test_a_code_that_never_falls_into_step_decodes_across_lanes(bit_offset):
+    # Every codeword is 3 or 6 bits long: a walk started at the wrong phase (mod 3) never meets the
+    # true one, so each lane's start must come from the chain of lane ends, never from a merge.
+    from compress.encoding.huffman import LANE_BITS, canonical_codes, encode
+
+    lengths = code_lengths(np.array([8] * 7 + [1] * 8))
+    assert lengths.tolist() == [3] * 7 + [6] * 8
+    rng = np.random.default_rng(0)
+    symbols = rng.choice(15, size=5000, p=np.array([8] * 7 + [1] * 8) / 64)
+    bits = encode(symbols, lengths)
+    assert len(bits) > 3 * LANE_BITS and len(bits) % 3 == 0
+    codes = canonical_codes(lengths)
+    words = {format(int(c), f"0{int(n)}b"): s for s, (c, n) in enumerate(zip(codes, lengths, strict=True))}
+    assert _decode_bit_by_bit(bits, words, len(symbols)) == symbols.tolist()  # the reference
+    packed = np.packbits(np.concatenate([np.ones(bit_offset, dtype=np.uint8), bits]))
+    got, used = decode_packed(packed, lengths, len(symbols), bit_offset=bit_offset)
+    assert got.tolist() == symbols.tolist() and used == len(bits)
 
 
 # --- 1-D k-means (Deep Compression, section 3.2) ---------------------------------------------------
@@ -204,3 +249,37 @@ def test_a_file_with_a_tensor_the_spec_lacks_or_of_an_unknown_model_is_refused(t
     write_compressed(model, tmp_path / "unknown.dc", {"name": "no_such_model"})
     with pytest.raises(UserError, match=r"^model\.name: unknown model 'no_such_model'"):
         read_compressed(tmp_path / "unknown.dc")
+
+
+@pytest.mark.parametrize("numel, fmt, nbytes", [(25, "csr", 99), (27, "dense", 108)])
+def test_a_layer_is_stored_dense_when_csr_is_not_smaller(numel, fmt, nbytes):
+    # One zero among n weights: n - 1 entries of 4 bytes; gaps 0 (n - 2 times) and 1 (once) take
+    # one Huffman bit each, ceil((n - 1) / 8) bytes. n = 25: 96 + 3 = 99 < 100, CSR. n = 27:
+    # 104 + 4 = 108 = 4 * 27, a tie, and dense (no index decoding) wins it.
+    layer = nn.Linear(numel, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.5)
+        layer.weight[0, 20] = 0.0
+    got = model_storage(nn.Sequential(layer))["layers"]["0"]
+    assert (got["format"], got["compressed_bytes"]) == (fmt, nbytes)
+    assert type(got["compressed_bytes"]) is int
+
+
+def test_the_header_is_compact_json_at_zlib_level_9_with_the_layout_by_hand(tmp_path):
+    # weights at 0, 1, 2 of 16 with 2-bit indices: three gaps of 0, no filler; one index symbol
+    # used, so its code is 1 bit and the other three of the 2^2 symbols have none.
+    model = TinyNet()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.weight.view(-1)[:3] = torch.tensor([0.5, -1.0, 2.0])
+    spec = {"name": "import:tests.test_coding_rules:TinyNet"}
+    size = write_compressed(model, tmp_path / "m.dc", spec, index_bits=2)
+    raw = (tmp_path / "m.dc").read_bytes()
+    (hlen,) = struct.unpack("<I", raw[5:9])
+    assert raw[:5] == b"DCMP1" and raw[9:11] == b"\x78\xda"  # zlib, best compression
+    text = zlib.decompress(raw[9:9 + hlen]).decode()
+    layout = {"name": "fc.weight", "shape": [2, 8], "kind": "csr", "entries": 3, "ib": 2, "il": [1, 0, 0, 0]}
+    assert text == json.dumps({"spec": spec, "tensors": [layout]}).replace(", ", ",").replace(": ", ":")
+    # then the streams: three fp32 values, and three 1-bit codes '0' in one byte
+    assert raw[9 + hlen:] == np.array([0.5, -1.0, 2.0], dtype="<f4").tobytes() + b"\x00"
+    assert size == len(raw)
