@@ -82,6 +82,24 @@ def test_nbits_bounds_a_stream_that_starts_inside_the_data():
         decode_packed(data, lengths, 2, bit_offset=8, nbits=3)
 
 
+
+def test_a_fixed_length_stream_longer_than_one_look_up_of_4m_symbols():
+    # a 1-bit code (symbols 0 and 1, codes 0 and 1): each symbol is its bit
+    n = (1 << 22) + 13
+    packed = np.tile(np.array([0b10110010, 0b01101100], dtype=np.uint8), n // 16 + 1)
+    got, used = decode_packed(packed, np.array([1, 1]), n)
+    assert got.dtype == np.int64 and used == n
+    assert np.array_equal(got, np.unpackbits(packed)[:n])
+
+
+def test_a_window_that_is_no_codeword_of_an_incomplete_code_is_refused():
+    # lengths 1, 2 give codes 0 and 10; "11" is no codeword. 0 | 11 | 10: the middle one is refused.
+    lengths = np.array([1, 2, 0])
+    assert decode_packed(np.packbits([0, 1, 0, 1, 0]), lengths, 3, nbits=5)[0].tolist() == [0, 1, 1]
+    with pytest.raises(ValueError, match="ended early"):
+        decode_packed(np.packbits([0, 1, 1, 1, 0]), lengths, 3, nbits=5)
+
+
 def _decode_bit_by_bit(bits: np.ndarray, words: dict[str, int], count: int) -> list[int]:
     out, word = [], ""
     for b in bits:
