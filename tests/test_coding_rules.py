@@ -179,6 +179,22 @@ class TinyNet(nn.Module):
         return self.fc(x)
 
 
+class GainNet(TinyNet):
+    """TinyNet with a buffer outside the state_dict, so reading it builds the model a second time."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("gain", torch.full((2,), 3.0), persistent=False)
+
+
+def test_a_spec_without_kwargs_of_a_model_with_a_buffer_outside_the_state_dict(tmp_path):
+    torch.manual_seed(0)
+    model = GainNet()
+    write_compressed(model, tmp_path / "m.dc", {"name": "import:tests.test_coding_rules:GainNet"})
+    back = read_compressed(tmp_path / "m.dc")
+    assert torch.equal(back.gain, torch.full((2,), 3.0)) and torch.equal(back.fc.weight, model.fc.weight)
+
+
 def test_a_csr_weight_of_exactly_one_reads_back(tmp_path):
     # CSR values are fp32 and fillers store 0.0, so only a 0.0 marks a filler: 1.0 is a weight.
     # Positions 0, 3, 15 with 2-bit indices need two fillers between 3 and 15 (gap 11).
