@@ -1,4 +1,4 @@
-"""encoding/*, sharing/* and distill/losses.py: values worked out by hand (mutation testing: docs/mutants.md)."""
+"""encoding/*, sharing/* and distill/losses.py: values worked out by hand (mutation testing: docs/mutants/coding.md)."""
 
 import json
 import re
