@@ -232,7 +232,7 @@ def load_recipe(source: str | Path | dict[str, Any] | DictConfig, overrides: lis
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", "") or "?"
+        key = getattr(e, "full_key", "") or _unresolved_key(cfg)
         raise UserError(f"{key}: interpolation does not resolve: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None
     check_finite(cfg, "")
     _validate_top(cfg)
@@ -240,6 +240,11 @@ def load_recipe(source: str | Path | dict[str, Any] | DictConfig, overrides: lis
     recipe = Recipe(cfg, path)  # every stage block checked before the data sets load (they bring Lightning)
     _validate_data(cfg)
     return recipe
+
+
+def _unresolved_key(cfg: DictConfig) -> str:
+    """The top-level key still holding an interpolation (a section given ``${seed}``: OmegaConf names no key)."""
+    return next((str(k) for k in cfg if OmegaConf.is_interpolation(cfg, str(k))), "recipe")
 
 
 def _check_lists(raw: DictConfig, schema: type, prefix: str = "") -> None:

@@ -348,7 +348,7 @@ def test_stage_names_default_to_the_type_and_stay_unique():
 def test_a_stage_name_made_unique_does_not_take_a_name_given_later():
     # stage 2's default name "train-2" is taken by stage 1's own name: it must not be reused
     names = [s.name for s in build_stages([{"type": "train"}, {"type": "train", "name": "train-2"}, {"type": "train"}])]
-    assert len(set(names)) == 3 and names[:2] == ["train", "train-2"]
+    assert names == ["train", "train-2", "train-2-2"]
 
 
 def test_stage_configs_come_back_with_their_defaults():
@@ -459,7 +459,7 @@ def test_merge_structured_errors_are_one_line_under_the_key(values, message):
     assert str(e.value) == message
 
 
-def test_merge_structured_names_the_first_missing_value_in_key_order():
+def test_merge_structured_names_the_alphabetically_first_missing_value():
     with pytest.raises(UserError) as e:
         merge_structured(TwoRequired, {}, "q")
     assert str(e.value) == "q.alpha: required value is missing"
@@ -545,12 +545,12 @@ def test_match_layers_exact_names_globs_and_the_first_pattern_wins():
     assert str(e.value) == "k.layers: 'a[2]' matches no layer (did you mean 'a[1]'?); layers: a[1], a1, b.0, b.1"
 
 
-def test_a_schema_merge_error_inside_a_dictconfig_names_the_nested_key():
-    # a DictConfig block is turned into plain data before the merge: its own flags do not leak into the result
+def test_merge_structured_accepts_a_readonly_dictconfig_block():
+    # a DictConfig block is turned into plain data before the merge (a read-only block cannot be merged into)
     block = OmegaConf.create({"opt": {"lr": 0.2}})
     OmegaConf.set_readonly(block, True)
     cfg = merge_structured(Schema, block, "s")
-    assert isinstance(cfg, DictConfig) and cfg.opt.lr == 0.2
+    assert isinstance(cfg, DictConfig) and cfg.opt.lr == 0.2 and OmegaConf.is_readonly(cfg)
 
 
 @dataclass
@@ -593,3 +593,13 @@ def test_stage_blocks_that_interpolate_the_recipe_are_resolved_against_it():
     recipe = OmegaConf.create({"epochs": 3, "stages": [{"type": "train", "epochs": "${epochs}"}]})
     (stage,) = build_stages(recipe.stages)
     assert stage.config.epochs == 3
+
+
+def test_a_whole_section_given_an_interpolation_is_named_in_its_error():
+    # OmegaConf names no key when a section's node itself cannot take the resolved value
+    assert error_of({"model": "${seed}", "data": {"name": "digits"}}) == \
+        "model: interpolation does not resolve: Cannot assign int to Dict[str, Any]"
+    assert error_of(minimal(data="${seed}")) == "data: interpolation does not resolve: Cannot assign int to Dict[str, Any]"
+    # a section that resolves to another mapping is checked as that mapping: the trainer block has no model name
+    assert error_of(minimal(model="${trainer}")) == \
+        "model.name: required (a zoo name such as lenet300, or import:pkg.module:Class)"

@@ -21,8 +21,10 @@ from compress.hardware.profiles import (
     HardwareProfile,
     OverheadConfig,
     PeakConfig,
+    SparsityConfig,
+    UnstructuredConfig,
 )
-from compress.hardware.roofline import OpCost, simulate
+from compress.hardware.roofline import OpCost, nm_compliant, simulate
 from compress.hardware.trace import Op, Trace
 
 
@@ -255,3 +257,17 @@ def test_as_row_holds_every_field_once_as_json_values():
     assert json.loads(json.dumps(row)) == row and row["kernel"] == [1, 1] and row["fused"] == ["relu"]
     row["fused"].append("x")
     assert cost.fused == ["relu"]  # the row is a copy
+
+
+def test_a_weight_with_no_elements_is_dense_and_keeps_any_n_m_pattern():
+    # every input channel removed: no zero to skip, so CSR is never offered (its density would be 0/0);
+    # the bias add is all the op does: 4 FLOPs at 0.001 GFLOP/s = 4 us
+    csr = hw(peak_gflops=PeakConfig(fp32=0.001),
+             sparsity=SparsityConfig(unstructured=UnstructuredConfig(format="csr", index_bits=4)))
+    (o,) = [o for o in simulate_model(nn.Linear(0, 4), torch.randn(1, 0), [csr])["h"].ops if o.kind == "matmul"]
+    assert (o.weight_format, o.flops, o.compute_us) == ("dense", 4, pytest.approx(4.0))
+    # an empty weight has no group of M that holds more than N non-zeros, whatever its rank
+    for shape in [(0, 8), (4, 0), (4, 0, 3, 3), (0, 8, 3, 3)]:
+        assert nm_compliant(torch.zeros(shape), 2, 4), shape
+    assert not nm_compliant(torch.zeros(8), 2, 4)  # a bias-like vector is no matmul weight
+    assert not nm_compliant(torch.ones(2, 6), 2, 4)  # 6 inputs do not split into groups of 4

@@ -91,6 +91,8 @@ def nm_compliant(w: Tensor, n: int, m: int) -> bool:
     """
     if w.dim() < 2:
         return False
+    if w.numel() == 0:  # no weights (every channel removed): no group breaks the pattern
+        return True
     rows = w.permute(0, *range(2, w.dim()), 1).reshape(-1, w.shape[1]) if w.dim() > 2 else w
     if rows.shape[1] % m:
         return False
