@@ -1,1 +1,331 @@
 """pruning/structured.py, pruning/masks.py, metrics/counting.py and the unstructured stage: values worked out by hand (mutation testing: docs/mutants.md)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from compress.errors import UserError
+from compress.metrics.counting import count_layers
+from compress.models import build_model
+from compress.models.vit import Attention
+from compress.pruning.attention import ATTENTION_KINDS, AttentionKind
+from compress.pruning.masks import set_mask
+from compress.pruning.structured import (
+    PruneResult,
+    SparsityRegularizer,
+    channel_counts,
+    count_macs,
+    prune_model,
+    restore_structure,
+)
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# counting: MACs per sample
+# ---------------------------------------------------------------------------------------------
+class TokensInTheBatch(nn.Module):
+    """(B, T, 4) tokens folded into the batch for a projection (as the classic word-language-model
+    decoder does), then averaged over the tokens for a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 6, bias=False)
+        self.head = nn.Linear(6, 3, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, F = x.shape
+        h = self.proj(x.reshape(B * T, F)).view(B, T, 6)
+        return self.head(h.mean(1))
+
+
+def test_a_layer_that_sees_the_tokens_as_a_batch_is_counted_for_every_token_of_the_sample():
+    model = TokensInTheBatch()
+    set_mask(model.proj, torch.arange(24).view(6, 4) % 3 != 0)  # 8 of the 24 weights pruned
+    proj, head = count_layers(model, torch.randn(2, 5, 4))  # 2 samples of 5 tokens: still per sample
+    assert (proj.name, proj.macs, proj.effective_macs) == ("proj", 5 * 4 * 6, 5 * 16)  # 24 MACs per token, 5 tokens
+    assert (head.name, head.macs) == ("head", 6 * 3)
+    # Torch-Pruning's own counter (every op of one sample, the same two layers here) agrees
+    assert count_macs(TokensInTheBatch(), torch.randn(2, 5, 4))[0] == 5 * 4 * 6 + 6 * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# prune_model: ratios, caps and the MAC search's resolution
+# ---------------------------------------------------------------------------------------------
+def _wide() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(1, 1000, bias=False), nn.ReLU(), nn.Linear(1000, 1, bias=False))
+
+
+def test_a_mac_search_takes_200_steps_of_the_cap_by_default():
+    # 1 -> h -> 1 with a ReLU: 3h MACs (h + h + the ReLU's h), so base / MACs = 1000 / h. The search prunes the
+    # hidden layer to max_layer_ratio (0.9) in 200 steps: after step k it keeps int(1000 * (1 - 0.9 k / 200)),
+    # and it stops at the first step where 1000 / h >= 1.5: step 75 keeps int(662.5) = 662 (step 74 keeps 667).
+    model, x = _wide(), torch.randn(2, 1)
+    result = prune_model(model, x, mac_speedup=1.5)
+    assert channel_counts(model) == {"0": 662, "2": 1}
+    assert len(result.history) == 75 and result.history[-1] == pytest.approx(1000 / 662)
+
+
+def test_a_global_ratio_above_the_cap_is_still_the_overall_target():
+    # lenet5's prunable channels: 20 + 50 + 500 = 570 (fc_out, the output layer, is kept). A global 95% removes
+    # round(0.95 * 570) = 542 of them, though max_layer_ratio is 0.9 (the ranking goes in 10 sub-steps and the
+    # cap is checked before each); only a local ratio is clamped to the cap.
+    torch.manual_seed(0)
+    model = build_model("lenet5", input_shape=(1, 8, 8), num_classes=10)
+    x = torch.randn(4, 1, 8, 8)
+    counts = channel_counts(_pruned(model, x, ratio=0.95, global_pruning=True))
+    assert 570 - (counts["features.0"] + counts["features.3"] + counts["fc1"]) == 542
+    assert counts["fc_out"] == 10
+
+
+def _pruned(model: nn.Module, x: Tensor, **kwargs) -> nn.Module:
+    prune_model(model, x, **kwargs)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# prune_model with attention: heads by ratio, by layer, by head_ratio; refusals; a failed step put back
+# ---------------------------------------------------------------------------------------------
+class AttentionNet(nn.Module):
+    """Tokens (B, N, 4) -> embed 16 -> [check] -> residual timm-style attention (4 heads of 4) -> mean -> 10 classes."""
+
+    def __init__(self, attention: type[nn.Module] = Attention, check: nn.Module | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(4, 16)
+        self.check = check if check is not None else nn.Identity()
+        self.attn = attention(16, 4)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.check(self.embed(x))
+        return self.head((h + self.attn(h)).mean(1))
+
+
+TOKENS = torch.randn(2, 3, 4)
+
+
+def _heads(**kwargs) -> tuple[AttentionNet, PruneResult]:
+    model = AttentionNet()
+    return model, prune_model(model, TOKENS, **kwargs)
+
+
+def test_heads_follow_the_ratio_a_layer_ratio_or_head_ratio():
+    # heads: prune (the default) at ratio 0.5: 2 of the 4 heads go, each keeps its 4 dimensions
+    model, result = _heads(ratio=0.5)
+    assert (model.attn.num_heads, model.attn.head_dim, model.attn.qkv.out_features) == (2, 4, 3 * 2 * 4)
+    assert result.as_dict()["heads_before"] == {"attn": 4} and result.as_dict()["heads"] == {"attn": 2}
+    # a ratio for the qkv layer alone: its heads halve, the embedding (no ratio of its own) keeps its 16
+    model, _ = _heads(layer_ratios={"attn.qkv": 0.5})
+    assert (model.attn.num_heads, model.embed.out_features) == (2, 16)
+    # head_ratio 0.25 overrides the channel ratio for heads: 1 of 4 goes, while the embedding halves
+    model, result = _heads(ratio=0.5, head_ratio=0.25)
+    assert (model.attn.num_heads, model.embed.out_features) == (3, 8) and result.heads_after == {"attn": 3}
+    assert model(TOKENS).shape == (2, 10)
+
+
+def test_head_ratio_goes_only_with_heads_prune_and_a_ratio():
+    message = "prune.head_ratio: only with heads: prune and a ratio"
+    for kwargs in ({"ratio": 0.5, "heads": "keep"}, {"ratio": 0.5, "heads": "dims"}, {"mac_speedup": 2.0},
+                   {"mac_speedup": 2.0, "heads": "keep"}):
+        with pytest.raises(UserError) as e:
+            _heads(head_ratio=0.5, **kwargs)
+        assert str(e.value).startswith(message), kwargs
+    model, _ = _heads(ratio=0.5, heads="prune", head_ratio=0.5)
+    assert model.attn.num_heads == 2
+
+
+def test_dims_with_round_to_is_refused_before_the_model_is_touched():
+    model = AttentionNet()
+    with pytest.raises(UserError) as e:
+        prune_model(model, TOKENS, ratio=0.5, heads="dims", round_to=8)
+    assert str(e.value).startswith("prune.round_to: 8 with heads: dims")
+    assert channel_counts(model) == {"embed": 16, "attn.qkv": 48, "attn.proj": 16, "head": 10}
+
+
+class WidthBoundAttention(Attention):
+    """timm 1.0's forward: the heads' output is reshaped to the *input* width (``reshape(B, N, C)``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class WidthCheck(nn.Module):
+    """A module that insists on the width it was built for: a bare assert, or a long two-line ValueError."""
+
+    def __init__(self, width: int, long_message: bool = False):
+        super().__init__()
+        self.width, self.long_message = width, long_message
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.long_message and x.shape[-1] != self.width:
+            raise ValueError(f"  {'width mismatch; ' * 12}got {x.shape[-1]}\nsecond line  ")
+        if x.shape[-1] != self.width:
+            raise AssertionError  # as a bare ``assert`` does
+        return x
+
+
+def _state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _refused(model: nn.Module, **kwargs) -> str:
+    """The UserError of a pruning that fails after a step; the model is as it came in."""
+    before = _state(model)
+    with pytest.raises(UserError) as e:
+        prune_model(model, TOKENS, **kwargs)
+    after = _state(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert channel_counts(model) == {"embed": 16, "attn.qkv": 48, "attn.proj": 16, "head": 10}
+    assert model(TOKENS).shape == (2, 10)
+    return str(e.value)
+
+
+def test_a_forward_that_fails_on_the_new_widths_names_the_innermost_module_and_is_put_back():
+    # 3 heads of 4 (12 wide) reshaped to the pruned input width 8: torch refuses the shape, inside 'attn'
+    try:
+        torch.zeros(1, 3, 12).reshape(1, 3, 8)
+    except RuntimeError as e:
+        torch_says = str(e)
+    assert _refused(AttentionNet(WidthBoundAttention), ratio=0.5, head_ratio=0.25) == (
+        f"prune.heads: after pruning, 'attn' (timm-style attention (qkv)) fails in its forward ({torch_says}); "
+        "the model was put back unpruned; heads: keep leaves its heads alone")
+    # heads: keep, the input width still shrinks: the other hint
+    assert _refused(AttentionNet(WidthBoundAttention), ratio=0.5, heads="keep").endswith(
+        "fails in its forward (shape '[1, 3, 8]' is invalid for input of size 48); the model was put back unpruned; "
+        "its forward may need its input width: ignore the layers that write it")
+
+
+def test_a_failing_module_that_is_no_attention_is_named_by_its_class_and_its_first_line():
+    # a bare assert has no message: its type says what failed
+    assert _refused(AttentionNet(check=WidthCheck(16)), ratio=0.5, heads="keep") == (
+        "prune.heads: after pruning, 'check' (WidthCheck) fails in its forward (AssertionError); the model was put "
+        "back unpruned; its forward may need its input width: ignore the layers that write it")
+    # a long message: its first line, stripped, cut at 160 characters
+    first_line = f"{'width mismatch; ' * 12}got 8"
+    assert len(first_line) > 160
+    message = _refused(AttentionNet(check=WidthCheck(16, long_message=True)), ratio=0.5)
+    assert f"'check' (WidthCheck) fails in its forward ({first_line[:160]}); the model" in message
+
+
+class FixedHeads(nn.Module):
+    """Heads in a projection ``to_heads`` whose attributes its family never updates (a broken ``update``)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.size = heads, dim // heads
+        self.to_heads = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        h = self.to_heads(x).view(B, N, -1, self.size).softmax(-1)
+        return self.out(h.flatten(2))
+
+
+class FixedHeadsKind(AttentionKind):
+    label = "fixed heads"
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, FixedHeads)
+
+    def projections(self, module: nn.Module) -> list[nn.Module]:
+        return [module.to_heads]
+
+    def heads(self, module: nn.Module) -> int:
+        return module.heads
+
+    def head_dim(self, module: nn.Module) -> int:
+        return module.size
+
+    def problem(self, module: nn.Module) -> str | None:
+        width = module.to_heads.out_features
+        return None if width == module.heads * module.size else f"to_heads has {width} outputs"
+
+    def update(self, module: nn.Module, num_heads: int) -> None:
+        pass
+
+
+def test_attributes_that_disagree_with_the_widths_after_a_step_are_refused_and_the_model_put_back():
+    if "test_rules_fixed_heads" not in ATTENTION_KINDS:
+        ATTENTION_KINDS.register("test_rules_fixed_heads", FixedHeadsKind())
+    model = AttentionNet(FixedHeads)
+    before = _state(model)
+    with pytest.raises(UserError) as e:
+        prune_model(model, TOKENS, layer_ratios={"attn.to_heads": 0.5}, heads="dims")
+    # heads: dims at 0.5: each of the 4 heads keeps int(4 * 0.5) = 2 dimensions, 8 outputs; heads x size is still 16
+    assert str(e.value) == "prune.heads: pruning left 'attn': to_heads has 8 outputs (the model was put back unpruned)"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.attn.to_heads.out_features == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# SparsityRegularizer
+# ---------------------------------------------------------------------------------------------
+class Outputs:
+    """A model output that is neither a tensor nor a tuple or mapping: the logits are an attribute."""
+
+    def __init__(self, logits: Tensor):
+        self.logits = logits
+
+
+class AttributeOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(1, 3, 1, bias=False)
+        self.b = nn.Conv2d(3, 2, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Outputs:
+        return Outputs(self.b(self.a(x).relu()).mean((2, 3)))
+
+
+def test_the_regularizer_traces_a_model_whose_output_holds_the_logits_in_an_attribute():
+    # DepGraph's eq. 6 as in test_structured: one group per filter of a (its filter, b's input channel k)
+    model = AttributeOutput()
+    reg = SparsityRegularizer("group_norm", torch.randn(2, 1, 4, 4), reg=1e-3)
+    reg.build(model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    reg.regularize()
+    wa, wb = model.a.weight.detach(), model.b.weight.detach()
+    s = (wa.pow(2).sum((1, 2, 3)) + wb.pow(2).sum((0, 2, 3))).sqrt()
+    gamma = 16 ** ((s.max() - s) / (s.max() - s.min()))
+    assert torch.allclose(model.a.weight.grad, 1e-3 * gamma.view(3, 1, 1, 1) * wa)
+
+
+@pytest.mark.parametrize("kind", SparsityRegularizer.KINDS)
+def test_a_regularizer_keeps_nothing_of_its_model_alive_once_it_is_gone(kind):
+    # Torch-Pruning records grouped convs in the channel-group dicts it is given; its defaults are shared dicts
+    model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1, groups=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    grouped = weakref.ref(model[3])
+    reg = SparsityRegularizer(kind, torch.randn(2, 1, 4, 4))
+    reg.build(model)
+    del reg, model
+    gc.collect()
+    assert grouped() is None
+
+
+# ---------------------------------------------------------------------------------------------
+# restore_structure
+# ---------------------------------------------------------------------------------------------
+def test_restore_structure_leaves_a_masked_layer_of_the_stored_shape_alone():
+    # a transposed conv whose groups equal its out_channels (2) but not its in_channels (4): Torch-Pruning's
+    # depthwise rule would call it depthwise, so recomputing its attributes would make it 4 groups of 4 -> 4
+    up = nn.ConvTranspose2d(4, 2, 2, groups=2)
+    set_mask(up, torch.ones_like(up.weight, dtype=torch.bool))
+    model = nn.Sequential(up, nn.ReLU())
+    assert restore_structure(model, model.state_dict()) == []
+    assert (up.in_channels, up.out_channels, up.groups) == (4, 2, 2) and up.weight.shape == (4, 1, 2, 2)
