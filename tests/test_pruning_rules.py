@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -25,6 +26,7 @@ from compress.pruning.structured import (
 )
 
 torch.set_num_threads(1)
+TOKENS = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))  # 2 samples of 3 tokens of 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,14 +65,56 @@ def _wide() -> nn.Module:
     return nn.Sequential(nn.Linear(1, 1000, bias=False), nn.ReLU(), nn.Linear(1000, 1, bias=False))
 
 
-def test_a_mac_search_takes_200_steps_of_the_cap_by_default():
+def test_a_mac_search_takes_200_steps_of_the_cap_and_stops_at_the_first_that_reaches_the_target():
     # 1 -> h -> 1 with a ReLU: 3h MACs (h + h + the ReLU's h), so base / MACs = 1000 / h. The search prunes the
-    # hidden layer to max_layer_ratio (0.9) in 200 steps: after step k it keeps int(1000 * (1 - 0.9 k / 200)),
-    # and it stops at the first step where 1000 / h >= 1.5: step 75 keeps int(662.5) = 662 (step 74 keeps 667).
+    # hidden layer to max_layer_ratio (0.9) in 200 steps: after step k it keeps int(1000 * (1 - (k / 200) * 0.9))
+    # (Torch-Pruning's linear schedule), 667 after step 74, 662 after step 75, 658 after step 76. A target of
+    # exactly 1000 / 662 is met at step 75.
     model, x = _wide(), torch.randn(2, 1)
-    result = prune_model(model, x, mac_speedup=1.5)
+    result = prune_model(model, x, mac_speedup=1000 / 662)
     assert channel_counts(model) == {"0": 662, "2": 1}
-    assert len(result.history) == 75 and result.history[-1] == pytest.approx(1000 / 662)
+    assert len(result.history) == 75 and result.history[-2:] == [1000 / 667, 1000 / 662]
+
+
+def test_a_model_with_nothing_to_prune_keeps_its_one_mac_and_a_search_says_so_without_a_warning():
+    # the output layer alone, 1 x 1: one MAC before and after, a speedup of exactly 1
+    x = torch.randn(2, 1)
+    assert prune_model(nn.Linear(1, 1, bias=False), x, ratio=0.5).history == [1.0]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(UserError) as e:
+            prune_model(nn.Linear(1, 1, bias=False), x, mac_speedup=2.0)
+    assert str(e.value).startswith("prune.mac_speedup: reached only 1.000x of 2.0x (max_layer_ratio 0.9")
+    assert [str(w.message) for w in seen] == []  # the search stops at its 200th step, never asks for a 201st
+
+
+class OwnWarning(nn.Module):
+    """Tokens -> embed -> + a position parameter used directly (unwrapped, as a ViT's pos_embed) -> classes;
+    its forward warns once per call."""
+
+    calls = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(4, 8)
+        self.pos = nn.Parameter(torch.zeros(1, 3, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        OwnWarning.calls += 1
+        warnings.warn("the model's own warning", stacklevel=1)
+        return self.head((self.embed(x) + self.pos).mean(1))
+
+
+def test_pruning_hides_torch_prunings_unwrapped_parameter_notice_and_nothing_else():
+    OwnWarning.calls = 0
+    model = OwnWarning()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        prune_model(model, TOKENS, ratio=0.5)
+    assert model.pos.shape == (1, 3, 4)  # the unwrapped parameter follows the embedding (8 -> 4)
+    assert [str(w.message) for w in seen] == ["the model's own warning"] * OwnWarning.calls
 
 
 def test_a_global_ratio_above_the_cap_is_still_the_overall_target():
@@ -108,8 +152,6 @@ class AttentionNet(nn.Module):
         h = self.check(self.embed(x))
         return self.head((h + self.attn(h)).mean(1))
 
-
-TOKENS = torch.randn(2, 3, 4)
 
 
 def _heads(**kwargs) -> tuple[AttentionNet, PruneResult]:
@@ -162,16 +204,16 @@ class WidthBoundAttention(Attention):
 
 
 class WidthCheck(nn.Module):
-    """A module that insists on the width it was built for: a bare assert, or a long two-line ValueError."""
+    """A module that needs at least the width it was built for: a bare assert, or a long two-line ValueError."""
 
     def __init__(self, width: int, long_message: bool = False):
         super().__init__()
         self.width, self.long_message = width, long_message
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.long_message and x.shape[-1] != self.width:
+        if self.long_message and x.shape[-1] < self.width:
             raise ValueError(f"  {'width mismatch; ' * 12}got {x.shape[-1]}\nsecond line  ")
-        if x.shape[-1] != self.width:
+        if x.shape[-1] < self.width:
             raise AssertionError  # as a bare ``assert`` does
         return x
 
@@ -217,6 +259,56 @@ def test_a_failing_module_that_is_no_attention_is_named_by_its_class_and_its_fir
     assert len(first_line) > 160
     message = _refused(AttentionNet(check=WidthCheck(16, long_message=True)), ratio=0.5)
     assert f"'check' (WidthCheck) fails in its forward ({first_line[:160]}); the model" in message
+
+
+def test_a_failure_in_a_later_step_puts_back_the_model_as_it_came_in_before_any_step():
+    # ratio 0.5 in 2 steps: the embedding keeps int(16 * 0.75) = 12 after step 1, which the check takes, 8 after step 2
+    seen = []
+    model = AttentionNet(check=WidthCheck(12))
+    message = _refused(model, ratio=0.5, iterative_steps=2, heads="keep",
+                       on_step=lambda m, step, steps: seen.append((step, m.embed.out_features)))
+    assert seen == [(1, 12)] and "'check' (WidthCheck) fails in its forward (AssertionError)" in message
+
+
+def test_a_failure_inside_the_callback_is_its_own_and_leaves_the_model_as_the_callback_had_it():
+    def fine_tune(m, step, steps):
+        raise RuntimeError("the fine-tuning failed")
+
+    model = AttentionNet()
+    with pytest.raises(RuntimeError, match="^the fine-tuning failed$"):
+        prune_model(model, TOKENS, ratio=0.5, iterative_steps=2, on_step=fine_tune)
+    assert model.embed.out_features == 12 and model.attn.num_heads == 3  # step 1 of 2: a quarter (1 of 4 heads)
+
+
+def test_a_failing_forward_in_a_model_without_attention_is_the_models_own_error_and_is_put_back():
+    model = nn.Sequential(nn.Linear(4, 16), WidthCheck(16), nn.Flatten(), nn.Linear(48, 10))
+    before = _state(model)
+    with pytest.raises(AssertionError):
+        prune_model(model, TOKENS, ratio=0.5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model[0].out_features == 16
+
+
+def test_a_mac_search_removes_whole_heads_with_the_channels_and_refuses_a_forward_that_cannot_follow():
+    model = AttentionNet()
+    result = prune_model(model, TOKENS, mac_speedup=1.5, search_steps=20)
+    a = model.attn
+    assert result.mac_speedup >= 1.5 and 1 <= a.num_heads < 4 and a.head_dim == 4  # heads go, each keeps 4 dims
+    assert a.qkv.out_features == 3 * 4 * a.num_heads and result.heads_after == {"attn": a.num_heads}
+    assert model(TOKENS).shape == (2, 10)
+    message = _refused(AttentionNet(WidthBoundAttention), mac_speedup=1.5, search_steps=20)
+    assert message.startswith("prune.heads: after pruning, 'attn' (timm-style attention (qkv)) fails in its forward "
+                              "(shape '[1, 3, ")
+
+
+def test_taylor_gradients_are_gone_before_each_callback():
+    # Taylor importance needs a backward pass; the fine-tuning between steps must not start from its gradients
+    seen = []
+    batches = [(TOKENS, torch.tensor([0, 1]))]
+    for kwargs in ({"ratio": 0.5}, {"ratio": 0.5, "global_pruning": True}, {"mac_speedup": 1.3, "search_steps": 20}):
+        seen.clear()
+        prune_model(AttentionNet(), TOKENS, importance="taylor", iterative_steps=2, gradient_batches=batches,
+                    on_step=lambda m, step, steps: seen.append(all(p.grad is None for p in m.parameters())), **kwargs)
+        assert seen == [True, True], kwargs
 
 
 class FixedHeads(nn.Module):
@@ -303,6 +395,13 @@ def test_the_regularizer_traces_a_model_whose_output_holds_the_logits_in_an_attr
     s = (wa.pow(2).sum((1, 2, 3)) + wb.pow(2).sum((0, 2, 3))).sqrt()
     gamma = 16 ** ((s.max() - s) / (s.max() - s.min()))
     assert torch.allclose(model.a.weight.grad, 1e-3 * gamma.view(3, 1, 1, 1) * wa)
+
+
+def test_prune_model_traces_a_model_whose_output_holds_the_logits_in_an_attribute():
+    # a: 3 filters, ratio 0.5 keeps int(3 * 0.5) = 1; b is the output layer (its 2 outputs are the classes)
+    model = AttributeOutput()
+    result = prune_model(model, torch.randn(2, 1, 4, 4), ratio=0.5)
+    assert result.channels_after == {"a": 1, "b": 2} and model.b.weight.shape == (2, 1, 1, 1)
 
 
 @pytest.mark.parametrize("kind", SparsityRegularizer.KINDS)
