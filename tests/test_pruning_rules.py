@@ -173,6 +173,20 @@ def test_heads_follow_the_ratio_a_layer_ratio_or_head_ratio():
     assert model(TOKENS).shape == (2, 10)
 
 
+def test_heads_keep_to_the_cap_and_the_ignored_layers_and_a_global_dims_ratio_is_not_checked_per_module():
+    # head_ratio 0.95 capped at max_layer_ratio 0.5: 2 of 4 heads go, not round(3.8) = 3
+    model, _ = _heads(ratio=0.5, head_ratio=0.95, max_layer_ratio=0.5)
+    assert model.attn.num_heads == 2
+    # an ignored projection keeps its module's heads
+    model, result = _heads(ratio=0.5, ignore=["attn.qkv"])
+    assert model.attn.num_heads == 4 and result.heads_after == {"attn": 4}
+    # dims at a local 0.8 would leave int(4 * 0.2) = 0 of each head's 4 dims: refused; a global 0.8 is overall
+    with pytest.raises(UserError, match=r"^prune\.heads: dims at ratio 0\.8 would leave 'attn' heads of width 0"):
+        _heads(ratio=0.8, heads="dims")
+    model, _ = _heads(ratio=0.8, heads="dims", global_pruning=True)
+    assert model.attn.num_heads == 4 and model.attn.qkv.out_features == 3 * 4 * model.attn.head_dim
+
+
 def test_head_ratio_goes_only_with_heads_prune_and_a_ratio():
     message = "prune.head_ratio: only with heads: prune and a ratio"
     for kwargs in ({"ratio": 0.5, "heads": "keep"}, {"ratio": 0.5, "heads": "dims"}, {"mac_speedup": 2.0},
@@ -187,8 +201,8 @@ def test_head_ratio_goes_only_with_heads_prune_and_a_ratio():
 def test_dims_with_round_to_is_refused_before_the_model_is_touched():
     model = AttentionNet()
     with pytest.raises(UserError) as e:
-        prune_model(model, TOKENS, ratio=0.5, heads="dims", round_to=8)
-    assert str(e.value).startswith("prune.round_to: 8 with heads: dims")
+        prune_model(model, TOKENS, ratio=0.5, heads="dims", round_to=8, key="s")
+    assert str(e.value).startswith("s.round_to: 8 with heads: dims")
     assert channel_counts(model) == {"embed": 16, "attn.qkv": 48, "attn.proj": 16, "head": 10}
 
 
@@ -243,7 +257,8 @@ def test_a_forward_that_fails_on_the_new_widths_names_the_innermost_module_and_i
     assert _refused(AttentionNet(WidthBoundAttention), ratio=0.5, head_ratio=0.25) == (
         f"prune.heads: after pruning, 'attn' (timm-style attention (qkv)) fails in its forward ({torch_says}); "
         "the model was put back unpruned; heads: keep leaves its heads alone")
-    # heads: keep, the input width still shrinks: the other hint
+    # heads: keep, the input width still shrinks: the other hint (and the key given)
+    assert _refused(AttentionNet(WidthBoundAttention), ratio=0.5, heads="keep", key="s").startswith("s.heads: ")
     assert _refused(AttentionNet(WidthBoundAttention), ratio=0.5, heads="keep").endswith(
         "fails in its forward (shape '[1, 3, 8]' is invalid for input of size 48); the model was put back unpruned; "
         "its forward may need its input width: ignore the layers that write it")
@@ -254,11 +269,11 @@ def test_a_failing_module_that_is_no_attention_is_named_by_its_class_and_its_fir
     assert _refused(AttentionNet(check=WidthCheck(16)), ratio=0.5, heads="keep") == (
         "prune.heads: after pruning, 'check' (WidthCheck) fails in its forward (AssertionError); the model was put "
         "back unpruned; its forward may need its input width: ignore the layers that write it")
-    # a long message: its first line, stripped, cut at 160 characters
+    # a long message: its first line, stripped, cut at 160 characters; the innermost module running is named
     first_line = f"{'width mismatch; ' * 12}got 8"
     assert len(first_line) > 160
-    message = _refused(AttentionNet(check=WidthCheck(16, long_message=True)), ratio=0.5)
-    assert f"'check' (WidthCheck) fails in its forward ({first_line[:160]}); the model" in message
+    message = _refused(AttentionNet(check=nn.Sequential(WidthCheck(16, long_message=True))), ratio=0.5)
+    assert f"'check.0' (WidthCheck) fails in its forward ({first_line[:160]}); the model" in message
 
 
 def test_a_failure_in_a_later_step_puts_back_the_model_as_it_came_in_before_any_step():
@@ -295,8 +310,8 @@ def test_a_mac_search_removes_whole_heads_with_the_channels_and_refuses_a_forwar
     assert result.mac_speedup >= 1.5 and 1 <= a.num_heads < 4 and a.head_dim == 4  # heads go, each keeps 4 dims
     assert a.qkv.out_features == 3 * 4 * a.num_heads and result.heads_after == {"attn": a.num_heads}
     assert model(TOKENS).shape == (2, 10)
-    message = _refused(AttentionNet(WidthBoundAttention), mac_speedup=1.5, search_steps=20)
-    assert message.startswith("prune.heads: after pruning, 'attn' (timm-style attention (qkv)) fails in its forward "
+    message = _refused(AttentionNet(WidthBoundAttention), mac_speedup=1.5, search_steps=20, key="s")
+    assert message.startswith("s.heads: after pruning, 'attn' (timm-style attention (qkv)) fails in its forward "
                               "(shape '[1, 3, ")
 
 
