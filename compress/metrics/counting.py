@@ -40,7 +40,7 @@ def _output_positions(model: nn.Module, layers: dict[str, nn.Module], example: T
     for name, m in layers.items():
         def hook(mod: nn.Module, inp: Any, out: Tensor, name: str = name) -> None:
             out_ch = mod.out_channels if hasattr(mod, "out_channels") else mod.out_features
-            positions[name] = out[:1].numel() // out_ch
+            positions[name] = out.numel() // out_ch  # the model runs on one sample: all of it is that sample's
         handles.append(m.register_forward_hook(hook))
     was_training = model.training
     model.eval()
