@@ -187,7 +187,7 @@ class GainNet(TinyNet):
         self.register_buffer("gain", torch.full((2,), 3.0), persistent=False)
 
 
-def test_a_spec_without_kwargs_of_a_model_with_a_buffer_outside_the_state_dict(tmp_path):
+def test_a_spec_without_kwargs_of_a_model_with_a_buffer_outside_the_state_dict_reads_back_whole(tmp_path):
     torch.manual_seed(0)
     model = GainNet()
     write_compressed(model, tmp_path / "m.dc", {"name": "import:tests.test_coding_rules:GainNet"})
@@ -314,6 +314,7 @@ def test_the_header_is_compact_json_at_zlib_level_9_with_the_layout_by_hand(tmp_
     text = zlib.decompress(raw[9:9 + hlen]).decode()
     layout = {"name": "fc.weight", "shape": [2, 8], "kind": "csr", "entries": 3, "ib": 2, "il": [1, 0, 0, 0]}
     assert text == json.dumps({"spec": spec, "tensors": [layout]}).replace(", ", ",").replace(": ", ":")
+    assert raw[9:9 + hlen] == zlib.compress(text.encode(), 9)  # level 9 exactly (the 0xda flag covers 7-9)
     # then the streams: three fp32 values, and three 1-bit codes '0' in one byte
     assert raw[9 + hlen:] == np.array([0.5, -1.0, 2.0], dtype="<f4").tobytes() + b"\x00"
     assert size == len(raw)

@@ -1,4 +1,4 @@
-"""pruning/structured.py, pruning/masks.py, metrics/counting.py and the unstructured stage: values worked out by hand (mutation testing: docs/mutants.md)."""
+"""pruning/structured.py, pruning/masks.py, metrics/counting.py and the unstructured stage: values worked out by hand (mutation testing: docs/mutants/pruning.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""recipe.py and schema.py: each rule a recipe is held to, at its edges (mutation testing: docs/mutants.md).
+"""recipe.py and schema.py: each rule a recipe is held to, at its edges (mutation testing: docs/mutants/recipe.md).
 
 Every expected message below is written out by hand from the rule it states (key path, the value as the
 user wrote it, what would be valid), never taken from the code under test.
