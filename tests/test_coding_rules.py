@@ -12,7 +12,7 @@ from torch import nn
 
 from compress.encoding import model_storage, read_compressed, write_compressed
 from compress.encoding.csr import absolute_positions, relative_indices
-from compress.encoding.huffman import code_lengths, decode, decode_packed
+from compress.encoding.huffman import MAX_CODE_BITS, code_lengths, decode, decode_packed, encode
 from compress.errors import UserError
 from compress.models import build_model
 from compress.models.vit import Attention
@@ -318,3 +318,24 @@ def test_the_header_is_compact_json_at_zlib_level_9_with_the_layout_by_hand(tmp_
     # then the streams: three fp32 values, and three 1-bit codes '0' in one byte
     assert raw[9 + hlen:] == np.array([0.5, -1.0, 2.0], dtype="<f4").tobytes() + b"\x00"
     assert size == len(raw)
+
+
+def test_huffman_codes_are_bounded_in_length_and_stay_complete():
+    counts = 2 ** np.arange(30)  # each count the sum of all smaller ones (+1): Huffman's deepest tree
+    # unbounded: the two rarest symbols 29 bits, then 28, 27, ... 1 (worked out by merging by hand)
+    assert code_lengths(counts, max_length=64).tolist() == [29] + list(range(29, 0, -1))
+    lengths = code_lengths(counts)
+    assert MAX_CODE_BITS == 20 and lengths.max() == 20
+    assert (2.0 ** -lengths).sum() == 1.0  # Kraft: still a complete prefix code
+    assert (np.diff(lengths) <= 0).all()  # a more frequent symbol never gets a longer code
+    optimal = int((counts * np.r_[29, 29:0:-1]).sum())
+    assert optimal < int((counts * lengths).sum()) < optimal * (1 + 1e-5)  # the bound costs < 10 bits per million
+    symbols = np.repeat(np.arange(30), np.minimum(counts, 40))
+    assert np.array_equal(decode(encode(symbols, lengths), lengths, len(symbols)), symbols)
+    # counts 1, 1, 2, 100 want 3, 3, 2, 1 bits; bounded at 2 bits, halving (1, 1, 1, 50 ... 1, 1, 1, 2) ends at 2 each
+    assert code_lengths(np.array([1, 1, 2, 100])).tolist() == [3, 3, 2, 1]
+    assert code_lengths(np.array([1, 1, 2, 100]), max_length=2).tolist() == [2, 2, 2, 2]
+    assert code_lengths(np.array([0, 7, 0])).tolist() == [0, 1, 0] and code_lengths(np.zeros(3)).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="5 symbols do not fit codes of at most 2 bits"):
+        code_lengths(np.ones(5), max_length=2)
+    assert code_lengths(np.ones(4), max_length=2).tolist() == [2, 2, 2, 2]

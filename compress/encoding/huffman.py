@@ -9,11 +9,31 @@ import numpy as np
 __all__ = ["code_lengths", "canonical_codes", "encode", "decode", "decode_packed"]
 
 
-def code_lengths(freqs: np.ndarray) -> np.ndarray:
-    """Optimal code length per symbol (0 for symbols that never occur; 1 if only one occurs)."""
+MAX_CODE_BITS = 20  # longest codeword written: the decoder's look-up table has 2^MAX_CODE_BITS entries
+
+
+def code_lengths(freqs: np.ndarray, max_length: int = MAX_CODE_BITS) -> np.ndarray:
+    """Huffman code length per symbol (0 for symbols that never occur; 1 if only one occurs).
+
+    Optimal unless a codeword would pass ``max_length`` bits (rare symbols of a skewed stream: a
+    count of 1 among 25M weights wants ~25 bits, and the decoder's table doubles per bit). Then
+    the counts are halved, rounding up, and the code is rebuilt until none does, as encoders that
+    bound their depth do (JPEG Annex K.3 and DEFLATE bound theirs too); it costs a few bits per
+    million here.
+    """
     freqs = np.asarray(freqs, dtype=np.int64)
-    lengths = np.zeros(len(freqs), dtype=np.int64)
     used = np.flatnonzero(freqs)
+    if len(used) > 1 << max_length:
+        raise ValueError(f"{len(used)} symbols do not fit codes of at most {max_length} bits")
+    while True:
+        lengths = _huffman_lengths(freqs, used)
+        if lengths.max(initial=0) <= max_length:
+            return lengths
+        freqs = np.where(freqs > 0, (freqs + 1) // 2, 0)  # flatter counts: a shallower tree
+
+
+def _huffman_lengths(freqs: np.ndarray, used: np.ndarray) -> np.ndarray:
+    lengths = np.zeros(len(freqs), dtype=np.int64)
     if len(used) == 1:
         lengths[used] = 1
         return lengths
