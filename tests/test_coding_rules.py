@@ -339,3 +339,14 @@ def test_huffman_codes_are_bounded_in_length_and_stay_complete():
     with pytest.raises(ValueError, match="5 symbols do not fit codes of at most 2 bits"):
         code_lengths(np.ones(5), max_length=2)
     assert code_lengths(np.ones(4), max_length=2).tolist() == [2, 2, 2, 2]
+    assert code_lengths(np.zeros(0, dtype=np.int64)).tolist() == []
+    assert code_lengths(np.zeros(2, dtype=np.int64), max_length=0).tolist() == [0, 0]  # nothing to code: no bits
+
+
+def test_bounded_huffman_halves_every_count_rounding_up_until_the_code_fits():
+    # merged by hand (smallest first, ties to the older entry); each halving is (count + 1) // 2:
+    # [1 28 5 2 124 11 267 5] -> depth 7 at s0 after one halving [1 14 3 1 62 6 134 3]; 6 after [1 7 2 1 31 3 67 2];
+    # 5 after [1 4 1 1 16 2 34 1]; 5 after [1 2 1 1 8 1 17 1]; after [1 1 1 1 4 1 9 1]: s0+s1, s2+s3, s5+s7 -> 2, 2, 2;
+    # {0,1}+{2,3} -> 4; {5,7}+s4 -> 6; 4+6 -> 10; s6+10 -> 19: depths 4 4 4 4 3 4 1 4
+    counts = np.array([1, 28, 5, 2, 124, 11, 267, 5])
+    assert code_lengths(counts, max_length=4).tolist() == [4, 4, 4, 4, 3, 4, 1, 4]

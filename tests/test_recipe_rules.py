@@ -603,3 +603,9 @@ def test_a_whole_section_given_an_interpolation_is_named_in_its_error():
     # a section that resolves to another mapping is checked as that mapping: the trainer block has no model name
     assert error_of(minimal(model="${trainer}")) == \
         "model.name: required (a zoo name such as lenet300, or import:pkg.module:Class)"
+
+
+def test_an_interpolation_inside_a_section_is_named_by_its_full_key():
+    # OmegaConf's own key, not the section: the section is no interpolation itself
+    assert error_of(minimal(data={"name": "digits", "batch_size": "${nope}"})) == \
+        "data.batch_size: interpolation does not resolve: Interpolation key 'nope' not found"
