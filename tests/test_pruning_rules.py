@@ -24,6 +24,7 @@ from compress.pruning.structured import (
     prune_model,
     restore_structure,
 )
+from tests.test_attention import WidthBoundAttention  # timm 1.0's width-bound forward
 
 torch.set_num_threads(1)
 TOKENS = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))  # 2 samples of 3 tokens of 4
@@ -204,17 +205,6 @@ def test_dims_with_round_to_is_refused_before_the_model_is_touched():
         prune_model(model, TOKENS, ratio=0.5, heads="dims", round_to=8, key="s")
     assert str(e.value).startswith("s.round_to: 8 with heads: dims")
     assert channel_counts(model) == {"embed": 16, "attn.qkv": 48, "attn.proj": 16, "head": 10}
-
-
-class WidthBoundAttention(Attention):
-    """timm 1.0's forward: the heads' output is reshaped to the *input* width (``reshape(B, N, C)``)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
 
 
 class WidthCheck(nn.Module):

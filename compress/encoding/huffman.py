@@ -189,7 +189,7 @@ def decode_packed(data: np.ndarray | bytes, lengths: np.ndarray, count: int, bit
     symbols = out[:count]
     if len(symbols) < count or (symbols < 0).any():
         raise ValueError("bit stream ended early")
-    used = int(lengths[symbols].sum())
-    if start + used > end:  # the last codeword ran past the stream, into padding or past the data
+    bits = int(lengths[symbols].sum())
+    if start + bits > end:  # the last codeword ran past the stream, into padding or past the data
         raise ValueError("bit stream ended early")
-    return symbols, used
+    return symbols, bits
