@@ -239,31 +239,36 @@ def _refused(model: nn.Module, **kwargs) -> str:
 
 
 def test_a_forward_that_fails_on_the_new_widths_names_the_innermost_module_and_is_put_back():
-    # 3 heads of 4 (12 wide) reshaped to the pruned input width 8: torch refuses the shape, inside 'attn'
+    # The stream it reshapes to is narrowed: the self-check's probe refuses before any work, naming the module
+    # and the channels to keep (not heads: keep, which would not help).
+    assert _refused(AttentionNet(WidthBoundAttention), ratio=0.5, head_ratio=0.25) == (
+        "prune: after removing channels of 'embed', 'attn' (WidthBoundAttention) fails (RuntimeError: shape "
+        "'[1, 3, 15]' is invalid for input of size 48): its forward needs the width it was traced with; keep those channels "
+        "(prune.ignore: attn.proj, embed), or leave this model out of structured pruning")
+    # the stream kept: 3 heads of 4 (12 wide) reshaped to the input width 16: torch refuses the shape, inside 'attn'
     try:
-        torch.zeros(1, 3, 12).reshape(1, 3, 8)
+        torch.zeros(1, 3, 12).reshape(1, 3, 16)
     except RuntimeError as e:
         torch_says = str(e)
-    assert _refused(AttentionNet(WidthBoundAttention), ratio=0.5, head_ratio=0.25) == (
+    assert _refused(AttentionNet(WidthBoundAttention), ratio=0.5, head_ratio=0.25, ignore=["embed", "attn.proj"]) == (
         f"prune.heads: after pruning, 'attn' (timm-style attention (qkv)) fails in its forward ({torch_says}); "
         "the model was put back unpruned; heads: keep leaves its heads alone")
-    # heads: keep, the input width still shrinks: the other hint (and the key given)
-    assert _refused(AttentionNet(WidthBoundAttention), ratio=0.5, heads="keep", key="s").startswith("s.heads: ")
-    assert _refused(AttentionNet(WidthBoundAttention), ratio=0.5, heads="keep").endswith(
-        "fails in its forward (shape '[1, 3, 8]' is invalid for input of size 48); the model was put back unpruned; "
-        "its forward may need its input width: ignore the layers that write it")
+    # heads: keep, the input width still shrinks: the probe's refusal (and the key given)
+    assert _refused(AttentionNet(WidthBoundAttention), ratio=0.5, heads="keep", key="s").startswith(
+        "s: after removing channels of 'embed', 'attn' (WidthBoundAttention) fails (RuntimeError: ")
 
 
 def test_a_failing_module_that_is_no_attention_is_named_by_its_class_and_its_first_line():
     # a bare assert has no message: its type says what failed
     assert _refused(AttentionNet(check=WidthCheck(16)), ratio=0.5, heads="keep") == (
-        "prune.heads: after pruning, 'check' (WidthCheck) fails in its forward (AssertionError); the model was put "
-        "back unpruned; its forward may need its input width: ignore the layers that write it")
+        "prune: after removing channels of 'embed', 'check' (WidthCheck) fails (AssertionError): its forward needs "
+        "the width it was traced with; keep those channels (prune.ignore: attn.proj, embed), or leave this model out of "
+        "structured pruning")
     # a long message: its first line, stripped, cut at 160 characters; the innermost module running is named
     first_line = f"{'width mismatch; ' * 12}got 8"
     assert len(first_line) > 160
     message = _refused(AttentionNet(check=nn.Sequential(WidthCheck(16, long_message=True))), ratio=0.5)
-    assert f"'check.0' (WidthCheck) fails in its forward ({first_line[:160]}); the model" in message
+    assert f"'check.0' (WidthCheck) fails (ValueError: {first_line[:160]}): its forward" in message
 
 
 def test_a_failure_in_a_later_step_puts_back_the_model_as_it_came_in_before_any_step():
@@ -285,12 +290,18 @@ def test_a_failure_inside_the_callback_is_its_own_and_leaves_the_model_as_the_ca
     assert model.embed.out_features == 12 and model.attn.num_heads == 3  # step 1 of 2: a quarter (1 of 4 heads)
 
 
-def test_a_failing_forward_in_a_model_without_attention_is_the_models_own_error_and_is_put_back():
-    model = nn.Sequential(nn.Linear(4, 16), WidthCheck(16), nn.Flatten(), nn.Linear(48, 10))
-    before = _state(model)
-    with pytest.raises(AssertionError):
-        prune_model(model, TOKENS, ratio=0.5)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model[0].out_features == 16
+def test_a_failing_forward_in_a_model_without_attention_is_refused_naming_the_module_and_put_back():
+    for width, message in ((16, "prune: after removing channels of '0', '1' (WidthCheck) fails (AssertionError): its "
+                                "forward needs the width it was traced with; keep those channels (prune.ignore: 0)"),
+                           # one channel less passes the probe; half of them fails the step's own check
+                           (12, "prune: after pruning, '1' (WidthCheck) fails (AssertionError): its forward needs a "
+                                "width it was traced with; the model was put back unpruned")):
+        model = nn.Sequential(nn.Linear(4, 16), WidthCheck(width), nn.Linear(16, 10))
+        before = _state(model)
+        with pytest.raises(UserError) as e:
+            prune_model(model, TOKENS, ratio=0.5)
+        assert str(e.value).startswith(message)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and model[0].out_features == 16
 
 
 def test_a_mac_search_removes_whole_heads_with_the_channels_and_refuses_a_forward_that_cannot_follow():
@@ -301,8 +312,8 @@ def test_a_mac_search_removes_whole_heads_with_the_channels_and_refuses_a_forwar
     assert a.qkv.out_features == 3 * 4 * a.num_heads and result.heads_after == {"attn": a.num_heads}
     assert model(TOKENS).shape == (2, 10)
     message = _refused(AttentionNet(WidthBoundAttention), mac_speedup=1.5, search_steps=20, key="s")
-    assert message.startswith("s.heads: after pruning, 'attn' (timm-style attention (qkv)) fails in its forward "
-                              "(shape '[1, 3, ")
+    assert message.startswith("s: after removing channels of 'embed', 'attn' (WidthBoundAttention) fails "
+                              "(RuntimeError: shape '[1, 3, ")
 
 
 def test_taylor_gradients_are_gone_before_each_callback():

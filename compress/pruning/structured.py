@@ -37,8 +37,9 @@ from torch import Tensor, nn
 
 from compress.batches import call, forward, take
 from compress.errors import UserError
-from compress.pruning.attention import HeadPlan, HeadPruner, plan_heads
+from compress.pruning.attention import HeadPlan, HeadPruner, attention_state, plan_heads
 from compress.pruning.masks import get_mask, make_permanent, masked_modules, prunable_layers, set_mask
+from compress.pruning.selfcheck import StepCheck, check_batches, failing_module, leave_out_faults
 from compress.registry import Registry
 from compress.schema import match_layers
 
@@ -177,6 +178,8 @@ class PruneResult:
     steps: int = 0  # outer steps (callbacks run)
     heads_before: dict[str, int] = field(default_factory=dict)  # attention module -> heads
     heads_after: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # layers the self-check left out, and why
+    self_check: float = 0.0  # largest relative output error of a step against the zeroed original
 
     @property
     def mac_speedup(self) -> float:
@@ -189,6 +192,9 @@ class PruneResult:
                "speedup_history": self.history, "steps": self.steps}
         if self.heads_before:
             out.update(heads_before=self.heads_before, heads=self.heads_after)
+        out["self_check"] = self.self_check
+        if self.notes:
+            out["notes"] = list(self.notes)
         return out
 
 
@@ -206,7 +212,7 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
                 on_step: StepCallback | None = None,
                 gradient_batches: Callable[[], Iterable[tuple[Any, Tensor]]] | Iterable | None = None,
                 loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-                search_steps: int = 200, key: str = "prune") -> PruneResult:
+                search_steps: int = 200, check_inputs: Sequence[Any] | None = None, key: str = "prune") -> PruneResult:
     """Remove channels from ``model`` in place.
 
     Args:
@@ -232,12 +238,16 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
         gradient_batches: ``(x, y)`` batches (or a function returning them) for ``taylor``.
         loss_fn: loss whose gradients ``taylor`` uses.
         search_steps: fine pruning steps a ``mac_speedup`` search may take (its resolution).
+        check_inputs: batches the self-check compares outputs on (default: ``example_inputs``):
+            :mod:`compress.pruning.selfcheck`. Groups Torch-Pruning would map wrongly are left out
+            first (``PruneResult.notes`` names them); every step is then checked before ``on_step``.
         key: recipe path for error messages.
 
     Raises:
-        UserError: a mistake in the arguments, or a pruning the model's attention modules cannot take;
-            found before the model is touched, or (a forward that fails on the new widths) after,
-            when the model is put back as it came in.
+        UserError: a mistake in the arguments, a pruning the model's attention modules cannot take, or
+            a module whose forward cannot take fewer channels; found before the model is touched, or
+            (a forward that fails on the new widths, a failed self-check) after, when the model is put
+            back as it came in.
     """
     imp = resolve_importance(importance, f"{key}.importance")
     if isinstance(ratio, Mapping):
@@ -278,6 +288,11 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
     plan = plan_heads(model, heads, ratio=default_ratio if mac_speedup is None else None, layer_ratios=ratio_dict,
                       head_ratio=head_ratio, ignored=[layers[n] for n in ignored], round_to=round_to,
                       max_layer_ratio=max_layer_ratio, global_pruning=global_pruning, key=key)
+    batches = check_batches(example_inputs, check_inputs)
+    notes = _leave_out_faults(model, example_inputs, batches, layers, ignored, ratio_dict if ratio is None and
+                              mac_speedup is None else None, plan, key)
+    checks: list[float] = [0.0]
+    uncompared: dict[str, None] = {}
 
     snapshot = copy.deepcopy(model)  # put back if a step fails part-way
     in_callback = [False]
@@ -305,10 +320,13 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
                                 pruning_ratio_dict={**ratio_dict, **plan.gates()} or None,
                                 iterative_steps=iterative_steps * sub, **common)
             for step in range(1, iterative_steps + 1):
+                check = StepCheck(model, batches, key)
                 for i in range(sub):
                     _pruner_step(pruner, model, imp, gradient_batches if i == 0 else None, loss_fn,
-                                 keep_grads=i < sub - 1, plan=plan, example_inputs=example_inputs, key=key)
+                                 keep_grads=i < sub - 1, plan=plan, example_inputs=example_inputs, key=key, check=check)
                 history.append(base_macs / max(1, count_macs(model, example_inputs)[0]))
+                checks.append(check.verify(model, _scales(model)))  # before fine-tuning changes the weights
+                uncompared.update(dict.fromkeys(check.log.uncompared))
                 _after_step(model, masked, step_fn, step, iterative_steps, was_training)
         else:
             pruner = _head_pruner(model, example_inputs, pruning_ratio=max_layer_ratio,
@@ -316,6 +334,7 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
             for step in range(1, iterative_steps + 1):
                 target = mac_speedup ** (step / iterative_steps)  # geometric: equal MAC factor per step
                 grads_fresh = False
+                check = StepCheck(model, batches, key)
                 while (history[-1] if history else 1.0) < target - 1e-9:
                     if pruner.current_step >= search_steps:
                         raise UserError(
@@ -323,10 +342,12 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
                             f"(max_layer_ratio {max_layer_ratio}, ignored layers or importance '{importance}' "
                             "leave too few prunable channels)")
                     _pruner_step(pruner, model, imp, None if grads_fresh else gradient_batches, loss_fn,
-                                 keep_grads=True, plan=plan, example_inputs=example_inputs, key=key)
+                                 keep_grads=True, plan=plan, example_inputs=example_inputs, key=key, check=check)
                     grads_fresh = True  # Torch-Pruning prunes .grad along with the weights
                     history.append(base_macs / max(1, count_macs(model, example_inputs)[0]))
                 _clear_grads(model)
+                checks.append(check.verify(model, _scales(model)))
+                uncompared.update(dict.fromkeys(check.log.uncompared))
                 _after_step(model, masked, step_fn, step, iterative_steps, was_training)
     except BaseException:
         if not in_callback[0]:
@@ -336,8 +357,31 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
         _clear_grads(model)
         model.train(was_training)
     macs, params = count_macs(model, example_inputs)
+    notes += [f"self-check: nn.MultiheadAttention '{n}' narrows its heads inside, which has no zeroed reference: "
+              "its outputs were run, not compared" for n in uncompared]
     return PruneResult(base_macs, macs, base_params, params, before, channel_counts(model), history, iterative_steps,
-                       plan.heads_before, plan.heads())
+                       plan.heads_before, plan.heads(), notes, max(checks))
+
+
+def _scales(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Every attention module's float attributes (its softmax scale), which follow narrowed heads."""
+    return {n: {a: v for a, v in values.items() if isinstance(v, float)} for n, values in attention_state(model).items()}
+
+
+def _leave_out_faults(model: nn.Module, example_inputs: Any, batches: list[Any], layers: dict[str, nn.Module],
+                      ignored: set[str], only: Mapping[nn.Module, float] | None, plan: HeadPlan, key: str) -> list[str]:
+    """Probe every group to be pruned (attention projections have their own check); add the faulty ones'
+    layers to ``ignored`` and return a note for each (:func:`compress.pruning.selfcheck.leave_out_faults`)."""
+    projections = {id(p) for a in plan.found for p in a.projections}
+    skip = {n for n, m in layers.items() if n in ignored or id(m) in projections or (only is not None and m not in only)}
+    kwargs = {k: v for k, v in plan.pruner_kwargs().items() if k in ("out_channel_groups", "in_channel_groups")}
+    names = {id(m): n for n, m in model.named_modules()}
+    kept = {names[id(m)] for m in plan.ignored_layers() if id(m) in names}  # kept attention (nn.MultiheadAttention)
+    extra, notes = leave_out_faults(model, example_inputs, batches, ignored=sorted(skip | kept),
+                                    prunable=[n for n in layers if n not in skip], pruner_kwargs=kwargs,
+                                    forward_fn=trace_logits, key=key)
+    ignored |= set(extra)
+    return notes
 
 
 def _head_pruner(model: nn.Module, example_inputs: Any, **kwargs: Any) -> HeadPruner:
@@ -355,13 +399,18 @@ def _put_back(model: nn.Module, snapshot: nn.Module) -> None:
 
 def _pruner_step(pruner: Any, model: nn.Module, imp: Any, gradient_batches: Any, loss_fn: Callable,
                  keep_grads: bool = False, plan: HeadPlan | None = None, example_inputs: Any = None,
-                 key: str = "prune") -> None:
+                 key: str = "prune", check: StepCheck | None = None) -> None:
     if _needs_gradients(imp) and gradient_batches is not None:
         _accumulate_gradients(model, gradient_batches, loss_fn)
-    pruner.step()
+    for group in pruner.step(interactive=True):
+        if check is not None:
+            check.record(group)
+        group.prune()
     if plan is not None and plan.found:
         plan.update(pruner)  # before anything runs the model again
         _check_attention(model, plan, example_inputs, key)
+    elif check is not None:
+        check.runs(model)
     if not keep_grads:
         _clear_grads(model)
 
@@ -371,29 +420,16 @@ def _check_attention(model: nn.Module, plan: HeadPlan, example_inputs: Any, key:
     problems = plan.problems()
     if problems:
         raise UserError(f"{key}.heads: pruning left {problems[0]} (the model was put back unpruned)")
-    running: list[str] = []  # modules whose forward has started and not returned: the last one failed
-
-    def finished(*_: Any) -> None:
-        running.pop()
-
-    handles = []
-    for name, m in model.named_modules():
-        handles.append(m.register_forward_pre_hook(lambda *_, n=name: running.append(n)))
-        handles.append(m.register_forward_hook(finished))
-    try:
-        with torch.no_grad():
-            forward(model, take(example_inputs, 1))
-    except (RuntimeError, ValueError, IndexError, AssertionError) as e:
-        where = running[-1] if running else ""
+    with torch.no_grad():
+        failed = failing_module(model, lambda: forward(model, take(example_inputs, 1)))
+    if failed is not None:
+        where, e = failed
         kind = next((a.kind.label for a in plan.found if a.name == where), type(model.get_submodule(where)).__name__)
         message = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         hint = "heads: keep leaves its heads alone" if plan.mode != "keep" else \
             "its forward may need its input width: ignore the layers that write it"
         raise UserError(f"{key}.heads: after pruning, '{where}' ({kind}) fails in its forward ({message}); "
-                        f"the model was put back unpruned; {hint}") from None
-    finally:
-        for h in handles:
-            h.remove()
+                        f"the model was put back unpruned; {hint}")
 
 
 def _after_step(model: nn.Module, masked: list[str], on_step: StepCallback | None, step: int, steps: int,

@@ -1,0 +1,407 @@
+"""The self-check of a structural change: a pruned model must compute what it was meant to.
+
+Removing channel ``c`` of a layer is meant to give the function of the original model whose channel
+``c`` is zero wherever it is produced: the consumers then read a zero there, so dropping their
+matching input columns changes nothing. Torch-Pruning finds those columns by tracing the graph; where
+its index mapping is wrong (a ``permute`` before a ``flatten``, a channel shuffle), it removes other
+columns and the model silently computes something else. So every pruning step is checked against
+that reference on real batches:
+
+* :class:`RemovalLog` records, from Torch-Pruning's groups, which *original* output channels each
+  producing module (and unwrapped parameter) lost, across the fine steps of a search;
+* :func:`zeroed` makes a model, for the length of a ``with``, compute the reference: those outputs
+  zeroed by forward hooks (a LayerNorm normalises over its kept channels only, as the pruned one will);
+* :func:`relative_error` compares two models' logits: the largest difference over the largest logit;
+* :func:`probe` prunes a copy group by group, a few channels each, and checks after each group, so the
+  groups Torch-Pruning maps wrongly (left out, with a note) and the modules whose forward cannot take
+  fewer channels (a refusal naming the module) are known before any work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from compress.batches import forward, take
+from compress.errors import UserError
+from compress.pruning.masks import make_permanent
+
+__all__ = ["TOLERANCE", "RemovalLog", "zeroed", "relative_error", "failing_module", "Fault", "ProbeResult", "probe",
+           "check_batches", "StepCheck", "leave_out_faults"]
+
+# Largest |difference| / largest |logit|. Removing zero channels reorders fp32 sums (~1e-6 relative);
+# a wrong column mapping moves logits by a sizeable fraction of their scale (the issue's 0.92).
+TOLERANCE = 1e-3
+# Modules whose pruning changes more than their outputs: nn.MultiheadAttention narrows every head inside
+# (and its softmax scale with them), which no zeroing of outputs reproduces. Groups holding one are run
+# (a forward that fails is still caught) but not compared, and a note says so.
+UNCOMPARED = (nn.MultiheadAttention,)
+
+
+class RemovalLog:
+    """Original indices of the output channels each module lost, over any number of pruning groups."""
+
+    def __init__(self, model: nn.Module):
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.removed: dict[str, list[int]] = {}  # module or parameter name -> sorted original indices
+        self.param_dims: dict[str, int] = {}  # unwrapped parameter name -> the dimension pruned
+        self.roots: list[str] = []  # root layer of every group recorded, in order
+        self.uncompared: list[str] = []  # modules of UNCOMPARED kinds among the removals
+
+    def record(self, group: Any) -> None:
+        """Note the out-channel removals of a Torch-Pruning group (call before ``group.prune()``)."""
+        graph = group._DG
+        root = self.names.get(id(group[0].dep.target.module))
+        if root is not None:
+            self.roots.append(root)
+        for dep, idxs in group:
+            if not graph.is_out_channel_pruning_fn(dep.handler):
+                continue
+            target = dep.target
+            if target.type == tp.ops.OPTYPE.PARAMETER:
+                name = graph._param_to_name.get(target.module)
+                if name is None:
+                    continue
+                self.param_dims[name] = int(graph.module2node[target.module].pruning_dim)
+            else:
+                name = self.names.get(id(target.module))
+                if name is None:  # one of Torch-Pruning's stand-ins for a functional op
+                    continue
+                if isinstance(target.module, UNCOMPARED) and name not in self.uncompared:
+                    self.uncompared.append(name)
+            self._remove(name, sorted({int(getattr(i, "idx", i)) for i in idxs}))
+
+    def _remove(self, name: str, current: list[int]) -> None:
+        done = self.removed.setdefault(name, [])
+        originals = []
+        for i in current:  # the i-th channel still there is the i-th original index not yet removed
+            o = i
+            for r in done:
+                if r <= o:
+                    o += 1
+                else:
+                    break
+            originals.append(o)
+        self.removed[name] = sorted(set(done) | set(originals))
+
+    def __bool__(self) -> bool:
+        return bool(self.removed)
+
+
+def _channel_dim(module: nn.Module) -> int:
+    """The dimension of a module's output its channels run along (convolutions and norms: 1; else last)."""
+    first = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.PReLU)
+    return 1 if isinstance(module, first) else -1
+
+
+def _zero_hook(idx: Tensor, dim: int) -> Any:
+    def hook(module: nn.Module, args: Any, out: Any) -> Any:
+        first = out[0] if isinstance(out, tuple) else out
+        if not isinstance(first, Tensor):
+            return None
+        first = first.index_fill(dim, idx.to(first.device), 0.0)
+        return (first, *out[1:]) if isinstance(out, tuple) else first
+    return hook
+
+
+def _kept_norm_hook(removed: list[int]) -> Any:
+    """A LayerNorm whose removed channels are gone: statistics over the kept ones, zeros elsewhere."""
+    def hook(module: nn.LayerNorm, args: Any, out: Tensor) -> Tensor:
+        x = args[0]
+        keep = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
+        keep[removed] = False
+        w = module.weight[keep] if module.weight is not None else None
+        b = module.bias[keep] if module.bias is not None else None
+        y = torch.zeros_like(out)
+        y[..., keep] = F.layer_norm(x[..., keep], (int(keep.sum()),), w, b, module.eps)
+        return y
+    return hook
+
+
+@contextlib.contextmanager
+def zeroed(model: nn.Module, log: RemovalLog, attrs: dict[str, dict[str, Any]] | None = None) -> Iterator[nn.Module]:
+    """``model`` computing the reference of ``log``'s removals inside the ``with``; as it was after.
+
+    ``attrs`` (``{module: {attribute: value}}``) are set for the length of the ``with`` too: an
+    attention module's softmax scale that follows its narrowed heads (``heads: dims``).
+    """
+    handles, saved = [], []
+    old_attrs = {name: {a: getattr(model.get_submodule(name), a) for a in values} for name, values in (attrs or {}).items()}
+    try:
+        for name, values in (attrs or {}).items():
+            for a, v in values.items():
+                setattr(model.get_submodule(name), a, v)
+        for name, removed in log.removed.items():
+            idx = torch.tensor(removed, dtype=torch.long)
+            if name in log.param_dims:
+                p = model.get_parameter(name)
+                saved.append((p, p.detach().clone()))
+                with torch.no_grad():
+                    p.index_fill_(log.param_dims[name], idx.to(p.device), 0.0)
+                continue
+            module = model.get_submodule(name)
+            if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+                handles.append(module.register_forward_hook(_kept_norm_hook(removed)))
+            else:
+                handles.append(module.register_forward_hook(_zero_hook(idx, _channel_dim(module))))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for name, values in old_attrs.items():
+            for a, v in values.items():
+                setattr(model.get_submodule(name), a, v)
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+
+
+def relative_error(model: nn.Module, reference: nn.Module, batches: Sequence[Any]) -> float:
+    """Largest |model - reference| over the largest |reference| of the logits, over ``batches`` (eval mode)."""
+    worst = scale = 0.0
+    states = (model.training, reference.training)
+    model.eval()
+    reference.eval()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                a, b = forward(model, x).double(), forward(reference, x).double()
+                if a.shape != b.shape:
+                    return float("inf")
+                worst = max(worst, float((a - b).abs().max()) if a.numel() else 0.0)
+                scale = max(scale, float(b.abs().max()) if b.numel() else 0.0)
+    finally:
+        model.train(states[0])
+        reference.train(states[1])
+    return worst / scale if scale > 0 else worst
+
+
+def failing_module(model: nn.Module, run: Any) -> tuple[str, BaseException] | None:
+    """Run ``run()``; on an error, the innermost module whose forward was running and the error."""
+    running: list[str] = []  # modules whose forward has started and not returned: the last one failed
+
+    def finished(*_: Any) -> None:
+        running.pop()
+
+    handles = []
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(lambda *_, n=name: running.append(n)))
+        handles.append(m.register_forward_hook(finished))
+    try:
+        run()
+    except (RuntimeError, ValueError, IndexError, AssertionError, TypeError, ZeroDivisionError) as e:
+        return (running[-1] if running else ""), e
+    finally:
+        for h in handles:
+            h.remove()
+    return None
+
+
+def check_batches(example_inputs: Any, extra: Sequence[Any] | None = None) -> list[Any]:
+    """The batches a check runs on: ``extra`` if given, else the example batch."""
+    return list(extra) if extra else [example_inputs]
+
+
+@dataclass
+class Fault:
+    """A group Torch-Pruning cannot remove channels from correctly."""
+
+    root: str  # the group's root layer
+    layers: list[str]  # the prunable layers whose outputs the group removes
+    why: str  # what went wrong, for the note
+
+
+@dataclass
+class ProbeResult:
+    """What :func:`probe` found: the groups to leave out, or the module that cannot take fewer channels."""
+
+    faults: list[Fault] = field(default_factory=list)
+    refusal: str | None = None  # one line: the module whose forward fails, and what to do
+    groups: int = 0  # groups checked
+
+
+def _module_text(model: nn.Module, where: str) -> str:
+    if not where:
+        return f"the model's own forward ({type(model).__name__})"
+    return f"'{where}' ({type(model.get_submodule(where)).__name__})"
+
+
+def _error_text(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def probe(model: nn.Module, example_inputs: Any, batches: Sequence[Any], *, ignored: Sequence[str] = (),
+          prunable: Sequence[str] = (), pruner_kwargs: dict[str, Any] | None = None, forward_fn: Any = None,
+          key: str = "prune", max_faults: int = 8) -> ProbeResult:
+    """Prune a copy of ``model`` group by group (the last channel of each channel group) and check each.
+
+    Args:
+        model: left untouched.
+        example_inputs: the tracing batch.
+        batches: the batches the outputs are compared on.
+        ignored: names of layers whose outputs are kept (as the real pruning will keep them).
+        prunable: names of the layers the pruning acts on (a faulty group is left out through them).
+        pruner_kwargs: extra arguments for Torch-Pruning's ``BasePruner`` (channel groups).
+        forward_fn: Torch-Pruning's ``forward_fn``.
+        key: recipe path for the refusal.
+        max_faults: more faulty groups than this is a refusal.
+
+    Returns:
+        The faulty groups (each with its layers and why), or a one-line refusal.
+    """
+    result = ProbeResult()
+    skip = list(ignored)
+    while True:
+        fault = _probe_once(model, example_inputs, batches, skip, set(prunable), pruner_kwargs or {}, forward_fn,
+                            key, result)
+        if fault is None or result.refusal is not None:
+            return result
+        result.faults.append(fault)
+        if len(result.faults) > max_faults or not fault.layers:
+            result.refusal = (f"{key}: Torch-Pruning removes the wrong channels of '{fault.root}' ({fault.why}) and "
+                              "they cannot be left out; list the layers that feed it in ignore")
+            return result
+        skip += fault.layers
+
+
+def _probe_once(model: nn.Module, example_inputs: Any, batches: Sequence[Any], skip: list[str], prunable: set[str],
+                kwargs: dict[str, Any], forward_fn: Any, key: str, result: ProbeResult) -> Fault | None:
+    base = make_permanent(copy.deepcopy(model)).eval()
+    work = make_permanent(copy.deepcopy(model)).eval()
+    layers = dict(work.named_modules())
+    kwargs = {k: ({layers[n]: v for n, v in _by_name(model, v).items()} if isinstance(v, dict) else v)
+              for k, v in kwargs.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+        pruner = tp.pruner.BasePruner(work, example_inputs, importance=tp.importance.RandomImportance(),
+                                      pruning_ratio=0.5, ignored_layers=[layers[n] for n in skip if n in layers],
+                                      forward_fn=forward_fn, **kwargs)
+    graph = pruner.DG
+    log = RemovalLog(work)
+    roots = [(g[0].dep.target.module, g[0].dep.handler, pruner._get_channel_groups(g))
+             for g in graph.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                           root_module_types=pruner.root_module_types)]
+    for module, handler, channel_groups in roots:
+        root = log.names[id(module)]
+        n = graph.get_out_channels(module) if graph.is_out_channel_pruning_fn(handler) else \
+            graph.get_in_channels(module)
+        per = (n or 0) // max(1, channel_groups)
+        if per < 2:
+            continue
+        idxs = [k * per + per - 1 for k in range(channel_groups)]  # the last channel of each channel group
+        group = graph.get_pruning_group(module, handler, idxs)
+        members = [log.names.get(id(dep.target.module)) for dep, _ in group
+                   if graph.is_out_channel_pruning_fn(dep.handler)]
+        members = sorted({m for m in members if m in prunable})
+        if not graph.check_pruning_group(group):
+            continue
+        log.record(group)
+        try:
+            group.prune()
+        except Exception as e:  # noqa: BLE001 - a Torch-Pruning bug on this group: leave the group out
+            return Fault(root, members, f"Torch-Pruning fails on it: {_error_text(e)}")
+        result.groups += 1
+        failed = failing_module(work, lambda: [forward(work, take(x, 1)) for x in batches])
+        if failed is not None:
+            where, e = failed
+            what = _module_text(work, where)
+            keep = members or [root]
+            listed = ", ".join(keep[:3]) + (f" and {len(keep) - 3} more" if len(keep) > 3 else "")
+            result.refusal = (f"{key}: after removing channels of '{root}', {what} fails ({_error_text(e)}): its "
+                              f"forward needs the width it was traced with; keep those channels ({key}.ignore: {listed}), "
+                              "or leave this model out of structured pruning")
+            return None
+        if log.uncompared:
+            continue
+        with zeroed(base, log):
+            err = relative_error(work, base, batches)
+        if not err <= TOLERANCE:
+            return Fault(root, members, f"outputs differ by {err:.2g} of their scale from the model with those "
+                                        "channels zeroed")
+    return None
+
+
+def _by_name(model: nn.Module, mapping: dict[Any, Any]) -> dict[str, Any]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return {names[id(m)]: v for m, v in mapping.items() if id(m) in names}
+
+
+def leave_out_faults(model: nn.Module, example_inputs: Any, batches: Sequence[Any], *, ignored: Sequence[str],
+                     prunable: Sequence[str], pruner_kwargs: dict[str, Any] | None = None, forward_fn: Any = None,
+                     key: str = "prune") -> tuple[list[str], list[str]]:
+    """Before pruning: the layers to leave out (groups Torch-Pruning maps wrongly) and a note for each.
+
+    Raises:
+        UserError: a module whose forward fails on fewer channels, named with what to do.
+    """
+    result = probe(model, example_inputs, batches, ignored=ignored, prunable=prunable, pruner_kwargs=pruner_kwargs,
+                   forward_fn=forward_fn, key=key)
+    if result.refusal is not None:
+        raise UserError(result.refusal)
+    notes = [f"self-check: Torch-Pruning would remove the wrong channels of '{f.root}' ({f.why}): "
+             f"{', '.join(f.layers)} left unpruned" for f in result.faults]
+    return [n for f in result.faults for n in f.layers], notes
+
+
+class StepCheck:
+    """One pruning step checked: the model before it (a copy) with the removals zeroed, against the model after.
+
+    ``record`` every Torch-Pruning group before it is pruned, then ``verify`` before anything (fine-tuning)
+    changes the weights.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[Any], key: str = "prune"):
+        self.base = make_permanent(copy.deepcopy(model)).eval()
+        self.log = RemovalLog(model)
+        self.batches, self.key = list(batches), key
+
+    def record(self, group: Any) -> None:
+        self.log.record(group)
+
+    def runs(self, model: nn.Module) -> None:
+        """One sample through the pruned model: a UserError naming the module whose forward fails."""
+        self._runs(model, lambda: forward(model, take(self.batches[0], 1)))
+
+    def _runs(self, model: nn.Module, run: Any) -> None:
+        with torch.no_grad():
+            failed = failing_module(model, run)
+        if failed is not None:
+            where, e = failed
+            raise UserError(f"{self.key}: after pruning, {_module_text(model, where)} fails ({_error_text(e)}): its "
+                            "forward needs a width it was traced with; the model was put back unpruned; keep the "
+                            "channels it reads (ignore the layers that write them)")
+
+    def verify(self, model: nn.Module, attrs: dict[str, dict[str, Any]] | None = None) -> float:
+        """The relative error; a UserError (naming the first group's root layer) above :data:`TOLERANCE`.
+
+        ``attrs``: attributes of the pruned model's modules the reference takes over (:func:`zeroed`).
+        """
+        if not self.log:
+            return 0.0
+        err = [0.0]
+
+        def compare() -> None:
+            with zeroed(self.base, self.log, attrs):
+                if self.log.uncompared:  # run only
+                    [forward(model, x) for x in self.batches]
+                else:
+                    err[0] = relative_error(model, self.base, self.batches)
+
+        self._runs(model, compare)
+        err = err[0]
+        if not err <= TOLERANCE:
+            roots = ", ".join(dict.fromkeys(self.log.roots[:3]))
+            raise UserError(f"{self.key}: self-check failed: the pruned model's outputs differ by {err:.2g} of their "
+                            f"scale from the original with the removed channels zeroed (groups of {roots}); the "
+                            "model was not kept; add those layers to ignore")
+        return err

@@ -1,0 +1,206 @@
+"""The self-check of structured pruning: correct or refused, never a model that computes something else."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compress.errors import UserError
+from compress.pruning.selfcheck import RemovalLog, StepCheck, probe, relative_error, zeroed
+from compress.pruning.structured import prune_model, trace_logits
+
+torch.set_num_threads(1)
+
+
+class PermuteNet(nn.Module):
+    """conv -> permute(0, 2, 1, 3) -> flatten -> Linear, as torchcrepe ends: the classifier's column of
+    channel c at time t is t * C + c, not Torch-Pruning's channel-major c * T + t."""
+
+    def __init__(self, hard_coded: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.in_features = 6 * 4 * 2
+        self.hard_coded = hard_coded
+        self.classifier = nn.Linear(self.in_features, 5)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 1, T=4, F=2)
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))  # (B, C, T, F)
+        x = x.permute(0, 2, 1, 3)  # (B, T, C, F)
+        x = x.reshape(-1, self.in_features) if self.hard_coded else x.reshape(x.shape[0], -1)
+        return self.classifier(x)
+
+
+class ShuffleNet(nn.Module):
+    """A ShuffleNetV2-style channel shuffle (view, transpose, reshape) between a conv and a grouped conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 16, 1)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        b, c, h, w = x.shape
+        x = x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)  # channel shuffle
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _bn_stats(model: nn.Module) -> nn.Module:
+    torch.manual_seed(3)
+    with torch.no_grad():  # BN that is not the identity: a zeroed conv channel alone would not zero its output
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def _permute(hard_coded: bool = False) -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    return _bn_stats(PermuteNet(hard_coded)), torch.randn(8, 1, 4, 2)
+
+
+def _state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _torch_pruning_maps_it_wrongly(model: nn.Module, x: Tensor) -> float:
+    """Torch-Pruning alone (no self-check) on conv2's last channel: how far the outputs move from the zeroed one."""
+    import torch_pruning as tp
+
+    work, base = copy.deepcopy(model), copy.deepcopy(model)
+    graph = tp.DependencyGraph().build_dependency(work, example_inputs=x[:1])
+    group = graph.get_pruning_group(work.conv2, tp.prune_conv_out_channels, [5])
+    log = RemovalLog(work)
+    log.record(group)
+    group.prune()
+    with zeroed(base, log):
+        return relative_error(work, base, [x])
+
+
+def test_permute_then_flatten_is_pruned_without_the_wrongly_mapped_layer_and_says_so():
+    model, x = _permute()
+    assert _torch_pruning_maps_it_wrongly(model, x) > 0.05  # the Torch-Pruning bug this guards against
+    reference = copy.deepcopy(model)
+    result = prune_model(model, x[:2], ratio=0.5, check_inputs=[x])
+    # conv2 feeds the permute: left whole, named in a note; conv1's channels went, correctly
+    assert model.conv2.out_channels == 6 and model.classifier.in_features == 48
+    assert model.conv1.out_channels == 4 and model.conv2.in_channels == 4
+    assert result.notes and result.notes[0].startswith("self-check: Torch-Pruning would remove the wrong channels of "
+                                                       "'conv2' (outputs differ by ")
+    assert result.notes[0].endswith("from the model with those channels zeroed): conv2 left unpruned")
+    assert result.self_check < 1e-4
+    removed = [i for i in range(8) if not any(torch.equal(reference.conv1.weight[i], w) for w in model.conv1.weight)]
+    with torch.no_grad():  # the pruned model is the original with conv1's removed channels zeroed
+        for m in (reference.conv1, reference.bn1):
+            m.weight[removed] = 0
+            m.bias[removed] = 0
+        assert torch.allclose(model(x), reference(x), atol=1e-5)
+
+
+def test_a_hard_coded_reshape_width_is_refused_in_one_line_naming_the_module_before_any_work():
+    model, x = _permute(hard_coded=True)
+    before = _state(model)
+    with pytest.raises(UserError) as e:
+        prune_model(model, x[:2], ratio=0.5, key="stages.1")
+    message = str(e.value)
+    assert message.startswith("stages.1: after removing channels of 'conv2', the model's own forward (PermuteNet) fails "
+                              "(RuntimeError: shape '[-1, 48]' is invalid")
+    assert message.endswith("its forward needs the width it was traced with; keep those channels (stages.1.ignore: "
+                            "conv2), or leave this model out of structured pruning")
+    assert "\n" not in message
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    prune_model(model, x[:2], ratio=0.5, ignore=["conv2"])  # as the message says: conv1 is pruned, conv2 kept
+    assert (model.conv1.out_channels, model.conv2.out_channels) == (4, 6)
+
+
+def test_a_channel_shuffle_is_pruned_correctly_or_left_out():
+    torch.manual_seed(0)
+    model, x = _bn_stats(ShuffleNet()), torch.randn(4, 3, 6, 6)
+    reference = copy.deepcopy(model)
+    result = prune_model(model, x[:2], ratio=0.5, check_inputs=[x])
+    assert any("'conv1'" in n for n in result.notes)  # the shuffle: Torch-Pruning maps conv1's channels wrongly
+    assert model.conv1.out_channels == 8 and model.conv3.out_channels == 8  # conv3 pruned, conv1 kept
+    assert result.self_check < 1e-4
+    assert model(x).shape == reference(x).shape
+
+
+def test_the_step_check_catches_a_deliberately_wrong_mapping():
+    """Columns of the classifier removed other than those of the removed channel: the check refuses."""
+    import torch_pruning as tp
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+    x = torch.randn(4, 1, 6, 6)
+    check = StepCheck(model, [x], key="s")
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    group = graph.get_pruning_group(model[0], tp.prune_conv_out_channels, [1])
+    check.record(group)
+    group.prune()
+    assert check.verify(model) < 1e-5  # Torch-Pruning's own mapping (channel-major flatten) is right here
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():  # shift the classifier's columns by one position: a wrong mapping
+        wrong[3].weight.copy_(torch.roll(wrong[3].weight, 1, dims=1))
+    with pytest.raises(UserError, match=r"^s: self-check failed: the pruned model's outputs differ by [\d.e-]+ of "
+                                        r"their scale from the original with the removed channels zeroed \(groups of "
+                                        r"0\); the model was not kept"):
+        check.verify(wrong)
+
+
+def test_probe_leaves_the_model_alone_and_finds_every_faulty_group():
+    model, x = _permute()
+    before = _state(model)
+    result = probe(model, x[:2], [x], ignored=["classifier"], prunable=["conv1", "conv2"], forward_fn=trace_logits)
+    assert [f.root for f in result.faults] == ["conv2"] and result.refusal is None and result.groups >= 2
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # a fault that cannot be left out (not a layer the pruning acts on) is a refusal
+    result = probe(model, x[:2], [x], ignored=["classifier"], prunable=[], forward_fn=trace_logits, key="k")
+    assert result.refusal.startswith("k: Torch-Pruning removes the wrong channels of 'conv2'")
+
+
+def test_removal_log_maps_later_steps_back_to_original_indices():
+    log = RemovalLog(nn.Linear(2, 2))
+    log._remove("a", [1, 3])  # of 0..7: 1, 3 go; left 0 2 4 5 6 7
+    log._remove("a", [1, 2])  # the 2nd and 3rd left: originals 2 and 4
+    assert log.removed["a"] == [1, 2, 3, 4]
+
+
+def test_zeroed_recomputes_a_layer_norm_over_its_kept_channels_and_restores_everything():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    x = torch.randn(5, 4)
+    out = model(x)
+    log = RemovalLog(model)
+    log.removed = {"0": [2], "1": [2]}
+    pruned = copy.deepcopy(model)
+    keep = [0, 1, 3, 4, 5]
+    pruned[0] = nn.Linear(4, 5)
+    pruned[1] = nn.LayerNorm(5)
+    pruned[2] = nn.Linear(5, 3)
+    with torch.no_grad():
+        pruned[0].weight.copy_(model[0].weight[keep])
+        pruned[0].bias.copy_(model[0].bias[keep])
+        pruned[1].weight.copy_(model[1].weight[keep])
+        pruned[1].bias.copy_(model[1].bias[keep])
+        pruned[2].weight.copy_(model[2].weight[:, keep])
+        pruned[2].bias.copy_(model[2].bias)
+    with zeroed(model, log):
+        assert relative_error(pruned, model, [x]) < 1e-6
+    assert torch.equal(model(x), out)
