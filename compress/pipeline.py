@@ -234,8 +234,9 @@ class Pipeline:
         model = build_model(self.spec["name"], key="model", output=self.spec.get("output"), **self.spec["kwargs"])
         if cfg.model.get("checkpoint"):
             load_weights(model, Path(cfg.model.checkpoint))
-        _check_outputs(model, example_batch(dm, 2)[0], num_classes)
-        self.plans = {stage.name: stage.plan(model) for stage in self.recipe.stages}
+        x = example_batch(dm, 2)[0]
+        _check_outputs(model, x, num_classes)
+        self.plans = {stage.name: stage.plan(model, x) for stage in self.recipe.stages}
         ctx = Context(dm, out_dir=self.out_dir, trainer=OmegaConf.to_container(cfg.trainer), seed=cfg.seed,
                       teachers_dir=cfg.teachers_dir, latency_batch=cfg.eval.latency_batch_size or batch_size,
                       latency_threads=cfg.eval.latency_threads)
@@ -372,6 +373,8 @@ class Pipeline:
                                           runtimes=list(e.runtimes), calibration_batches=self._calibration_batches(),
                                           runtime_baselines=self.runtime_baselines)
         metrics["wall_s"] = wall
+        if info.get("notes"):  # what the stage itself says (layers the self-check left out)
+            extras["notes"] = list(info["notes"]) + extras.get("notes", [])
         record = {"index": index, "name": name, "type": type_, "metrics": metrics, "layers": layers,
                   "info": _plain(info), **extras}
         self.records.append(record)

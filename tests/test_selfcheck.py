@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
 from compress.errors import UserError
@@ -14,6 +17,7 @@ from compress.pruning.selfcheck import RemovalLog, StepCheck, probe, relative_er
 from compress.pruning.structured import prune_model, trace_logits
 
 torch.set_num_threads(1)
+TESTS = Path(__file__).resolve().parent
 
 
 class PermuteNet(nn.Module):
@@ -204,3 +208,44 @@ def test_zeroed_recomputes_a_layer_norm_over_its_kept_channels_and_restores_ever
     with zeroed(model, log):
         assert relative_error(pruned, model, [x]) < 1e-6
     assert torch.equal(model(x), out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the pipeline: refused at --dry-run, or a note in the report
+# ---------------------------------------------------------------------------------------------
+def _recipe(tmp_path, hard_coded: bool) -> Path:
+    from conftest import quick_recipe
+
+    recipe = quick_recipe(tmp_path, model={"name": "import:test_selfcheck:PermuteNet", "hard_coded": hard_coded},
+                          data={"name": "synthetic", "shape": [1, 4, 2], "classes": 5, "train_size": 32,
+                                "test_size": 32, "batch_size": 16},
+                          stages=[{"type": "prune.structured", "ratio": 0.5}])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_dry_run_refuses_a_hard_coded_width_in_one_line(tmp_path, capsys, monkeypatch):
+    from compress.cli import main
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    code = main([str(_recipe(tmp_path, hard_coded=True)), "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith("error: stages[0]: after removing channels of 'conv2', the model's own forward (PermuteNet) "
+                          "fails (RuntimeError: shape '[-1, 48]' is invalid")
+
+
+def test_a_run_notes_the_layer_left_out_and_reports_the_check(tmp_path, capsys, monkeypatch):
+    from compress.cli import main
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    path = _recipe(tmp_path, hard_coded=False)
+    assert main([str(path), "--dry-run"]) == 0
+    assert "self-check: Torch-Pruning would remove the wrong channels of 'conv2'" in capsys.readouterr().out
+    assert main([str(path)]) == 0
+    record = json.loads((tmp_path / "run" / "report.json").read_text())["stages"][-1]
+    assert any(n.startswith("self-check: Torch-Pruning would remove the wrong channels of 'conv2'")
+               for n in record["notes"])
+    assert record["info"]["channels"]["conv2"] == 6 and record["info"]["channels"]["conv1"] == 4
+    assert 0 <= record["info"]["self_check"] < 1e-4

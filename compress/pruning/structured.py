@@ -44,7 +44,7 @@ from compress.registry import Registry
 from compress.schema import match_layers
 
 __all__ = ["IMPORTANCES", "resolve_importance", "PruneResult", "prune_model", "count_macs", "output_layers", "trace_logits",
-           "channel_counts", "SparsityRegularizer", "restore_structure", "mask_shapes_ok"]
+           "channel_counts", "SparsityRegularizer", "restore_structure", "mask_shapes_ok", "faulty_groups"]
 
 # ---------------------------------------------------------------------------------------------
 # Importance criteria: factories returning a Torch-Pruning ``Importance`` (callable on a group).
@@ -289,8 +289,10 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
                       head_ratio=head_ratio, ignored=[layers[n] for n in ignored], round_to=round_to,
                       max_layer_ratio=max_layer_ratio, global_pruning=global_pruning, key=key)
     batches = check_batches(example_inputs, check_inputs)
-    notes = _leave_out_faults(model, example_inputs, batches, layers, ignored, ratio_dict if ratio is None and
-                              mac_speedup is None else None, plan, key)
+    untouched = {n for n, m in layers.items() if ratio is None and mac_speedup is None and m not in ratio_dict}
+    extra, notes = faulty_groups(model, example_inputs, skip=ignored | untouched, plan=plan, check_inputs=batches,
+                                 key=key)
+    ignored |= set(extra)
     checks: list[float] = [0.0]
     uncompared: dict[str, None] = {}
 
@@ -368,20 +370,25 @@ def _scales(model: nn.Module) -> dict[str, dict[str, float]]:
     return {n: {a: v for a, v in values.items() if isinstance(v, float)} for n, values in attention_state(model).items()}
 
 
-def _leave_out_faults(model: nn.Module, example_inputs: Any, batches: list[Any], layers: dict[str, nn.Module],
-                      ignored: set[str], only: Mapping[nn.Module, float] | None, plan: HeadPlan, key: str) -> list[str]:
-    """Probe every group to be pruned (attention projections have their own check); add the faulty ones'
-    layers to ``ignored`` and return a note for each (:func:`compress.pruning.selfcheck.leave_out_faults`)."""
+def faulty_groups(model: nn.Module, example_inputs: Any, *, skip: Iterable[str], plan: HeadPlan,
+                  check_inputs: Sequence[Any] | None = None, key: str = "prune") -> tuple[list[str], list[str]]:
+    """The layers to leave out because Torch-Pruning maps their channels wrongly, and a note for each.
+
+    Every group rooted outside ``skip`` (ignored and untouched layers) is probed on a copy
+    (:func:`compress.pruning.selfcheck.probe`); attention projections have their own check.
+
+    Raises:
+        UserError: a module whose forward needs the width it was traced with, named with what to do.
+    """
+    layers = prunable_layers(model)
     projections = {id(p) for a in plan.found for p in a.projections}
-    skip = {n for n, m in layers.items() if n in ignored or id(m) in projections or (only is not None and m not in only)}
-    kwargs = {k: v for k, v in plan.pruner_kwargs().items() if k in ("out_channel_groups", "in_channel_groups")}
     names = {id(m): n for n, m in model.named_modules()}
     kept = {names[id(m)] for m in plan.ignored_layers() if id(m) in names}  # kept attention (nn.MultiheadAttention)
-    extra, notes = leave_out_faults(model, example_inputs, batches, ignored=sorted(skip | kept),
-                                    prunable=[n for n in layers if n not in skip], pruner_kwargs=kwargs,
-                                    forward_fn=trace_logits, key=key)
-    ignored |= set(extra)
-    return notes
+    skip = set(skip) | kept | {n for n, m in layers.items() if id(m) in projections}
+    kwargs = {k: v for k, v in plan.pruner_kwargs().items() if k in ("out_channel_groups", "in_channel_groups")}
+    return leave_out_faults(model, example_inputs, check_batches(example_inputs, check_inputs), ignored=sorted(skip),
+                            prunable=[n for n in layers if n not in skip], pruner_kwargs=kwargs,
+                            forward_fn=trace_logits, key=key)
 
 
 def _head_pruner(model: nn.Module, example_inputs: Any, **kwargs: Any) -> HeadPruner:

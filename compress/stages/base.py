@@ -127,8 +127,8 @@ class Stage:
     def validate(self) -> None:
         """Checks beyond types (ranges, consistency); raise UserError naming the key."""
 
-    def plan(self, model: nn.Module) -> list[str]:
-        """Names of the layers this stage touches (for ``--dry-run``)."""
+    def plan(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
+        """Names of the layers this stage touches (for ``--dry-run``); ``example_inputs``: a real batch, if any."""
         return []
 
     def apply(self, model: nn.Module, ctx: Context | None = None) -> StageResult:  # pragma: no cover

@@ -14,6 +14,7 @@ or a checkpoint path. The same ``distill`` block can go in the ``finetune`` of a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import OmegaConf
 from torch import nn
@@ -57,7 +58,7 @@ class DistillStage(Stage):
         for i, pair in enumerate(c.distill.features):
             FEATURE_LOSSES.get(pair.kind, f"{key}.features[{i}].kind")
 
-    def plan(self, model: nn.Module) -> list[str]:
+    def plan(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
         """Check the student's module paths (and the teacher's, for ``self``) before any training."""
         d = self.config.distill
         check_feature_paths(model, model if d.teacher == "self" else None, d.features, self.distill_key)

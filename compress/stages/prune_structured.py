@@ -60,6 +60,7 @@ from compress.pruning.masks import prunable_layers
 from compress.pruning.structured import (
     IMPORTANCES,
     SparsityRegularizer,
+    faulty_groups,
     output_layers,
     prune_model,
     resolve_importance,
@@ -68,6 +69,8 @@ from compress.schema import check_choice, check_range, match_layers
 from compress.stages.base import STAGES, Context, Stage, StageResult
 
 __all__ = ["StructuredPruningStage", "StructuredConfig", "RegularizeConfig"]
+
+CHECK_SAMPLES = 16  # test samples the self-check compares the pruned model's outputs on
 
 
 @dataclass
@@ -199,24 +202,35 @@ class StructuredPruningStage(Stage):
                 return sorted(ignored), [n for n in names if n in hits and n not in ignored]
         return sorted(ignored), [n for n in names if n not in ignored]
 
-    def plan(self, model: nn.Module) -> list[str]:
+    def plan(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
         """Layers whose output channels may be removed (coupled layers follow them), and attention modules.
 
         Without example inputs the output layer is taken to be the last conv/linear defined. What the
-        attention modules cannot take is refused here, before the pipeline runs any stage.
+        attention modules cannot take is refused here, before the pipeline runs any stage; with example
+        inputs, so is a module whose forward needs the width it was traced with, and the groups
+        Torch-Pruning would map wrongly are listed (the self-check leaves them out).
         """
+        x = example_inputs if example_inputs is not None else self.example
         layers = prunable_layers(model)
         names = list(layers)
-        outputs = output_layers(model, self.example) if self.example is not None else names[-1:]
+        outputs = output_layers(model, x) if x is not None else names[-1:]
         ignored, touched = self._check_layers(model, outputs)
         c = self.config
         if c.latency_speedup is not None:
             self._attention_kept(model)
+            heads = plan_heads(model, "keep", key=self.key)
         else:
             ratio = min(c.ratio, c.max_layer_ratio) if c.ratio is not None else None
-            plan_heads(model, c.heads, ratio=ratio, head_ratio=c.head_ratio, ignored=[layers[n] for n in ignored],
-                       round_to=c.round_to if isinstance(c.round_to, int) else None,
-                       max_layer_ratio=c.max_layer_ratio, global_pruning=c.global_pruning, key=self.key)
+            heads = plan_heads(model, c.heads, ratio=ratio, head_ratio=c.head_ratio,
+                               ignored=[layers[n] for n in ignored],
+                               round_to=c.round_to if isinstance(c.round_to, int) else None,
+                               max_layer_ratio=c.max_layer_ratio, global_pruning=c.global_pruning, key=self.key)
+        notes = faulty_groups(model, x, skip=set(names) - set(touched), plan=heads, key=self.key)[1] \
+            if x is not None else []
+        return self._plan_lines(model, touched) + notes
+
+    def _plan_lines(self, model: nn.Module, touched: list[str]) -> list[str]:
+        c = self.config
         by_pattern = {n: c.layer_ratios[p] for p in c.layer_ratios for n in touched if n == p or fnmatchcase(n, p)}
         heads = [f"{a.name} -> heads: {c.heads} ({a.kind.label})" for a in find_attention(model)]
         if c.mac_speedup is not None:
@@ -230,6 +244,8 @@ class StructuredPruningStage(Stage):
         ctx = ctx or Context()
         c, key = self.config, self.key
         x = self.example if self.example is not None else ctx.example_inputs(batch_size=2)
+        # the self-check compares outputs on more real samples than the tracing batch holds
+        checked = [self.example] if self.example is not None else [ctx.example_inputs(batch_size=CHECK_SAMPLES)]
         outputs = output_layers(model, x)
         ignored, _ = self._check_layers(model, outputs)
         importance = self.importance_obj if self.importance_obj is not None else \
@@ -269,7 +285,7 @@ class StructuredPruningStage(Stage):
                                  round_to=resolve_round_to(c.round_to, None), ignore=ignore,
                                  max_layer_ratio=c.max_layer_ratio, heads=c.heads, head_ratio=c.head_ratio,
                                  on_step=on_step, gradient_batches=gradient_batches, search_steps=c.search_steps,
-                                 key=key)
+                                 check_inputs=checked, key=key)
         info = result.as_dict()
         info.update(importance=c.importance if self.importance_obj is None else type(self.importance_obj).__name__,
                     output_layers=outputs)

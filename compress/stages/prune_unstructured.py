@@ -129,7 +129,7 @@ class UnstructuredPruningStage(Stage):
             return targets, None
         return targets, (float(c.sparsity) if c.sparsity is not None else None)
 
-    def plan(self, model: nn.Module) -> list[str]:
+    def plan(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
         layers = self._layers(model)
         targets, shared = self._targets(layers)
         return [f"{n} -> {targets[n]:.2f}" if n in targets else f"{n} -> global {shared:.2f}"

@@ -82,7 +82,7 @@ class QuantizeStage(Stage):
         ignored = match_layers(names, list(self.config.ignore), f"{self.key}.ignore") if self.config.ignore else {}
         return [n for n in names if n not in ignored]
 
-    def plan(self, model: nn.Module) -> list[str]:
+    def plan(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
         layers = self.layers(model)
         if not layers:
             raise UserError(f"{self.key}.ignore: every Linear/Conv layer is ignored; nothing to quantise")

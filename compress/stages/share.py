@@ -8,6 +8,7 @@ centroids, each with the sum of its cluster's gradients (eq. 3).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -64,7 +65,7 @@ class ShareStage(Stage):
             out[name] = int(c.layers[named[name]]) if name in named else int(c.types.get(kind, c.bits))
         return out
 
-    def plan(self, model: nn.Module) -> list[str]:
+    def plan(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
         return [f"{n} -> {b} bits" for n, b in self.bits_per_layer(model).items()]
 
     def apply(self, model: nn.Module, ctx: Context | None = None) -> StageResult:
