@@ -145,6 +145,18 @@ def test_a_channel_shuffle_is_pruned_correctly_or_left_out():
     assert model(x).shape == reference(x).shape
 
 
+def test_a_latency_target_leaves_the_shuffled_layer_out_too():
+    from compress.pruning.latency import latency_backend, prune_to_latency
+
+    torch.manual_seed(0)
+    model, x = _bn_stats(ShuffleNet()), torch.randn(4, 3, 32, 32)
+    result = prune_to_latency(model, x[:2], torch.randn(8, 3, 32, 32), target=1.02,
+                              backend=latency_backend("jetson-tx2"), round_to=None, check_inputs=[x])
+    assert len(result.notes) == 1 and "'conv1'" in result.notes[0] and result.as_dict()["notes"] == result.notes
+    assert model.conv1.out_channels == 8 and model.conv3.out_channels < 16
+    assert 0 < result.self_check < 1e-4
+
+
 def test_the_step_check_catches_a_deliberately_wrong_mapping():
     """Columns of the classifier removed other than those of the removed channel: the check refuses."""
     import torch_pruning as tp

@@ -48,7 +48,9 @@ from compress.files import atomic_write
 from compress.hardware import aligned_channels, load_profile, priced_at, simulate_model
 from compress.hardware.calibrate import cache_root, cpu_model, simd_lanes_fp32
 from compress.metrics.latency import compare_latency, latency_ms
+from compress.pruning.attention import plan_heads
 from compress.pruning.masks import deployed_copy, make_permanent, masked_modules, prunable_layers
+from compress.pruning.selfcheck import StepCheck, check_batches
 from compress.pruning.structured import (
     PruneResult,
     StepCallback,
@@ -58,6 +60,7 @@ from compress.pruning.structured import (
     _needs_gradients,
     channel_counts,
     count_macs,
+    faulty_groups,
     output_layers,
     resolve_importance,
     trace_logits,
@@ -512,7 +515,7 @@ def _table_ms(analysis: _Analysis, table: LatencyTable, w: Sequence[int] | None 
     return sum(table.ms(lay.spec, *cw) for lay, cw in zip(analysis.layers, widths, strict=True))
 
 
-def _prune_groups(analysis: _Analysis, widths: Sequence[int]) -> None:
+def _prune_groups(analysis: _Analysis, widths: Sequence[int], check: StepCheck | None = None) -> None:
     """Remove each group's least important channels down to its width, through Torch-Pruning."""
     for g, w in zip(analysis.groups, widths, strict=True):
         if w >= g.width:
@@ -520,6 +523,8 @@ def _prune_groups(analysis: _Analysis, widths: Sequence[int]) -> None:
         idxs = sorted(g.order[: g.width - w])
         group = analysis.graph.get_pruning_group(g.module, g.handler, idxs)
         if analysis.graph.check_pruning_group(group):
+            if check is not None:
+                check.record(group)
             group.prune()
 
 
@@ -604,7 +609,7 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
                      tolerance: float = 0.05, on_step: StepCallback | None = None,
                      gradient_batches: Callable[[], Iterable[tuple[Tensor, Tensor]]] | Iterable | None = None,
                      loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy, table: LatencyTable | None = None,
-                     key: str = "prune") -> LatencyPruneResult:
+                     check_inputs: Sequence[Any] | None = None, key: str = "prune") -> LatencyPruneResult:
     """Remove channels from ``model`` in place until it runs ``target`` times faster on ``backend``.
 
     Args:
@@ -625,6 +630,8 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
         gradient_batches: ``(x, y)`` batches for ``taylor``.
         loss_fn: loss whose gradients ``taylor`` uses.
         table: a :class:`LatencyTable` to reuse (default: a new one on ``backend`` at the latency batch).
+        check_inputs: batches the self-check compares outputs on (default: ``example_inputs``), as in
+            :func:`compress.pruning.structured.prune_model`.
         key: recipe path for error messages.
 
     Raises:
@@ -644,6 +651,11 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
     ignored = set(output_layers(model, example_inputs))
     if ignore:
         ignored |= set(match_layers(list(layers), list(ignore), f"{key}.ignore"))
+    batches = check_batches(example_inputs, check_inputs)
+    extra, notes = faulty_groups(model, example_inputs, skip=ignored, plan=plan_heads(model, "keep", key=key),
+                                 check_inputs=batches, key=key)
+    ignored |= set(extra)
+    checks = [0.0]
     base = deployed_copy(model).eval()
     base_macs, base_params = count_macs(model, example_inputs)
     before = channel_counts(model)
@@ -674,6 +686,7 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
         share = min(1.0, table0 / base_ms) if base_ms > 0 else 1.0
         for step in range(1, iterative_steps + 1):
             goal = target ** (step / iterative_steps)
+            check = StepCheck(model, batches, key)
             for rnd in range(MAX_ROUNDS + len(finer)):
                 if _gradients_needed(imp, gradient_batches):
                     _accumulate_gradients(model, gradient_batches, loss_fn)
@@ -702,7 +715,8 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
                     widths = back[0]
                     est = _table_ms(analysis, table, widths)
                 estimated = 1 / max(1e-9, 1 - share * (1 - est / table0))
-                _prune_groups(analysis, widths)
+                _prune_groups(analysis, widths, check)
+                check.runs(model)
                 achieved = backend.speedup(model, base, latency_inputs)
                 history.append(achieved)
                 if achieved >= goal * (1 - tolerance):
@@ -714,6 +728,7 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
                     f"({backend.how}; step {step} of {iterative_steps}, {base_macs / max(1, count_macs(model, example_inputs)[0]):.2f}x "
                     f"MACs) within max_layer_ratio {max_layer_ratio} (round_to {_alignment(round_to, small_round_to)}); lower the target, "
                     "raise max_layer_ratio or ignore fewer layers")
+            checks.append(check.verify(model))  # before fine-tuning changes the weights
             _after_step(model, masked, on_step, step, iterative_steps, was_training)
     finally:
         _clear_grads(model)
@@ -721,7 +736,7 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
         table.save()
     macs, params = count_macs(model, example_inputs)
     return LatencyPruneResult(base_macs, macs, base_params, params, before, channel_counts(model), mac_history,
-                              iterative_steps, target=target, achieved=achieved, estimated=estimated,
+                              iterative_steps, notes=notes, self_check=max(checks), target=target, achieved=achieved, estimated=estimated,
                               on=backend.name, how=backend.how, batch=batch, round_to=round_to, small_round_to=small_round_to,
                               latency_history=history, table_entries=len(table.entries),
                               table_measured=table.measured)

@@ -277,7 +277,8 @@ class StructuredPruningStage(Stage):
                                       round_to=c.round_to if c.round_to in ("auto", None) else int(c.round_to),
                                       ignore=ignore,
                                       max_layer_ratio=c.max_layer_ratio, tolerance=c.latency_tolerance,
-                                      on_step=on_step, gradient_batches=gradient_batches, key=key)
+                                      on_step=on_step, gradient_batches=gradient_batches, check_inputs=checked,
+                                      key=key)
         else:
             result = prune_model(model, x, importance=importance, ratio=c.ratio,
                                  layer_ratios=dict(c.layer_ratios) or None, mac_speedup=c.mac_speedup,
