@@ -16,11 +16,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compress.batches import forward, take
 from compress.errors import UserError
 from compress.files import atomic_write
 from compress.models import build_model
 from compress.pruning.attention import attention_state, restore_attention
 from compress.pruning.masks import set_mask
+from compress.pruning.selfcheck import TOLERANCE, outputs_error
 from compress.pruning.structured import restore_structure
 from compress.quant import is_quantized, quant_state, restore_quant
 from compress.registry import Registry
@@ -56,8 +58,13 @@ def describe_parametrizations(model: nn.Module) -> dict[str, dict[str, list[str]
 
 def save_checkpoint(path: str | Path, model: nn.Module, *, model_spec: dict[str, Any],
                     recipe: dict[str, Any] | None = None, stage_index: int = 0, stage_name: str = "",
-                    metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
-    """Write a checkpoint atomically; everything in it is tensors or plain containers."""
+                    metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                    check_inputs: Any = None) -> None:
+    """Write a checkpoint atomically; everything in it is tensors or plain containers.
+
+    ``check_inputs``: a batch whose first two samples and the model's outputs on them are saved, so a
+    reload that computes something else is refused (:func:`load_into`).
+    """
     payload = {
         "format": FORMAT,
         "model_spec": model_spec,
@@ -70,8 +77,20 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, model_spec: dict[str,
         "stage_name": stage_name,
         "metrics": metrics or {},
         "extra": extra or {},
+        "check": _outputs_check(model, check_inputs) if check_inputs is not None else None,
     }
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _outputs_check(model: nn.Module, inputs: Any) -> dict[str, Any]:
+    inputs = take(inputs, 2)
+    inputs = dict(inputs) if isinstance(inputs, dict) else inputs  # a BatchEncoding is no plain container
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        outputs = forward(model, inputs).detach().cpu()
+    model.train(was_training)
+    return {"inputs": inputs, "outputs": outputs}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -122,6 +141,16 @@ def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkp
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = lines[1] if len(lines) > 1 else lines[0]
         raise UserError(f"{path}: checkpoint does not fit this model (another architecture?): {detail[:200]}") from None
+    check = data.get("check")
+    if check:  # the reloaded structure must compute what was saved, not just hold tensors of its shapes
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            err = outputs_error([(forward(model, check["inputs"]), check["outputs"])])
+        model.train(was_training)
+        if not err <= TOLERANCE:
+            raise UserError(f"{path}: the reloaded model computes something else than the model saved (outputs "
+                            f"differ by {err:.2g} of their scale); rebuild it with the code that wrote the checkpoint")
     return model
 
 

@@ -381,7 +381,8 @@ class Pipeline:
         if rank_zero_only.rank == 0:
             save_checkpoint(self.out_dir / self._ckpt_name(index, name), model, model_spec=self.spec,
                             recipe=self.recipe.to_container(), stage_index=index, stage_name=name,
-                            metrics=metrics, extra={"records": json.dumps(self.records, default=float)})
+                            metrics=metrics, extra={"records": json.dumps(self.records, default=float)},
+                            check_inputs=example_batch(ctx.datamodule, 2)[0])
             for sink in self.sinks:
                 sink.on_stage(record, self.records)
             lightning_dir = ctx.stage_checkpoint_dir(index)

@@ -261,3 +261,26 @@ def test_a_run_notes_the_layer_left_out_and_reports_the_check(tmp_path, capsys, 
                for n in record["notes"])
     assert record["info"]["channels"]["conv2"] == 6 and record["info"]["channels"]["conv1"] == 4
     assert 0 <= record["info"]["self_check"] < 1e-4
+
+
+def test_a_reload_that_computes_something_else_is_refused(tmp_path, monkeypatch):
+    from compress.checkpoint import load_model, read_checkpoint, save_checkpoint
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    torch.manual_seed(0)
+    model, x = _bn_stats(ShuffleNet()), torch.randn(4, 3, 8, 8)
+    prune_model(model, x[:2], ratio=0.5, check_inputs=[x])
+    spec = {"name": "import:test_selfcheck:ShuffleNet", "kwargs": {}}
+    path = tmp_path / "a.ckpt"
+    save_checkpoint(path, model, model_spec=spec, check_inputs=x)
+    data = read_checkpoint(path)
+    assert data["check"]["inputs"].shape == (2, 3, 8, 8)
+    assert torch.equal(load_model(path)(x), model(x))  # the check passes on a faithful reload
+    data["check"]["outputs"] = data["check"]["outputs"] + 1.0  # as if the rebuilt structure computed otherwise
+    torch.save(data, path)
+    with pytest.raises(UserError, match=r"a\.ckpt: the reloaded model computes something else than the model saved "
+                                        r"\(outputs differ by [\d.e-]+ of their scale\)"):
+        load_model(path)
+    data["check"] = None  # a checkpoint written before the check loads as before
+    torch.save(data, path)
+    assert torch.equal(load_model(path)(x), model(x))

@@ -35,7 +35,7 @@ from compress.batches import forward, take
 from compress.errors import UserError
 from compress.pruning.masks import make_permanent
 
-__all__ = ["TOLERANCE", "RemovalLog", "zeroed", "relative_error", "failing_module", "Fault", "ProbeResult", "probe",
+__all__ = ["TOLERANCE", "RemovalLog", "zeroed", "relative_error", "outputs_error", "failing_module", "Fault", "ProbeResult", "probe",
            "check_batches", "StepCheck", "leave_out_faults"]
 
 # Largest |difference| / largest |logit|. Removing zero channels reorders fp32 sums (~1e-6 relative);
@@ -167,21 +167,27 @@ def zeroed(model: nn.Module, log: RemovalLog, attrs: dict[str, dict[str, Any]] |
 
 def relative_error(model: nn.Module, reference: nn.Module, batches: Sequence[Any]) -> float:
     """Largest |model - reference| over the largest |reference| of the logits, over ``batches`` (eval mode)."""
-    worst = scale = 0.0
     states = (model.training, reference.training)
     model.eval()
     reference.eval()
     try:
         with torch.no_grad():
-            for x in batches:
-                a, b = forward(model, x).double(), forward(reference, x).double()
-                if a.shape != b.shape:
-                    return float("inf")
-                worst = max(worst, float((a - b).abs().max()) if a.numel() else 0.0)
-                scale = max(scale, float(b.abs().max()) if b.numel() else 0.0)
+            pairs = [(forward(model, x), forward(reference, x)) for x in batches]
     finally:
         model.train(states[0])
         reference.train(states[1])
+    return outputs_error(pairs)
+
+
+def outputs_error(pairs: Sequence[tuple[Tensor, Tensor]]) -> float:
+    """Largest |output - reference| over the largest |reference| of ``(output, reference)`` pairs (inf: shapes differ)."""
+    worst = scale = 0.0
+    for a, b in pairs:
+        if a.shape != b.shape:
+            return float("inf")
+        a, b = a.detach().double(), b.detach().double()
+        worst = max(worst, float((a - b).abs().max()) if a.numel() else 0.0)
+        scale = max(scale, float(b.abs().max()) if b.numel() else 0.0)
     return worst / scale if scale > 0 else worst
 
 
