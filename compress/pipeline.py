@@ -373,8 +373,9 @@ class Pipeline:
                                           runtimes=list(e.runtimes), calibration_batches=self._calibration_batches(),
                                           runtime_baselines=self.runtime_baselines)
         metrics["wall_s"] = wall
-        if info.get("notes"):  # what the stage itself says (layers the self-check left out)
-            extras["notes"] = list(info["notes"]) + extras.get("notes", [])
+        notes = info.pop("notes", None)  # what the stage itself says (layers left out, and why)
+        if notes:
+            extras["notes"] = list(notes) + extras.get("notes", [])
         record = {"index": index, "name": name, "type": type_, "metrics": metrics, "layers": layers,
                   "info": _plain(info), **extras}
         self.records.append(record)

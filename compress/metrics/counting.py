@@ -12,11 +12,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from compress.batches import call, take
 from compress.pruning.masks import prunable_layers
 
-__all__ = ["LayerStats", "count_layers", "summarize"]
+__all__ = ["LayerStats", "count_layers", "summarize", "weight_readers", "untouched_share"]
+
+# Ops that read a tensor as a weight: a parameter (2-D or more) passed to one of them is a layer's
+# weight whatever the module's class (Hugging Face's Conv1D reads its weight with addmm; a bare
+# parameter given to F.linear).
+WEIGHT_OPS = frozenset({"linear", "bilinear", "addmm", "mm", "matmul", "bmm", "baddbmm", "addbmm", "einsum",
+                        "__matmul__", "__rmatmul__", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+                        "conv_transpose2d", "conv_transpose3d", "convolution", "_convolution"})
 
 
 @dataclass
@@ -106,3 +114,47 @@ def _logical_params(model: nn.Module) -> list[Tensor]:
                     continue
                 out.append(getattr(m, n))
     return out
+
+
+class _WeightReads(TorchFunctionMode):
+    """Records which of the model's parameters each torch function it runs reads as a weight."""
+
+    def __init__(self, params: dict[int, str]):
+        super().__init__()
+        self.params, self.read = params, {}
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in WEIGHT_OPS:
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, Tensor) and a.dim() >= 2 and id(a) in self.params:
+                    self.read[self.params[id(a)]] = a.numel()
+        return func(*args, **kwargs)
+
+
+def weight_readers(model: nn.Module, example: Any) -> dict[str, int]:
+    """``{module name: weight elements}`` of every module whose own parameter a matmul or convolution
+    reads in one forward pass (any class: found by what it computes)."""
+    params = {id(p): n for n, p in model.named_parameters()}
+    mode = _WeightReads(params)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), mode:
+            call(model, take(example, 1))
+    finally:
+        model.train(was_training)
+    out: dict[str, int] = {}
+    for name, n in mode.read.items():
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        out[owner] = out.get(owner, 0) + n
+    return out
+
+
+def untouched_share(model: nn.Module, example: Any, touched: Any) -> tuple[float, list[str]]:
+    """The fraction of all parameters in weight-reading modules outside ``touched`` (names), and those modules."""
+    touched = set(touched)
+    readers = weight_readers(model, example)
+    left = {n: k for n, k in readers.items() if n not in touched}
+    total = sum(p.numel() for p in model.parameters())
+    return (sum(left.values()) / total if total else 0.0), sorted(left)

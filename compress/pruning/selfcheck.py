@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from compress.batches import forward, take
 from compress.errors import UserError
+from compress.metrics.counting import weight_readers
 from compress.pruning.masks import make_permanent
 
 __all__ = ["TOLERANCE", "RemovalLog", "zeroed", "relative_error", "outputs_error", "failing_module", "Fault", "ProbeResult", "probe",
@@ -287,16 +288,24 @@ def _probe_once(model: nn.Module, example_inputs: Any, batches: Sequence[Any], s
     layers = dict(work.named_modules())
     kwargs = {k: ({layers[n]: v for n, v in _by_name(model, v).items()} if isinstance(v, dict) else v)
               for k, v in kwargs.items()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        pruner = tp.pruner.BasePruner(work, example_inputs, importance=tp.importance.RandomImportance(),
-                                      pruning_ratio=0.5, ignored_layers=[layers[n] for n in skip if n in layers],
-                                      forward_fn=forward_fn, **kwargs)
-    graph = pruner.DG
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
+            pruner = tp.pruner.BasePruner(work, example_inputs, importance=tp.importance.RandomImportance(),
+                                          pruning_ratio=0.5, ignored_layers=[layers[n] for n in skip if n in layers],
+                                          forward_fn=forward_fn, **kwargs)
+        graph = pruner.DG
+        roots = [(g[0].dep.target.module, g[0].dep.handler, pruner._get_channel_groups(g))
+                 for g in graph.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                               root_module_types=pruner.root_module_types)]
+    except Exception as e:  # noqa: BLE001 - Torch-Pruning's tracing failed on this graph: nothing can be pruned
+        unknown = [n for n in weight_readers(model, example_inputs) if n not in prunable]
+        named = ", ".join(f"'{n}' ({type(model.get_submodule(n)).__name__})" for n in unknown[:2])
+        why = f"; layers it does not know compute with their own weights: {named}" if unknown else ""
+        result.refusal = (f"{key}: Torch-Pruning cannot trace this model's channels ({_error_text(e)}){why}; leave "
+                          "this model out of structured pruning")
+        return None
     log = RemovalLog(work)
-    roots = [(g[0].dep.target.module, g[0].dep.handler, pruner._get_channel_groups(g))
-             for g in graph.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                           root_module_types=pruner.root_module_types)]
     for module, handler, channel_groups in roots:
         root = log.names[id(module)]
         n = graph.get_out_channels(module) if graph.is_out_channel_pruning_fn(handler) else \

@@ -18,11 +18,12 @@ from compress.config import (
     validate_finetune,
 )
 from compress.errors import UserError
+from compress.metrics.counting import untouched_share
 from compress.registry import Registry
 from compress.schema import match_layers, merge_structured
 
 __all__ = ["OptimizerConfig", "FinetuneConfig", "DistillConfig", "FeaturePairConfig", "Stage", "StageResult",
-           "Context", "STAGES", "MISSING", "match_layers", "validate_finetune"]
+           "Context", "STAGES", "MISSING", "match_layers", "validate_finetune", "untouched_notes"]
 
 
 @dataclass
@@ -94,6 +95,23 @@ class Context:
         )
 
         return fit(model, self, cfg, callbacks=callbacks, tag=tag)
+
+
+def untouched_notes(model: nn.Module, ctx: Context, can_touch: Any, example_inputs: Any = None) -> list[str]:
+    """A note naming the share of parameters in layers a stage cannot touch (``can_touch``: names of the
+    layers it can), found by what they compute (:func:`compress.metrics.counting.weight_readers`);
+    none without example inputs (from Python with no data) or when every such layer can be touched."""
+    if example_inputs is None:
+        if ctx.datamodule is None:
+            return []
+        example_inputs = ctx.example_inputs(batch_size=1)
+    share, names = untouched_share(model, example_inputs, can_touch)
+    if not names:
+        return []
+    listed = ", ".join(f"'{n}' ({type(model.get_submodule(n)).__name__})" for n in names[:2])
+    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+    return [f"{share:.0%} of the parameters are in layers this stage cannot touch ({listed}{more}): its sparsity "
+            "and MAC figures leave them out"]
 
 
 STAGES: Registry[type[Stage]] = Registry("stage type")

@@ -66,7 +66,7 @@ from compress.pruning.structured import (
     resolve_importance,
 )
 from compress.schema import check_choice, check_range, match_layers
-from compress.stages.base import STAGES, Context, Stage, StageResult
+from compress.stages.base import STAGES, Context, Stage, StageResult, untouched_notes
 
 __all__ = ["StructuredPruningStage", "StructuredConfig", "RegularizeConfig"]
 
@@ -290,6 +290,7 @@ class StructuredPruningStage(Stage):
         info = result.as_dict()
         info.update(importance=c.importance if self.importance_obj is None else type(self.importance_obj).__name__,
                     output_layers=outputs)
+        info["notes"] = info.get("notes", []) + untouched_notes(model, ctx, prunable_layers(model), x)
         return StageResult(model, info)
 
     def _attention_kept(self, model: nn.Module) -> list[str]:

@@ -19,7 +19,7 @@ from compress.config import FinetuneConfig
 from compress.errors import UserError
 from compress.pruning.masks import get_mask, prunable_layers, set_mask
 from compress.schema import check_choice, check_range, match_layers
-from compress.stages.base import STAGES, Context, Stage, StageResult
+from compress.stages.base import STAGES, Context, Stage, StageResult, untouched_notes
 
 __all__ = ["UnstructuredPruningStage", "agp_sparsity", "magnitude_masks", "std_masks", "GradualPruningCallback"]
 
@@ -185,7 +185,8 @@ class UnstructuredPruningStage(Stage):
             callback.done = 1
             ctx.finetune(model, c.finetune, callbacks=[callback], tag=self.name)
             self.prune_to(model)  # the schedule ends exactly at the targets
-        return StageResult(model, {"layer_sparsity": self.report(model)})
+        return StageResult(model, {"layer_sparsity": self.report(model),
+                                   "notes": untouched_notes(model, ctx, prunable_layers(model))})
 
 
 class GradualPruningCallback:

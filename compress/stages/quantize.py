@@ -39,7 +39,7 @@ from compress.quant import (
 )
 from compress.runtime import export_onnx, ort_accuracy
 from compress.schema import check_choice, check_range, match_layers
-from compress.stages.base import STAGES, Context, Stage, StageResult
+from compress.stages.base import STAGES, Context, Stage, StageResult, untouched_notes
 
 __all__ = ["QuantizeStage"]
 
@@ -108,6 +108,7 @@ class QuantizeStage(Stage):
                                                         f"{self.key}.max_accuracy_drop")
         info["float_layers"] = [n for n, m in model.named_modules()
                                 if isinstance(m, QUANTIZABLE) and n not in quantized_layers(model)]
+        info["notes"] = untouched_notes(model, ctx, [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)])
         return StageResult(model, info)
 
 

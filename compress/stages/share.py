@@ -17,7 +17,7 @@ from compress.errors import UserError
 from compress.pruning.masks import prunable_layers
 from compress.schema import check_choice, match_layers
 from compress.sharing import share_layer
-from compress.stages.base import STAGES, Context, Stage, StageResult
+from compress.stages.base import STAGES, Context, Stage, StageResult, untouched_notes
 
 __all__ = ["ShareStage"]
 
@@ -76,4 +76,5 @@ class ShareStage(Stage):
         for name, b in bits.items():  # installed before fine-tuning starts (DDP registers parameters then)
             clusters[name] = int(share_layer(layers[name], b, self.config.init).centroids.numel())
         logged = ctx.finetune(model, self.config.finetune, tag=self.name)
-        return StageResult(model, {"bits": bits, "clusters": clusters, "finetune": logged})
+        return StageResult(model, {"bits": bits, "clusters": clusters, "finetune": logged,
+                                   "notes": untouched_notes(model, ctx, prunable_layers(model))})
