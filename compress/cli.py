@@ -140,6 +140,9 @@ def _export(argv: Sequence[str]) -> int:
     p.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.dc or RUN_DIR/model.onnx)")
     p.add_argument("--index-bits", default=None,
                    help="deep: relative-index width, 1-16 or 'auto' (default: the run's encoding.index_bits)")
+    p.add_argument("--max-accuracy-drop", type=float, default=None,
+                   help="onnx int8: how far below float the int8 test accuracy may be (default: the run's "
+                        "quantize max_accuracy_drop, else 0.01)")
     args = p.parse_args(list(argv))
     from pathlib import Path
 
@@ -155,7 +158,8 @@ def _export(argv: Sequence[str]) -> int:
     data = read_checkpoint(ckpts[-1])
     model = model_from_checkpoint(data, ckpts[-1])
     if args.format == "onnx":
-        return _export_onnx(model, data, ckpts[-1].name, Path(args.out) if args.out else run_dir / "model.onnx")
+        return _export_onnx(model, data, ckpts[-1].name, Path(args.out) if args.out else run_dir / "model.onnx",
+                            args.max_accuracy_drop)
     from compress.encoding import model_storage, write_compressed
     from compress.schema import check_index_bits
 
@@ -171,12 +175,13 @@ def _export(argv: Sequence[str]) -> int:
     return 0
 
 
-def _export_onnx(model, data: dict, source: str, out) -> int:
-    """The ONNX half of ``export``: inputs and calibration batches come from the run's own data."""
+def _export_onnx(model, data: dict, source: str, out, max_drop: float | None = None) -> int:
+    """The ONNX half of ``export``: inputs, calibration batches and the int8 gate's test split come from
+    the run's own data; the gate's tolerance is the run's ``max_accuracy_drop`` unless given."""
     from compress.batches import batch_size, take
     from compress.data import build_datamodule, example_batch, training_inputs
     from compress.quant import is_quantized
-    from compress.runtime import OrtModel, export_onnx
+    from compress.runtime import DEFAULT_MAX_ACCURACY_DROP, OrtModel, export_onnx
 
     recipe = data.get("recipe") or {}
     if "data" not in recipe:
@@ -184,10 +189,17 @@ def _export_onnx(model, data: dict, source: str, out) -> int:
     dm = build_datamodule(recipe["data"], seed=int(recipe.get("seed", 0)))
     dm.setup("fit")
     quantized = is_quantized(model)
-    calibration = next((s.get("calibration_batches", 8) for s in recipe.get("stages", []) if s.get("type") == "quantize"), 8)
+    quantize = next((s for s in recipe.get("stages", []) if s.get("type") == "quantize"), {})
+    calibration = quantize.get("calibration_batches", 8)
+    if max_drop is None:
+        max_drop = quantize.get("max_accuracy_drop")
+    max_drop = DEFAULT_MAX_ACCURACY_DROP if max_drop is None else max_drop
+    if not 0 <= max_drop < 1:
+        raise UserError(f"--max-accuracy-drop: {max_drop} must be in [0, 1) (a fraction: 0.005 is half a point)")
+    dm.setup("test")
     test = example_batch(dm, 256)[0]
     export_onnx(model, out, take(test, 1), calibration=training_inputs(dm, calibration) if quantized else None,
-                check_inputs=test)
+                check_inputs=test, test=dm.test_dataloader() if quantized else None, max_accuracy_drop=max_drop)
     print(f"{out}: {out.stat().st_size:,} bytes, {'int8 (QDQ)' if quantized else 'fp32'} ONNX from {source}, "
           f"checked against PyTorch on {batch_size(test)} test inputs; runs in ONNX Runtime "
           f"({OrtModel(out).session.get_providers()[0]})")

@@ -105,6 +105,10 @@ def test_export_stage_picks_that_checkpoint_and_a_missing_stage_is_one_line(smal
                                                "folder (out_dir of a recipe)?")
     assert main(["export", str(run), "--index-bits", "40", "--out", str(tmp_path / "x.dc")]) == 2
     assert capsys.readouterr().err.startswith("error: --index-bits: ")
+    assert main(["export", str(run), "--format", "onnx", "--max-accuracy-drop", "1.5",
+                 "--out", str(tmp_path / "x.onnx")]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --max-accuracy-drop: 1.5 must be in [0, 1) (a fraction: 0.005 "
+                                               "is half a point)")
     assert not (tmp_path / "x.dc").exists()
 
 

@@ -143,3 +143,21 @@ def test_missing_onnxruntime_is_one_line(tiny_model, tmp_path, monkeypatch):
 def test_missing_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no such ONNX file"):
         OrtModel(tmp_path / "absent.onnx")
+
+
+def test_int8_export_with_labels_applies_the_stages_accuracy_gate(trained, digits, tmp_path):
+    from compress.runtime import int8_accuracy_gate
+
+    cal = calibration(digits)
+    q = quantize_ptq(copy.deepcopy(trained["mlp"]), cal)
+    x, y = digits[1]
+    loader = DataLoader(TensorDataset(x, y), batch_size=128)
+    path = export_onnx(q, tmp_path / "ok.onnx", cal[0], calibration=cal, test=loader, max_accuracy_drop=0.05)
+    float_acc = ort_accuracy(export_onnx(q, tmp_path / "f.onnx", cal[0], int8=False), loader)
+    gate = int8_accuracy_gate(path, loader, float_acc, 0.05)
+    assert gate["met"] and gate["drop"] == pytest.approx(float_acc - ort_accuracy(path, loader))
+    assert not int8_accuracy_gate(path, loader, gate["runtime_accuracy"] + 0.02, 0.01)["met"]  # 2 points > 1
+    with pytest.raises(UserError, match=r"^export: int8 accuracy in ONNX Runtime [\d.]+ is -?[\d.]+ below the float "
+                                        r"model's [\d.]+ on the test split \(max_accuracy_drop -1\); file not written$"):
+        export_onnx(q, tmp_path / "no.onnx", cal[0], calibration=cal, test=loader, max_accuracy_drop=-1.0)
+    assert not (tmp_path / "no.onnx").exists()

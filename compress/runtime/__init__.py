@@ -6,9 +6,15 @@ package is cheap and a missing install is a one-line error naming ``pip install 
 
 from __future__ import annotations
 
-from compress.runtime.export import FP32_TOLERANCE, INT8_AGREEMENT, export_onnx
+from compress.runtime.export import (
+    DEFAULT_MAX_ACCURACY_DROP,
+    FP32_TOLERANCE,
+    INT8_AGREEMENT,
+    export_onnx,
+    int8_accuracy_gate,
+)
 from compress.runtime.ort import OrtModel, feeds, ort_accuracy, require
 from compress.runtime.runtimes import RUNTIMES, check_runtimes
 
-__all__ = ["FP32_TOLERANCE", "INT8_AGREEMENT", "OrtModel", "RUNTIMES", "check_runtimes", "export_onnx", "feeds",
+__all__ = ["DEFAULT_MAX_ACCURACY_DROP", "FP32_TOLERANCE", "INT8_AGREEMENT", "int8_accuracy_gate", "OrtModel", "RUNTIMES", "check_runtimes", "export_onnx", "feeds",
            "ort_accuracy", "require"]

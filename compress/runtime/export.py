@@ -30,12 +30,13 @@ from torch import Tensor, nn
 from compress.batches import batch_size, call, cat, forward
 from compress.errors import UserError
 from compress.quant import QUANTIZABLE, float_copy, is_quantized, quantized_layers
-from compress.runtime.ort import OrtModel, feeds, require
+from compress.runtime.ort import OrtModel, feeds, ort_accuracy, require
 
 __all__ = ["export_onnx", "FP32_TOLERANCE", "INT8_AGREEMENT", "OPSET"]
 
 OPSET = 17
 FP32_TOLERANCE = 1e-4  # max |ORT - torch| on the logits, times max(1, max |torch logits|)
+DEFAULT_MAX_ACCURACY_DROP = 0.01  # the int8 gate's tolerance when the recipe sets no max_accuracy_drop
 INT8_AGREEMENT = 0.99  # top-1 agreement of the int8 graph with the torch fake-quantised model (or: _check_int8)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 ONNX_LAYER_OPS = ("Conv", "Gemm", "MatMul")  # what QUANTIZABLE layers export to
@@ -196,9 +197,20 @@ def _check_int8(reference: nn.Module, float_model: nn.Module, path: Path, inputs
     return agreement
 
 
+def int8_accuracy_gate(int8_graph: str | Path | OrtModel, test: Iterable[Any], float_accuracy: float,
+                       max_drop: float) -> dict[str, Any]:
+    """The one int8 quality rule, for the ``quantize`` stage and for ``export`` alike: the int8 graph's
+    accuracy in ONNX Runtime on the test split is at most ``max_drop`` below the float model's."""
+    accuracy = ort_accuracy(int8_graph, test)
+    drop = float_accuracy - accuracy
+    return {"runtime_accuracy": accuracy, "float_runtime_accuracy": float_accuracy, "drop": drop,
+            "max_drop": max_drop, "met": drop <= max_drop + 1e-12}
+
+
 def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tuple[Tensor, ...], *,
                 int8: bool | None = None, calibration: Iterable[Any] | None = None,
-                check_inputs: Tensor | None = None, check: bool = True, opset: int = OPSET) -> Path:
+                check_inputs: Tensor | None = None, check: bool = True, opset: int = OPSET,
+                test: Iterable[Any] | None = None, max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP) -> Path:
     """Write ``model`` as an ONNX file ONNX Runtime runs, with a dynamic batch axis; atomic.
 
     Masks and codebooks are baked in and pruned shapes are the real ones. ``model`` is not modified.
@@ -216,7 +228,11 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
         check_inputs: the batch the checks run on; default ``example_inputs`` (int8: with the
             calibration batches).
         check: fp32: ORT logits equal PyTorch's within ``FP32_TOLERANCE`` (relative to the logit scale
-            above 1); int8: top-1 agrees with the torch quantised model on >= 99% of the check inputs.
+            above 1); int8 with ``test``: :func:`int8_accuracy_gate` (the rule the quantize stage
+            applies); int8 without labels: top-1 agrees with the torch quantised model on >= 99% of the
+            check inputs.
+        test: labelled ``(inputs, targets)`` batches (the test split) for the int8 gate.
+        max_accuracy_drop: the gate's tolerance (the run's ``max_accuracy_drop``).
 
     Returns:
         The path written.
@@ -259,7 +275,13 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
         int8_path = Path(tmp) / "int8.onnx"
         _quantize_graph(fp32, int8_path, batches, exclude)
         _shorten_tensor_names(int8_path)
-        if check:
+        if check and test is not None:
+            gate = int8_accuracy_gate(int8_path, test, ort_accuracy(fp32, test), max_accuracy_drop)
+            if not gate["met"]:
+                raise UserError(f"export: int8 accuracy in ONNX Runtime {gate['runtime_accuracy']:.4f} is "
+                                f"{gate['drop']:.4f} below the float model's {gate['float_runtime_accuracy']:.4f} on "
+                                f"the test split (max_accuracy_drop {max_accuracy_drop:g}); file not written")
+        elif check:
             inputs = _as_batch(check_inputs) if check_inputs is not None else cat([example, *batches])
             _check_int8(reference, deployed, int8_path, inputs)
         os.replace(int8_path, path)

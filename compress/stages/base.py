@@ -102,7 +102,7 @@ def untouched_notes(model: nn.Module, ctx: Context, can_touch: Any, example_inpu
     layers it can), found by what they compute (:func:`compress.metrics.counting.weight_readers`);
     none without example inputs (from Python with no data) or when every such layer can be touched."""
     if example_inputs is None:
-        if ctx.datamodule is None:
+        if getattr(ctx, "datamodule", None) is None:  # from Python on a bare model (or a stand-in context)
             return []
         example_inputs = ctx.example_inputs(batch_size=1)
     share, names = untouched_share(model, example_inputs, can_touch)

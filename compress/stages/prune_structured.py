@@ -290,7 +290,9 @@ class StructuredPruningStage(Stage):
         info = result.as_dict()
         info.update(importance=c.importance if self.importance_obj is None else type(self.importance_obj).__name__,
                     output_layers=outputs)
-        info["notes"] = info.get("notes", []) + untouched_notes(model, ctx, prunable_layers(model), x)
+        notes = info.get("notes", []) + untouched_notes(model, ctx, prunable_layers(model), x)
+        if notes:
+            info["notes"] = notes
         return StageResult(model, info)
 
     def _attention_kept(self, model: nn.Module) -> list[str]:

@@ -185,8 +185,11 @@ class UnstructuredPruningStage(Stage):
             callback.done = 1
             ctx.finetune(model, c.finetune, callbacks=[callback], tag=self.name)
             self.prune_to(model)  # the schedule ends exactly at the targets
-        return StageResult(model, {"layer_sparsity": self.report(model),
-                                   "notes": untouched_notes(model, ctx, prunable_layers(model))})
+        info: dict[str, Any] = {"layer_sparsity": self.report(model)}
+        notes = untouched_notes(model, ctx, prunable_layers(model))
+        if notes:
+            info["notes"] = notes
+        return StageResult(model, info)
 
 
 class GradualPruningCallback:

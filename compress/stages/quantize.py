@@ -37,7 +37,7 @@ from compress.quant import (
     quantize_ptq,
     quantized_layers,
 )
-from compress.runtime import export_onnx, ort_accuracy
+from compress.runtime import export_onnx, int8_accuracy_gate, ort_accuracy
 from compress.schema import check_choice, check_range, match_layers
 from compress.stages.base import STAGES, Context, Stage, StageResult, untouched_notes
 
@@ -108,7 +108,9 @@ class QuantizeStage(Stage):
                                                         f"{self.key}.max_accuracy_drop")
         info["float_layers"] = [n for n, m in model.named_modules()
                                 if isinstance(m, QUANTIZABLE) and n not in quantized_layers(model)]
-        info["notes"] = untouched_notes(model, ctx, [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)])
+        notes = untouched_notes(model, ctx, [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)])
+        if notes:
+            info["notes"] = notes
         return StageResult(model, info)
 
 
@@ -135,18 +137,21 @@ def control_accuracy(model: nn.Module, reference: nn.Module, ctx: Any, batches: 
     with tempfile.TemporaryDirectory(prefix="compress-quantize-") as tmp:
         float_acc = ort_accuracy(export_onnx(reference, Path(tmp) / "float.onnx", example), test)
 
-        def int8_accuracy() -> float:
-            return ort_accuracy(export_onnx(model, Path(tmp) / "int8.onnx", example, calibration=batches), test)
+        def gate() -> dict[str, Any]:  # the rule export applies too
+            graph = export_onnx(model, Path(tmp) / "int8.onnx", example, calibration=batches, check=False)
+            return int8_accuracy_gate(graph, test, float_acc, max_drop)
 
-        history = [{"float_layers": [], "runtime_accuracy": int8_accuracy()}]
+        gates = [gate()]
+        history = [{"float_layers": [], "runtime_accuracy": gates[-1]["runtime_accuracy"]}]
         order = [name for name, _ in layer_sensitivity(model, reference, batches)]
         restored: list[str] = []
-        while float_acc - history[-1]["runtime_accuracy"] > max_drop and len(order) > 1:
+        while not gates[-1]["met"] and len(order) > 1:
             name = order.pop(0)
             dequantize_layer(model, name)
             restored.append(name)
-            history.append({"float_layers": list(restored), "runtime_accuracy": int8_accuracy()})
-    met = float_acc - history[-1]["runtime_accuracy"] <= max_drop
+            gates.append(gate())
+            history.append({"float_layers": list(restored), "runtime_accuracy": gates[-1]["runtime_accuracy"]})
+    met = gates[-1]["met"]
     return {"float_runtime_accuracy": float_acc, "max_drop": max_drop, "met": met, "steps": history,
             "note": None if met else f"{key}: int8 accuracy stays {float_acc - history[-1]['runtime_accuracy']:.4f} "
                                      f"below float with only one layer left quantised"}

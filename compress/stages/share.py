@@ -76,5 +76,8 @@ class ShareStage(Stage):
         for name, b in bits.items():  # installed before fine-tuning starts (DDP registers parameters then)
             clusters[name] = int(share_layer(layers[name], b, self.config.init).centroids.numel())
         logged = ctx.finetune(model, self.config.finetune, tag=self.name)
-        return StageResult(model, {"bits": bits, "clusters": clusters, "finetune": logged,
-                                   "notes": untouched_notes(model, ctx, prunable_layers(model))})
+        info: dict[str, Any] = {"bits": bits, "clusters": clusters, "finetune": logged}
+        notes = untouched_notes(model, ctx, prunable_layers(model))
+        if notes:
+            info["notes"] = notes
+        return StageResult(model, info)
