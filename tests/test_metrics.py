@@ -108,3 +108,25 @@ def test_counts_are_per_sample_integers_whatever_the_batch_and_skip_unused_layer
     bn_only = nn.Sequential(nn.BatchNorm2d(2))
     s = summarize(bn_only, count_layers(bn_only, torch.randn(1, 2, 4, 4)))
     assert (s["params"], s["sparsity"], s["macs"]) == (4, 0.0, 0)  # nothing prunable: no sparsity to speak of
+
+
+def test_int8_rounding_to_zero_is_no_sparsity_but_a_mask_under_quantisation_is():
+    from compress.quant import quantize_ptq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
+    with torch.no_grad():
+        model[0].weight[:, :4] *= 1e-4  # a quarter of the weights round to zero in int8
+    x = torch.randn(16, 8)
+    dense = summarize(model, count_layers(model, x))
+    assert dense["sparsity"] == 0.0
+    quantize_ptq(model, [x])
+    assert int((model[0].weight == 0).sum()) >= 8 * 64 // 4 - 8  # int8 did round them to zero ...
+    after = summarize(model, count_layers(model, x))
+    assert after["sparsity"] == 0.0 and after["effective_macs"] == after["macs"]  # ... which is no pruning
+    masked = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))
+    set_mask(masked[2], torch.rand(4, 64) > 0.5)
+    zeros = int((masked[2].weight == 0).sum())
+    quantize_ptq(masked, [x])
+    stats = {s.name: s for s in count_layers(masked, x)}
+    assert stats["2"].params - stats["2"].nonzero == zeros  # the mask's zeros still count

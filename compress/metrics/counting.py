@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from compress.batches import call, take
 from compress.pruning.masks import prunable_layers
+from compress.quant.quantizers import WeightQuantizer
 
 __all__ = ["LayerStats", "count_layers", "summarize", "weight_readers", "untouched_share"]
 
@@ -62,6 +63,21 @@ def _output_positions(model: nn.Module, layers: dict[str, nn.Module], example: T
     return positions
 
 
+def _unquantized_weight(module: nn.Module) -> Tensor:
+    """The weight as the layer computes it, but before int8 rounding: a weight rounded to zero is no
+    pruned weight (no sparsity, no MACs saved), while a mask's or a codebook's zeros are."""
+    if not (hasattr(module, "parametrizations") and "weight" in module.parametrizations):
+        return module.weight
+    chain = module.parametrizations["weight"]
+    if not any(isinstance(p, WeightQuantizer) for p in chain):
+        return module.weight
+    w = chain.original
+    for p in chain:
+        if not isinstance(p, WeightQuantizer):
+            w = p(w)
+    return w
+
+
 def count_layers(model: nn.Module, example: Tensor) -> list[LayerStats]:
     """Per-layer statistics of the prunable layers (conv and linear) in forward order."""
     layers = prunable_layers(model)
@@ -71,7 +87,7 @@ def count_layers(model: nn.Module, example: Tensor) -> list[LayerStats]:
         if name not in positions:  # not on the forward path
             continue
         with torch.no_grad():
-            w = m.weight
+            w = _unquantized_weight(m)
             n, nz = w.numel(), int(torch.count_nonzero(w))
         pos = positions[name]
         stats.append(LayerStats(name, type(m).__name__, n, nz, 1.0 - nz / n if n else 0.0, n * pos, nz * pos))
