@@ -80,8 +80,9 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     deployed = (float_copy(model) if quantized else deployed_copy(model)).eval()
     storage = model_storage(model, index_bits, deployed)
     metrics["stored_bytes"] = int8_storage_bytes(model) if quantized else storage["total"]["compressed_bytes"]
-    # Deep Compression's ratio: against the network the user brought (stage 0), not this stage's dense size
-    metrics["compression_ratio"] = (baseline or metrics)["dense_bytes"] / max(1, metrics["stored_bytes"])
+    # Deep Compression's ratio: against the network the user brought (stage 0) as stored, not this stage's
+    # dense size, so stage 0 (and any stage that changes nothing) is exactly 1.0 whatever the format's overhead
+    metrics["compression_ratio"] = (baseline or metrics)["stored_bytes"] / max(1, metrics["stored_bytes"])
     metrics["compressed_bytes"] = metrics["stored_bytes"]
     metrics["precision"] = "int8" if quantized else "fp32"
     batch = latency_batch or describe(datamodule)[2]

@@ -256,7 +256,9 @@ def test_a_run_notes_the_layer_left_out_and_reports_the_check(tmp_path, capsys, 
     assert main([str(path), "--dry-run"]) == 0
     assert "self-check: Torch-Pruning would remove the wrong channels of 'conv2'" in capsys.readouterr().out
     assert main([str(path)]) == 0
-    record = json.loads((tmp_path / "run" / "report.json").read_text())["stages"][-1]
+    stages = json.loads((tmp_path / "run" / "report.json").read_text())["stages"]
+    assert stages[0]["metrics"]["compression_ratio"] == 1.0  # stage 0 changes nothing, whatever the format's overhead
+    record = stages[-1]
     assert any(n.startswith("self-check: Torch-Pruning would remove the wrong channels of 'conv2'")
                for n in record["notes"])
     assert record["info"]["channels"]["conv2"] == 6 and record["info"]["channels"]["conv1"] == 4
