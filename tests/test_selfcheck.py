@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from compress.errors import UserError
 from compress.pruning.selfcheck import RemovalLog, StepCheck, probe, relative_error, zeroed
 from compress.pruning.structured import prune_model, trace_logits
+from compress.stages import Context
+from compress.stages.prune_structured import BN_BATCHES, StructuredPruningStage
 
 torch.set_num_threads(1)
 TESTS = Path(__file__).resolve().parent
@@ -286,3 +288,37 @@ def test_a_reload_that_computes_something_else_is_refused(tmp_path, monkeypatch)
     data["check"] = None  # a checkpoint written before the check loads as before
     torch.save(data, path)
     assert torch.equal(load_model(path)(x), model(x))
+
+
+class FrozenBNNet(nn.Module):
+    """conv - BN (momentum 0, as a pretrained model may ship it) - conv - BN - pool - linear, for 1x8x8."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=0.0)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.fc(F.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
+def test_batchnorm_statistics_are_reestimated_after_pruning_and_momentum_zero_is_named(synthetic_dm):
+    from compress.pruning.batchnorm import reestimate_batchnorm
+
+    torch.manual_seed(0)
+    model = _bn_stats(FrozenBNNet())
+    stage = StructuredPruningStage(ratio=0.5)
+    result = stage.apply(model, Context(synthetic_dm))
+    assert result.info["notes"] == ["BatchNorm 'bn1' has momentum 0: its running statistics never update in "
+                                    "fine-tuning (re-estimated once after pruning)"]
+    assert model.bn1.momentum == 0.0 and model.bn2.momentum == 0.1  # put back after the re-estimation
+    xs = Context(synthetic_dm).training_inputs(BN_BATCHES)
+    with torch.no_grad():  # those of the pruned model on the training batches (every BatchNorm in train mode)
+        h = torch.cat([model.conv2(F.relu(F.batch_norm(model.conv1(x), None, None, model.bn1.weight, model.bn1.bias,
+                                                        training=True))) for x in xs])
+    assert torch.allclose(model.bn2.running_mean, h.mean((0, 2, 3)), atol=1e-6)
+    assert reestimate_batchnorm(nn.Linear(2, 2), [torch.zeros(1, 2)]) == 0
+    bare = StructuredPruningStage(ratio=0.5, example_inputs=torch.randn(2, 1, 8, 8)).apply(_bn_stats(FrozenBNNet()))
+    assert bare.info["notes"] == ["BatchNorm 'bn1' has momentum 0: its running statistics never update in fine-tuning"]

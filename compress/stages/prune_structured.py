@@ -55,6 +55,7 @@ from compress.batches import repeat_to, take
 from compress.config import FinetuneConfig
 from compress.errors import UserError
 from compress.pruning.attention import HEAD_MODES, TorchMHA, find_attention, plan_heads
+from compress.pruning.batchnorm import frozen_batchnorms, reestimate_batchnorm
 from compress.pruning.latency import check_latency_target, latency_backend, prune_to_latency, resolve_round_to
 from compress.pruning.masks import prunable_layers
 from compress.pruning.structured import (
@@ -71,6 +72,7 @@ from compress.stages.base import STAGES, Context, Stage, StageResult, untouched_
 __all__ = ["StructuredPruningStage", "StructuredConfig", "RegularizeConfig"]
 
 CHECK_SAMPLES = 16  # test samples the self-check compares the pruned model's outputs on
+BN_BATCHES = 8  # training batches BatchNorm statistics are re-estimated on after each pruning step
 
 
 @dataclass
@@ -262,6 +264,8 @@ class StructuredPruningStage(Stage):
             gradient_batches = lambda: _first_batches(ctx.datamodule, c.taylor_batches)  # noqa: E731
 
         def on_step(m: nn.Module, step: int, steps: int) -> None:
+            if ctx.datamodule is not None:  # the self-check has passed: statistics of what the model now is
+                reestimate_batchnorm(m, ctx.training_inputs(BN_BATCHES))
             ctx.finetune(m, c.finetune, tag=self.name if steps == 1 else f"{self.name}/step{step}")
 
         torch.manual_seed(ctx.seed + 1000 * ctx.stage_index)  # random/taylor choices replay on resume
@@ -291,6 +295,11 @@ class StructuredPruningStage(Stage):
         info.update(importance=c.importance if self.importance_obj is None else type(self.importance_obj).__name__,
                     output_layers=outputs)
         notes = info.get("notes", []) + untouched_notes(model, ctx, prunable_layers(model), x)
+        frozen = frozen_batchnorms(model)
+        if frozen:
+            notes.append(f"BatchNorm {', '.join(repr(n) for n in frozen[:3])}{' and more' if len(frozen) > 3 else ''} "
+                         "has momentum 0: its running statistics never update in fine-tuning"
+                         + (" (re-estimated once after pruning)" if ctx.datamodule is not None else ""))
         if notes:
             info["notes"] = notes
         return StageResult(model, info)
