@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -322,3 +324,21 @@ def test_batchnorm_statistics_are_reestimated_after_pruning_and_momentum_zero_is
     assert reestimate_batchnorm(nn.Linear(2, 2), [torch.zeros(1, 2)]) == 0
     bare = StructuredPruningStage(ratio=0.5, example_inputs=torch.randn(2, 1, 8, 8)).apply(_bn_stats(FrozenBNNet()))
     assert bare.info["notes"] == ["BatchNorm 'bn1' has momentum 0: its running statistics never update in fine-tuning"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_mac_search_shows_its_ratio_on_a_terminal_and_nothing_elsewhere(monkeypatch, capsys):
+    torch.manual_seed(0)
+    model, x = _bn_stats(ShuffleNet()), torch.randn(4, 3, 8, 8)
+    prune_model(copy.deepcopy(model), x[:2], mac_speedup=1.3)
+    assert capsys.readouterr().err == ""  # not a terminal: no progress line in logs
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    result = prune_model(model, x[:2], mac_speedup=1.3, key="s")
+    lines = terminal.getvalue().split("\r")[1:]
+    assert len(lines) == len(result.history) and lines[-1].endswith("\n")
+    assert lines[-1].startswith(f"s: {result.history[-1]:.3f}x MACs of 1.3x")

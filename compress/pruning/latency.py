@@ -54,8 +54,8 @@ from compress.pruning.selfcheck import StepCheck, check_batches
 from compress.pruning.structured import (
     PruneResult,
     StepCallback,
+    StepLoop,
     _accumulate_gradients,
-    _after_step,
     _clear_grads,
     _needs_gradients,
     channel_counts,
@@ -654,92 +654,126 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
     batches = check_batches(example_inputs, check_inputs)
     extra, notes = faulty_groups(model, example_inputs, skip=ignored, plan=plan_heads(model, "keep", key=key),
                                  check_inputs=batches, key=key)
-    ignored |= set(extra)
-    checks = [0.0]
-    base = deployed_copy(model).eval()
-    base_macs, base_params = count_macs(model, example_inputs)
-    before = channel_counts(model)
-    was_training = model.training
+    loop = StepLoop(model, example_inputs, batches, on_step=on_step, masked=masked, key=key, target=target,
+                    what=f"latency on {backend.name}")
+    search = _Search(model, example_inputs, latency_inputs, imp, sorted(ignored | set(extra)), channel_counts(model),
+                     max_layer_ratio, table, deployed_copy(model).eval(), backend, tolerance, gradient_batches, loss_fn,
+                     loop.progress)
     model.eval()
-    history: list[float] = []
-    mac_history: list[float] = []
-    achieved, estimated = 1.0, 1.0
     try:
-        base_ms = backend.model_ms(base, latency_inputs)
-        alignments = auto_alignments(backend) if round_to == "auto" else [(round_to, small_round_to)]
-        for round_to, small_round_to in alignments:  # noqa: B007  (the pair that fits is used below)
-            analysis = _analyze(model, example_inputs, imp, sorted(ignored), before, round_to, max_layer_ratio,
-                                small_round_to)
-            table0 = _table_ms(analysis, table)
-            floor_ms = _table_ms(analysis, table, [min(g.width, g.floor) for g in analysis.groups])
-            if table0 / max(floor_ms, 1e-12) >= target * (1 - tolerance):
-                break
-        # finer alignments auto may still move to when the whole model stops short (multiples of 16 are of 8)
-        finer = alignments[alignments.index((round_to, small_round_to)) + 1:]
-        if table0 / max(floor_ms, 1e-12) < target * (1 - tolerance):  # even if nothing but the tables shrank
-            raise UserError(f"{key}.latency_speedup: {target}x on {backend.name} cannot be reached: the layers it "
-                            f"can narrow give at most about {table0 / max(floor_ms, 1e-12):.2f}x (max_layer_ratio "
-                            f"{max_layer_ratio}, round_to {_alignment(round_to, small_round_to)}, ignored layers); "
-                            "nothing was pruned")
-        # Whole-model latency ~ base * (1 - share + share * tables / tables at the start): ``share`` is the
-        # part of the latency the tables explain, refitted on every measurement.
-        share = min(1.0, table0 / base_ms) if base_ms > 0 else 1.0
+        search.align(target, auto_alignments(backend) if round_to == "auto" else [(round_to, small_round_to)], key)
         for step in range(1, iterative_steps + 1):
             goal = target ** (step / iterative_steps)
-            check = StepCheck(model, batches, key)
-            for rnd in range(MAX_ROUNDS + len(finer)):
-                if _gradients_needed(imp, gradient_batches):
-                    _accumulate_gradients(model, gradient_batches, loss_fn)
-                analysis = _analyze(model, example_inputs, imp, sorted(ignored), before, round_to, max_layer_ratio,
-                                    small_round_to)
-                _clear_grads(model)
-                now = _table_ms(analysis, table) / table0
-                if achieved > 1.001 and now < 0.999:  # refit on the last measurement (was never true: speedups are > 1)
-                    share = min(1.5, max(0.05, (1 - 1 / achieved) / (1 - now)))
-                # the first two rounds go half the way (in log speedup) before the tables are calibrated on a
-                # measurement: a layer alone misses effects of the whole (activations that start to fit in
-                # cache), and removed channels cannot come back
-                aim = goal if rnd >= 2 or goal / achieved < 1.15 else achieved * (goal / achieved) ** FIRST_ROUND_SHARE
-                goal_table = table0 * max(0.0, 1 - (1 - 1 / aim) / share)
-                path: list[list[int]] = []
-                widths, est = allocate_widths(analysis, table, goal_table, trace=path)
-                if widths == [g.width for g in analysis.groups]:
-                    if finer:  # round_to: auto, stuck at this alignment: go on with the next finer one
-                        round_to, small_round_to = finer.pop(0)
-                        continue
-                    break  # nothing more to narrow
-                # check the whole model before removing channels: back off along the path if it overshoots
-                back = _backtrack(model, base, analysis, path, example_inputs, latency_inputs, backend, goal,
-                                  tolerance)
-                if back is not None:
-                    widths = back[0]
-                    est = _table_ms(analysis, table, widths)
-                estimated = 1 / max(1e-9, 1 - share * (1 - est / table0))
-                _prune_groups(analysis, widths, check)
-                check.runs(model)
-                achieved = backend.speedup(model, base, latency_inputs)
-                history.append(achieved)
-                if achieved >= goal * (1 - tolerance):
-                    break
-            mac_history.append(base_macs / max(1, count_macs(model, example_inputs)[0]))
-            if achieved < goal * (1 - tolerance):
+            search.reach(goal, loop.begin())
+            loop.measure()
+            if search.achieved < goal * (1 - tolerance):
                 raise UserError(
-                    f"{key}.latency_speedup: reached only {achieved:.2f}x of {goal:.2f}x on {backend.name} "
-                    f"({backend.how}; step {step} of {iterative_steps}, {base_macs / max(1, count_macs(model, example_inputs)[0]):.2f}x "
-                    f"MACs) within max_layer_ratio {max_layer_ratio} (round_to {_alignment(round_to, small_round_to)}); lower the target, "
-                    "raise max_layer_ratio or ignore fewer layers")
-            checks.append(check.verify(model))  # before fine-tuning changes the weights
-            _after_step(model, masked, on_step, step, iterative_steps, was_training)
+                    f"{key}.latency_speedup: reached only {search.achieved:.2f}x of {goal:.2f}x on {backend.name} "
+                    f"({backend.how}; step {step} of {iterative_steps}, {loop.ratio:.2f}x MACs) within max_layer_ratio "
+                    f"{max_layer_ratio} (round_to {_alignment(search.round_to, search.small_round_to)}); lower the "
+                    "target, raise max_layer_ratio or ignore fewer layers")
+            loop.finish(step, iterative_steps)  # the self-check, then fine-tuning
     finally:
         _clear_grads(model)
-        model.train(was_training)
+        model.train(loop.was_training)
         table.save()
     macs, params = count_macs(model, example_inputs)
-    return LatencyPruneResult(base_macs, macs, base_params, params, before, channel_counts(model), mac_history,
-                              iterative_steps, notes=notes, self_check=max(checks), target=target, achieved=achieved, estimated=estimated,
-                              on=backend.name, how=backend.how, batch=batch, round_to=round_to, small_round_to=small_round_to,
-                              latency_history=history, table_entries=len(table.entries),
-                              table_measured=table.measured)
+    return LatencyPruneResult(loop.base_macs, macs, loop.base_params, params, search.before, channel_counts(model),
+                              loop.history, iterative_steps, notes=notes + loop.notes(), self_check=max(loop.checks),
+                              target=target, achieved=search.achieved, estimated=search.estimated, on=backend.name,
+                              how=backend.how, batch=batch, round_to=search.round_to,
+                              small_round_to=search.small_round_to, latency_history=search.history,
+                              table_entries=len(table.entries), table_measured=table.measured)
+
+
+@dataclass
+class _Search:
+    """The state of a latency search: the model, the tables, the alignment, what was measured."""
+
+    model: nn.Module
+    example_inputs: Tensor
+    latency_inputs: Tensor
+    imp: Any
+    ignored: list[str]
+    before: dict[str, int]
+    max_layer_ratio: float
+    table: LatencyTable
+    base: nn.Module
+    backend: LatencyBackend
+    tolerance: float
+    gradient_batches: Any
+    loss_fn: Callable
+    progress: Callable[[float], None]
+    round_to: int | None = None
+    small_round_to: int | None = None
+    finer: list[tuple[int | None, int | None]] = field(default_factory=list)
+    table0: float = 0.0
+    share: float = 1.0
+    achieved: float = 1.0
+    estimated: float = 1.0
+    history: list[float] = field(default_factory=list)
+
+    def analysis(self) -> _Analysis:
+        return _analyze(self.model, self.example_inputs, self.imp, self.ignored, self.before, self.round_to,
+                        self.max_layer_ratio, self.small_round_to)
+
+    def align(self, target: float, alignments: list[tuple[int | None, int | None]], key: str) -> None:
+        """The first alignment whose tables can reach ``target`` (else a refusal before any pruning)."""
+        base_ms = self.backend.model_ms(self.base, self.latency_inputs)
+        for self.round_to, self.small_round_to in alignments:
+            analysis = self.analysis()
+            self.table0 = _table_ms(analysis, self.table)
+            floor_ms = _table_ms(analysis, self.table, [min(g.width, g.floor) for g in analysis.groups])
+            if self.table0 / max(floor_ms, 1e-12) >= target * (1 - self.tolerance):
+                break
+        # finer alignments auto may still move to when the whole model stops short (multiples of 16 are of 8)
+        self.finer = alignments[alignments.index((self.round_to, self.small_round_to)) + 1:]
+        if self.table0 / max(floor_ms, 1e-12) < target * (1 - self.tolerance):  # even if nothing but the tables shrank
+            raise UserError(f"{key}.latency_speedup: {target}x on {self.backend.name} cannot be reached: the layers it "
+                            f"can narrow give at most about {self.table0 / max(floor_ms, 1e-12):.2f}x (max_layer_ratio "
+                            f"{self.max_layer_ratio}, round_to {_alignment(self.round_to, self.small_round_to)}, "
+                            "ignored layers); nothing was pruned")
+        # Whole-model latency ~ base * (1 - share + share * tables / tables at the start): ``share`` is the
+        # part of the latency the tables explain, refitted on every measurement.
+        self.share = min(1.0, self.table0 / base_ms) if base_ms > 0 else 1.0
+
+    def reach(self, goal: float, check: StepCheck) -> None:
+        """Prune-and-measure rounds until ``goal`` is met (within tolerance) or nothing more can be narrowed."""
+        for rnd in range(MAX_ROUNDS + len(self.finer)):
+            if _gradients_needed(self.imp, self.gradient_batches):
+                _accumulate_gradients(self.model, self.gradient_batches, self.loss_fn)
+            analysis = self.analysis()
+            _clear_grads(self.model)
+            now = _table_ms(analysis, self.table) / self.table0
+            if self.achieved > 1.001 and now < 0.999:  # refit on the last measurement (speedups are > 1)
+                self.share = min(1.5, max(0.05, (1 - 1 / self.achieved) / (1 - now)))
+            # the first two rounds go half the way (in log speedup) before the tables are calibrated on a
+            # measurement: a layer alone misses effects of the whole (activations that start to fit in
+            # cache), and removed channels cannot come back
+            aim = goal if rnd >= 2 or goal / self.achieved < 1.15 else \
+                self.achieved * (goal / self.achieved) ** FIRST_ROUND_SHARE
+            path: list[list[int]] = []
+            widths, est = allocate_widths(analysis, self.table, self.table0 * max(0.0, 1 - (1 - 1 / aim) / self.share),
+                                          trace=path)
+            if widths == [g.width for g in analysis.groups]:
+                if self.finer:  # round_to: auto, stuck at this alignment: go on with the next finer one
+                    self.round_to, self.small_round_to = self.finer.pop(0)
+                    continue
+                break  # nothing more to narrow
+            # check the whole model before removing channels: back off along the path if it overshoots
+            back = _backtrack(self.model, self.base, analysis, path, self.example_inputs, self.latency_inputs,
+                              self.backend, goal, self.tolerance)
+            if back is not None:
+                widths = back[0]
+                est = _table_ms(analysis, self.table, widths)
+            self.estimated = 1 / max(1e-9, 1 - self.share * (1 - est / self.table0))
+            _prune_groups(analysis, widths, check)
+            check.runs(self.model)
+            self.achieved = self.backend.speedup(self.model, self.base, self.latency_inputs)
+            self.history.append(self.achieved)
+            self.progress(self.achieved)
+            if self.achieved >= goal * (1 - self.tolerance):
+                break
 
 
 def _alignment(round_to: int | None, small_round_to: int | None) -> str:

@@ -25,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -44,7 +46,7 @@ from compress.registry import Registry
 from compress.schema import match_layers
 
 __all__ = ["IMPORTANCES", "resolve_importance", "PruneResult", "prune_model", "count_macs", "output_layers", "trace_logits",
-           "channel_counts", "SparsityRegularizer", "restore_structure", "mask_shapes_ok", "faulty_groups"]
+           "channel_counts", "SparsityRegularizer", "restore_structure", "mask_shapes_ok", "faulty_groups", "StepLoop"]
 
 # ---------------------------------------------------------------------------------------------
 # Importance criteria: factories returning a Torch-Pruning ``Importance`` (callable on a group).
@@ -238,20 +240,92 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
         gradient_batches: ``(x, y)`` batches (or a function returning them) for ``taylor``.
         loss_fn: loss whose gradients ``taylor`` uses.
         search_steps: fine pruning steps a ``mac_speedup`` search may take (its resolution).
-        check_inputs: batches the self-check compares outputs on (default: ``example_inputs``):
-            :mod:`compress.pruning.selfcheck`. Groups Torch-Pruning would map wrongly are left out
-            first (``PruneResult.notes`` names them); every step is then checked before ``on_step``.
+        check_inputs: batches the self-check (:mod:`compress.pruning.selfcheck`) runs on (default:
+            ``example_inputs``); groups it finds mapped wrongly are left out (``PruneResult.notes``).
         key: recipe path for error messages.
 
     Raises:
-        UserError: a mistake in the arguments, a pruning the model's attention modules cannot take, or
-            a module whose forward cannot take fewer channels; found before the model is touched, or
-            (a forward that fails on the new widths, a failed self-check) after, when the model is put
-            back as it came in.
+        UserError: a mistake in the arguments, a pruning the attention modules or a module's forward cannot
+            take (before the model is touched), a failed self-check (the model put back as it came in).
     """
     imp = resolve_importance(importance, f"{key}.importance")
     if isinstance(ratio, Mapping):
         ratio, layer_ratios = None, {**ratio, **(layer_ratios or {})}
+    _check_arguments(imp, ratio, layer_ratios, mac_speedup, iterative_steps, gradient_batches, heads, head_ratio, key)
+    layers = prunable_layers(model)
+    ignored, ratio_dict, default_ratio = _ratio_targets(model, example_inputs, layers, ratio, layer_ratios, ignore,
+                                                        clamp=None if mac_speedup is not None or global_pruning else
+                                                        max_layer_ratio, key=key)
+    plan = plan_heads(model, heads, ratio=default_ratio if mac_speedup is None else None, layer_ratios=ratio_dict,
+                      head_ratio=head_ratio, ignored=[layers[n] for n in ignored], round_to=round_to,
+                      max_layer_ratio=max_layer_ratio, global_pruning=global_pruning, key=key)
+    batches = check_batches(example_inputs, check_inputs)
+    untouched = {n for n, m in layers.items() if ratio is None and mac_speedup is None and m not in ratio_dict}
+    extra, notes = faulty_groups(model, example_inputs, skip=ignored | untouched, plan=plan, check_inputs=batches,
+                                 key=key)
+    ignored |= set(extra)
+
+    snapshot = copy.deepcopy(model)  # put back if a step fails part-way
+    masked, was_training, loop = list(masked_modules(model)), model.training, None
+    try:
+        make_permanent(model)  # Torch-Pruning edits .weight tensors; a parametrization would hide them
+        loop = StepLoop(model, example_inputs, batches, on_step=on_step, masked=masked, key=key, target=mac_speedup)
+        before = channel_counts(model)
+        model.eval()  # tracing must not update BatchNorm statistics
+        common = dict(importance=imp, global_pruning=global_pruning, max_pruning_ratio=max_layer_ratio,
+                      round_to=round_to, ignored_layers=[layers[n] for n in ignored] + plan.ignored_layers(),
+                      forward_fn=trace_logits, **plan.pruner_kwargs())
+        step = partial(_pruner_step, model=model, imp=imp, loss_fn=loss_fn, plan=plan, example_inputs=example_inputs,
+                       key=key)
+        if mac_speedup is None:
+            sub = GLOBAL_SUBSTEPS if global_pruning else 1
+            pruner = _head_pruner(model, example_inputs, pruning_ratio=default_ratio,
+                                  pruning_ratio_dict={**ratio_dict, **plan.gates()} or None,
+                                  iterative_steps=iterative_steps * sub, **common)
+            for k in range(1, iterative_steps + 1):
+                check = loop.begin()
+                for i in range(sub):
+                    step(pruner, gradient_batches=gradient_batches if i == 0 else None, keep_grads=i < sub - 1,
+                         check=check)
+                loop.measure()
+                loop.finish(k, iterative_steps)
+        else:
+            pruner = _head_pruner(model, example_inputs, pruning_ratio=max_layer_ratio,
+                                  pruning_ratio_dict=plan.gates() or None, iterative_steps=search_steps, **common)
+            why = f"max_layer_ratio {max_layer_ratio}, ignored layers or importance '{importance}'"
+            _mac_search(loop, pruner, step, mac_speedup, iterative_steps, search_steps, gradient_batches, why)
+    except BaseException:
+        if loop is None or not loop.in_callback:
+            _put_back(model, snapshot)
+        raise
+    finally:
+        _clear_grads(model)
+        model.train(was_training)
+    macs, params = count_macs(model, example_inputs)
+    return PruneResult(loop.base_macs, macs, loop.base_params, params, before, channel_counts(model), loop.history,
+                       iterative_steps, plan.heads_before, plan.heads(), notes + loop.notes(), max(loop.checks))
+
+
+def _mac_search(loop: StepLoop, pruner: Any, step: Callable, mac_speedup: float, steps: int, search_steps: int,
+                gradient_batches: Any, why: str) -> None:
+    """Fine pruning steps until each outer step's MAC target (``mac_speedup ** (k / steps)``: an equal
+    factor per step) is met, ``search_steps`` of them at most."""
+    for k in range(1, steps + 1):
+        target = mac_speedup ** (k / steps)
+        check, grads = loop.begin(), gradient_batches
+        while loop.ratio < target - 1e-9:
+            if pruner.current_step >= search_steps:
+                raise UserError(f"{loop.key}.mac_speedup: reached only {loop.ratio:.3f}x of {mac_speedup}x ({why} "
+                                "leave too few prunable channels)")
+            step(pruner, gradient_batches=grads, keep_grads=True, check=check)
+            grads = None  # Torch-Pruning prunes .grad along with the weights: taken once per step
+            loop.measure()
+        _clear_grads(loop.model)
+        loop.finish(k, steps)
+
+
+def _check_arguments(imp: Any, ratio: Any, layer_ratios: Any, mac_speedup: float | None, iterative_steps: int,
+                     gradient_batches: Any, heads: str, head_ratio: float | None, key: str) -> None:
     if (ratio is None and not layer_ratios) == (mac_speedup is None):
         raise UserError(f"{key}: give either ratio/layer_ratios or mac_speedup")
     if mac_speedup is not None and not mac_speedup > 1.0:
@@ -264,7 +338,11 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
         raise UserError(f"{key}.head_ratio: only with heads: prune and a ratio (with mac_speedup, heads are "
                         "removed in step with the channels)")
 
-    layers = prunable_layers(model)
+
+def _ratio_targets(model: nn.Module, example_inputs: Any, layers: dict[str, nn.Module], ratio: float | None,
+                   layer_ratios: Mapping[str, float] | None, ignore: Sequence[str], clamp: float | None,
+                   key: str) -> tuple[set[str], dict[nn.Module, float], float]:
+    """(ignored layer names, per-layer ratios by module, the default ratio); ``clamp``: the local cap."""
     outputs = output_layers(model, example_inputs)
     ignored = set(outputs)
     if ignore:
@@ -280,89 +358,71 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
         for name, pattern in hits.items():
             if name not in ignored:
                 ratio_dict[layers[name]] = float(layer_ratios[pattern])
-    if mac_speedup is None and not global_pruning:
+    if clamp is not None:
         # Torch-Pruning checks max_pruning_ratio only before a step, so one big step could overshoot
         # it: local ratios are clamped; a global ranking goes in sub-steps (overshoot <= one sub-step).
-        default_ratio = min(default_ratio, max_layer_ratio)
-        ratio_dict = {m: min(r, max_layer_ratio) for m, r in ratio_dict.items()}
-    plan = plan_heads(model, heads, ratio=default_ratio if mac_speedup is None else None, layer_ratios=ratio_dict,
-                      head_ratio=head_ratio, ignored=[layers[n] for n in ignored], round_to=round_to,
-                      max_layer_ratio=max_layer_ratio, global_pruning=global_pruning, key=key)
-    batches = check_batches(example_inputs, check_inputs)
-    untouched = {n for n, m in layers.items() if ratio is None and mac_speedup is None and m not in ratio_dict}
-    extra, notes = faulty_groups(model, example_inputs, skip=ignored | untouched, plan=plan, check_inputs=batches,
-                                 key=key)
-    ignored |= set(extra)
-    checks: list[float] = [0.0]
-    uncompared: dict[str, None] = {}
+        default_ratio = min(default_ratio, clamp)
+        ratio_dict = {m: min(r, clamp) for m, r in ratio_dict.items()}
+    return ignored, ratio_dict, default_ratio
 
-    snapshot = copy.deepcopy(model)  # put back if a step fails part-way
-    in_callback = [False]
 
-    def callback(m: nn.Module, step: int, steps: int) -> None:
-        in_callback[0] = True
-        on_step(m, step, steps)
-        in_callback[0] = False
+class StepLoop:
+    """The outer pruning steps every search shares (a ratio, a MAC target, a latency target).
 
-    masked = list(masked_modules(model))
-    was_training = model.training
-    try:
-        make_permanent(model)  # Torch-Pruning edits .weight tensors; a parametrization would hide them
-        base_macs, base_params = count_macs(model, example_inputs)
-        before = channel_counts(model)
-        history: list[float] = []
-        model.eval()  # tracing must not update BatchNorm statistics
-        common = dict(importance=imp, global_pruning=global_pruning, max_pruning_ratio=max_layer_ratio,
-                      round_to=round_to, ignored_layers=[layers[n] for n in ignored] + plan.ignored_layers(),
-                      forward_fn=trace_logits, **plan.pruner_kwargs())
-        step_fn = callback if on_step is not None else None
-        if mac_speedup is None:
-            sub = GLOBAL_SUBSTEPS if global_pruning else 1
-            pruner = _head_pruner(model, example_inputs, pruning_ratio=default_ratio,
-                                pruning_ratio_dict={**ratio_dict, **plan.gates()} or None,
-                                iterative_steps=iterative_steps * sub, **common)
-            for step in range(1, iterative_steps + 1):
-                check = StepCheck(model, batches, key)
-                for i in range(sub):
-                    _pruner_step(pruner, model, imp, gradient_batches if i == 0 else None, loss_fn,
-                                 keep_grads=i < sub - 1, plan=plan, example_inputs=example_inputs, key=key, check=check)
-                history.append(base_macs / max(1, count_macs(model, example_inputs)[0]))
-                checks.append(check.verify(model, _scales(model)))  # before fine-tuning changes the weights
-                uncompared.update(dict.fromkeys(check.log.uncompared))
-                _after_step(model, masked, step_fn, step, iterative_steps, was_training)
-        else:
-            pruner = _head_pruner(model, example_inputs, pruning_ratio=max_layer_ratio,
-                                pruning_ratio_dict=plan.gates() or None, iterative_steps=search_steps, **common)
-            for step in range(1, iterative_steps + 1):
-                target = mac_speedup ** (step / iterative_steps)  # geometric: equal MAC factor per step
-                grads_fresh = False
-                check = StepCheck(model, batches, key)
-                while (history[-1] if history else 1.0) < target - 1e-9:
-                    if pruner.current_step >= search_steps:
-                        raise UserError(
-                            f"{key}.mac_speedup: reached only {history[-1] if history else 1.0:.3f}x of {mac_speedup}x "
-                            f"(max_layer_ratio {max_layer_ratio}, ignored layers or importance '{importance}' "
-                            "leave too few prunable channels)")
-                    _pruner_step(pruner, model, imp, None if grads_fresh else gradient_batches, loss_fn,
-                                 keep_grads=True, plan=plan, example_inputs=example_inputs, key=key, check=check)
-                    grads_fresh = True  # Torch-Pruning prunes .grad along with the weights
-                    history.append(base_macs / max(1, count_macs(model, example_inputs)[0]))
-                _clear_grads(model)
-                checks.append(check.verify(model, _scales(model)))
-                uncompared.update(dict.fromkeys(check.log.uncompared))
-                _after_step(model, masked, step_fn, step, iterative_steps, was_training)
-    except BaseException:
-        if not in_callback[0]:
-            _put_back(model, snapshot)
-        raise
-    finally:
-        _clear_grads(model)
-        model.train(was_training)
-    macs, params = count_macs(model, example_inputs)
-    notes += [f"self-check: nn.MultiheadAttention '{n}' narrows its heads inside, which has no zeroed reference: "
-              "its outputs were run, not compared" for n in uncompared]
-    return PruneResult(base_macs, macs, base_params, params, before, channel_counts(model), history, iterative_steps,
-                       plan.heads_before, plan.heads(), notes, max(checks))
+    ``begin`` a step for a :class:`~compress.pruning.selfcheck.StepCheck` that records its removals,
+    ``measure`` the MAC ratio after each fine step (kept in ``history``, shown on a progress line on a
+    terminal), ``finish`` it: the self-check against the zeroed original, then the masks back and
+    ``on_step`` (fine-tuning), which never sees a model that computes something else.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, batches: list[Any], *, on_step: StepCallback | None,
+                 masked: list[str], key: str = "prune", target: float | None = None, what: str = "MACs"):
+        self.model, self.example_inputs, self.batches, self.key = model, example_inputs, batches, key
+        self.on_step, self.masked, self.target, self.what = on_step, masked, target, what
+        self.was_training = model.training
+        self.base_macs, self.base_params = count_macs(model, example_inputs)
+        self.history: list[float] = []
+        self.checks: list[float] = [0.0]
+        self.uncompared: dict[str, None] = {}
+        self.in_callback = False
+        self.check: StepCheck | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.history[-1] if self.history else 1.0
+
+    def begin(self) -> StepCheck:
+        self.check = StepCheck(self.model, self.batches, self.key)
+        return self.check
+
+    def measure(self) -> float:
+        """Base MACs / MACs now, appended to ``history``."""
+        self.history.append(self.base_macs / max(1, count_macs(self.model, self.example_inputs)[0]))
+        if self.what == "MACs":  # a latency search shows its measured speedup instead
+            self.progress(self.history[-1])
+        return self.history[-1]
+
+    def progress(self, value: float) -> None:
+        """One line, rewritten in place, on a terminal: the ratio reached (and the target)."""
+        if sys.stderr.isatty():
+            of = f" of {self.target:g}x" if self.target else ""
+            sys.stderr.write(f"\r{self.key}: {value:.3f}x {self.what}{of}   ")
+            sys.stderr.flush()
+
+    def finish(self, step: int, steps: int) -> None:
+        """Check the step before anything changes the weights, then re-mask and call ``on_step``."""
+        assert self.check is not None
+        self.checks.append(self.check.verify(self.model, _scales(self.model)))
+        self.uncompared.update(dict.fromkeys(self.check.log.uncompared))
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+        self.in_callback = True
+        _after_step(self.model, self.masked, self.on_step, step, steps, self.was_training)
+        self.in_callback = False
+
+    def notes(self) -> list[str]:
+        return [f"self-check: nn.MultiheadAttention '{n}' narrows its heads inside, which has no zeroed reference: "
+                "its outputs were run, not compared" for n in self.uncompared]
 
 
 def _scales(model: nn.Module) -> dict[str, dict[str, float]]:
@@ -404,7 +464,7 @@ def _put_back(model: nn.Module, snapshot: nn.Module) -> None:
     model.__dict__.update(snapshot.__dict__)
 
 
-def _pruner_step(pruner: Any, model: nn.Module, imp: Any, gradient_batches: Any, loss_fn: Callable,
+def _pruner_step(pruner: Any, *, model: nn.Module, imp: Any, gradient_batches: Any, loss_fn: Callable,
                  keep_grads: bool = False, plan: HeadPlan | None = None, example_inputs: Any = None,
                  key: str = "prune", check: StepCheck | None = None) -> None:
     if _needs_gradients(imp) and gradient_batches is not None:
