@@ -342,3 +342,39 @@ def test_a_mac_search_shows_its_ratio_on_a_terminal_and_nothing_elsewhere(monkey
     lines = terminal.getvalue().split("\r")[1:]
     assert len(lines) == len(result.history) and lines[-1].endswith("\n")
     assert lines[-1].startswith(f"s: {result.history[-1]:.3f}x MACs of 1.3x")
+
+
+def test_outputs_of_another_shape_never_agree():
+    from compress.pruning.selfcheck import outputs_error
+
+    assert outputs_error([(torch.zeros(2, 3), torch.zeros(2, 4))]) == float("inf")
+    assert outputs_error([(torch.ones(2), torch.zeros(2))]) == 1.0  # a zero reference: the absolute difference
+
+
+def test_a_group_torch_pruning_fails_on_is_left_out_with_its_error(monkeypatch):
+    import torch_pruning as tp
+
+    model, x = _permute()
+    real = tp.dependency.Group.prune
+
+    def prune(group, *args, **kwargs):
+        if group[0].dep.target.module is model_copy[0].conv1:
+            raise ZeroDivisionError("integer division or modulo by zero")
+        return real(group, *args, **kwargs)
+
+    model_copy = []
+    original_deepcopy = copy.deepcopy
+
+    def deepcopy(obj, *args):
+        out = original_deepcopy(obj, *args)
+        if obj is model:
+            model_copy[:] = [out]
+        return out
+
+    monkeypatch.setattr(copy, "deepcopy", deepcopy)
+    monkeypatch.setattr(tp.dependency.Group, "prune", prune)
+    result = probe(model, x[:2], [x], ignored=["classifier", "conv2"], prunable=["conv1", "conv2"],
+                   forward_fn=trace_logits)
+    assert [(f.root, f.why) for f in result.faults] == [
+        ("conv1", "Torch-Pruning fails on it: ZeroDivisionError: integer division or modulo by zero")]
+    assert result.refusal is None
