@@ -72,16 +72,27 @@ def test_weight_readers_find_conv1d_and_every_linear_by_what_they_compute():
     (tiny_gpt2, r"^s: Torch-Pruning cannot trace this model's channels \(TypeError: .*\); layers it does not know "
                 r"compute with their own weights: 'transformer\.h\.0\.attn\.c_attn' \(Conv1D\), "
                 r"'transformer\.h\.0\.attn\.c_proj' \(Conv1D\); leave this model out of structured pruning$"),
-    (tiny_distilbert, r"^s: after removing channels of 'distilbert\.transformer\.layer\.0\.attention\.[qkv]_lin', "
-                      r"'distilbert\.transformer\.layer\.0\.attention' \(DistilBertSelfAttention\) fails "
-                      r"\(RuntimeError: .*\): its forward needs the width it was traced with"),
 ])
-def test_structured_is_refused_at_plan_time_in_one_line(build, message):
+def test_structured_gpt2_is_refused_at_plan_time_in_one_line(build, message):
     model = build()
     stage = StructuredPruningStage(ratio=0.5, key="s")
     with pytest.raises(UserError, match=message) as e:
         stage.plan(model, _tokens(2))  # what --dry-run and the pipeline's start call
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("heads, n_heads, head_size", [("prune", 2, 8), ("dims", 4, 4), ("keep", 4, 8)])
+def test_structured_distilbert_q_lin_k_lin_v_lin_is_pruned_checked_and_reloads(heads, n_heads, head_size, tmp_path):
+    from compress.checkpoint import load_into, read_checkpoint, save_checkpoint
+
+    model, x = tiny_distilbert(), _tokens()
+    result = StructuredPruningStage(ratio=0.5, heads=heads, example_inputs=_tokens(2)).apply(model)
+    attention = model.distilbert.transformer.layer[0].attention
+    assert (attention.n_heads, attention.attention_head_size) == (n_heads, head_size)
+    assert 0 < result.info["self_check"] < 1e-4 and "notes" not in result.info
+    save_checkpoint(tmp_path / "d.ckpt", model, model_spec={}, check_inputs=x)
+    fresh = load_into(tiny_distilbert(), read_checkpoint(tmp_path / "d.ckpt"))  # the saved outputs are checked
+    assert torch.equal(fresh(**x).logits, model(**x).logits)
 
 
 def test_unstructured_gpt2_says_what_it_left_untouched_and_its_figures_match_what_changed():

@@ -143,13 +143,14 @@ class FusedQKV(AttentionKind):
 
 
 class SeparateQKV(AttentionKind):
-    """Hugging Face self-attention: ``query``/``key``/``value`` (BERT) or ``q_proj``/``k_proj``/``v_proj``
-    (ViT, CLIP, ... in transformers 5), ``num_attention_heads`` (or ``num_heads``),
+    """Hugging Face self-attention: ``query``/``key``/``value`` (BERT), ``q_proj``/``k_proj``/``v_proj``
+    (ViT, CLIP, ... in transformers 5) or ``q_lin``/``k_lin``/``v_lin`` (DistilBERT), ``num_attention_heads``
+    (or ``num_heads``, ``n_heads``),
     ``attention_head_size`` (or ``head_dim``), optionally ``all_head_size`` and ``scaling``/``scale``."""
 
     label = "Hugging Face-style attention (query/key/value)"
-    NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"))
-    HEADS = ("num_attention_heads", "num_heads")
+    NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))  # DistilBERT
+    HEADS = ("num_attention_heads", "num_heads", "n_heads")
     SIZE = ("attention_head_size", "head_dim")
     SCALE = ("scaling", "scale")
     attrs = HEADS + SIZE + ("all_head_size",) + SCALE
