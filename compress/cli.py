@@ -82,10 +82,10 @@ def _sensitivity(argv: Sequence[str]) -> int:
     p.add_argument("--importance", default="l1")
     p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop allowed per layer (fraction)")
     args = p.parse_intermixed_args(list(argv))
-    import json
     from pathlib import Path
 
     from compress.checkpoint import load_into, read_checkpoint
+    from compress.files import finite
     from compress.metrics import evaluate_accuracy
     from compress.pipeline import NOT_COMPRESSION, Pipeline
     from compress.recipe import load_recipe
@@ -122,7 +122,7 @@ def _sensitivity(argv: Sequence[str]) -> int:
         run.log({"sensitivity/plot": wandb.Image(str(out_dir / "sensitivity.png")),
                  "sensitivity/table": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
         artifact = wandb.Artifact(f"{recipe.cfg.name}-sensitivity", type="sensitivity",
-                                  metadata={"suggested": json.loads(json.dumps(result["suggested"]))})
+                                  metadata={"suggested": finite(result["suggested"])})
         for f in ("sensitivity.csv", "sensitivity.png", "suggested_ratios.json"):
             artifact.add_file(str(out_dir / f))
         run.log_artifact(artifact)

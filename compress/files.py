@@ -1,16 +1,22 @@
 """Atomic file writes: readers (and a resumed run) never see a half-written file.
 
+JSON is written strict (RFC 8259): a non-finite number becomes ``null``, since a bare ``NaN`` is
+what Python's ``json`` writes by default and what browsers' ``JSON.parse`` refuses.
+
 Foundation layer: imports nothing of ``compress``.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "finite", "json_text", "write_json"]
 
 
 def atomic_write(path: str | Path, write: Any) -> None:
@@ -30,3 +36,31 @@ def atomic_write(path: str | Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def finite(obj: Any) -> Any:
+    """A plain copy of ``obj`` for JSON: non-finite numbers become None, number-likes (numpy, 0-d
+    tensors) plain ints and floats, tuples lists; anything else stays as it is."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    if obj is None or isinstance(obj, str | bool):
+        return obj
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real) or hasattr(obj, "__float__"):
+        value = float(obj)
+        return value if math.isfinite(value) else None
+    return obj
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON of ``obj`` (``json.dumps`` keywords pass through): non-finite numbers as ``null``."""
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
+    """``obj`` as strict JSON at ``path``, atomically."""
+    text = json_text(obj, indent=indent)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

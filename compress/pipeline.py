@@ -24,7 +24,7 @@ from compress.checkpoint import load_into, read_checkpoint, save_checkpoint
 from compress.data import build_datamodule, describe, example_batch, training_inputs
 from compress.encoding import model_storage
 from compress.errors import UserError
-from compress.files import atomic_write
+from compress.files import atomic_write, json_text, write_json
 from compress.hardware import hardware_metrics
 from compress.metrics import compare_latency, count_layers, evaluate_accuracy, summarize, thread_env
 from compress.models import build_model, model_kwargs
@@ -73,8 +73,13 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     x1 = example_batch(datamodule, 1)[0]
     layers = count_layers(model, x1)
     metrics: dict[str, Any] = evaluate_accuracy(model, datamodule.test_dataloader(), max_batches)
+    nonfinite = metrics.pop("nonfinite", None)
     metrics.update(summarize(model, layers))
     extras: dict[str, Any] = {}
+    notes: list[str] = []
+    if nonfinite:  # said once, as what it is: the model's arithmetic, not the exporter or a runtime
+        notes.append(f"the model outputs {nonfinite} on {metrics['nonfinite_outputs']} test inputs: accuracy and "
+                     "loss measure broken arithmetic" + (", runtimes not measured" if runtimes else ""))
     # The model as it would be deployed: parametrizations (masks, codebooks) baked in.
     quantized = is_quantized(model)
     deployed = (float_copy(model) if quantized else deployed_copy(model)).eval()
@@ -107,8 +112,9 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     metrics["measured_speedup_batch_iqr"] = list(tb.speedup_iqr)
     why = [f"machine busy: {t1.busy or tb.busy}"] if t1.busy or tb.busy else []
     why += [f"wide spread at batch {n}: {t.wide_spread}" for n, t in ((1, t1), (batch, tb)) if t.wide_spread]
-    notes = [f"timing unreliable ({'; '.join(why)}): measured speedups {t1.speedup:.2f}x at batch 1 and "
-             f"{tb.speedup:.2f}x at batch {batch} may be off; rerun on an idle machine to trust them"] if why else []
+    if why:
+        notes.append(f"timing unreliable ({'; '.join(why)}): measured speedups {t1.speedup:.2f}x at batch 1 and "
+                     f"{tb.speedup:.2f}x at batch {batch} may be off; rerun on an idle machine to trust them")
     rows = [s.as_dict() for s in layers]
     for row in rows:  # Deep Compression's per-layer terms (Tables 2-3): bits per weight and index
         row.update(storage["layers"].get(row["name"], {}))
@@ -122,7 +128,7 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
         for name, per_profile in hw_layers.items():
             if name in by_name:
                 by_name[name]["hardware"] = per_profile
-    if runtimes:
+    if runtimes and not nonfinite:  # exporting NaN logits would fail the export check and blame the exporter
         rt, rt_notes = runtime_metrics(model, reference, datamodule, list(runtimes), x1=x1, xb=xb, threads=threads,
                                        warmup=warmup, rounds=rounds, max_batches=max_batches,
                                        calibration_batches=calibration_batches, baselines=runtime_baselines)
@@ -322,7 +328,7 @@ class Pipeline:
                                  settings=wandb.Settings(quiet=True))
             ctx.loggers.append(logger)
             run_id = logger.experiment.id
-            atomic_write(run_file, lambda tmp: Path(tmp).write_text(json.dumps({"wandb_id": run_id})))
+            write_json(run_file, {"wandb_id": run_id})
             self.sinks.append(WandbSink(logger.experiment, log_model=w.log_model))
 
     # -- the loop ----------------------------------------------------------------------------
@@ -378,7 +384,7 @@ class Pipeline:
         if rank_zero_only.rank == 0:
             save_checkpoint(self.out_dir / self._ckpt_name(index, name), model, model_spec=self.spec,
                             recipe=self.recipe.to_container(), stage_index=index, stage_name=name,
-                            metrics=metrics, extra={"records": json.dumps(self.records, default=float)})
+                            metrics=metrics, extra={"records": json_text(self.records)})
             for sink in self.sinks:
                 sink.on_stage(record, self.records)
             lightning_dir = ctx.stage_checkpoint_dir(index)

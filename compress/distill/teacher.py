@@ -29,6 +29,7 @@ from torch import nn
 
 from compress.checkpoint import load_model, read_checkpoint
 from compress.errors import UserError, suggest
+from compress.files import finite
 from compress.schema import merge_structured
 
 __all__ = ["TeacherSpec", "resolve_teacher", "teacher_spec_path", "load_teacher_spec", "check_teacher",
@@ -144,7 +145,7 @@ def record_teacher(name: str, teachers_dir: str | Path = "teachers") -> TeacherS
     digest = sha256_file(ckpt)
     accuracy = read_checkpoint(ckpt).get("metrics", {}).get("accuracy")
     text = spec_path.read_text()
-    for field_name, value in (("sha256", digest), ("accuracy", None if accuracy is None else round(float(accuracy), 6))):
+    for field_name, value in (("sha256", digest), ("accuracy", None if finite(accuracy) is None else round(float(accuracy), 6))):
         line = f"{field_name}: {'null' if value is None else value}"
         pattern = re.compile(rf"^{field_name}:.*$", re.MULTILINE)
         text = pattern.sub(line, text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n" + line + "\n"

@@ -28,7 +28,7 @@ from torch import nn
 from compress.encoding.csr import absolute_positions, relative_indices
 from compress.encoding.huffman import code_lengths, decode_packed, encode
 from compress.errors import UserError
-from compress.files import atomic_write
+from compress.files import atomic_write, json_text
 from compress.models import build_model
 from compress.pruning.attention import attention_state, restore_attention
 from compress.pruning.masks import deployed_copy, prunable_layers
@@ -115,7 +115,7 @@ def _header(plans: list[dict[str, Any]], spec: dict[str, Any] | None,
     doc = {"spec": spec, "tensors": tensors}
     if attention:  # pruned heads: the widths alone cannot tell heads from head dims
         doc["attention"] = attention
-    text = json.dumps(doc, separators=(",", ":"))
+    text = json_text(doc, separators=(",", ":"))
     return zlib.compress(text.encode(), 9)
 
 

@@ -1,0 +1,100 @@
+"""What a run writes stays true and readable: non-finite numbers said once and written as null,
+bounded inputs, one line for hostile input, training curves kept across --resume (issue 22)."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from compress.errors import UserError, shorten
+from compress.files import finite, json_text, write_json
+from compress.pipeline import Pipeline
+from compress.recipe import load_recipe
+from compress.report.table import cell
+from tests.conftest import quick_recipe
+
+
+def strict_load(text: str):
+    """``json.loads`` that refuses NaN/Infinity, as a browser's ``JSON.parse`` does."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+class NanAfterPrune(nn.Module):
+    """An MLP for digits whose logits turn NaN once any ``fc1`` weight is exactly zero (log(0) * 0)."""
+
+    def __init__(self, num_classes: int = 10, input_shape=(1, 8, 8)):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.fc2(torch.relu(self.fc1(x.flatten(1))))
+        return logits + torch.log(self.fc1.weight.abs().min()) * 0
+
+
+# -- strict JSON -----------------------------------------------------------------------------------
+def test_finite_turns_non_finite_numbers_into_none_and_number_likes_into_plain_numbers():
+    import numpy as np
+
+    got = finite({"a": float("nan"), "b": [float("inf"), -float("inf"), 1.5], "c": (np.float32(2.5), np.int64(3)),
+                  "d": torch.tensor(float("nan")), "e": torch.tensor(0.25), "f": "NaN", "g": True, "h": None,
+                  "i": object})
+    assert got == {"a": None, "b": [None, None, 1.5], "c": [2.5, 3], "d": None, "e": 0.25, "f": "NaN", "g": True,
+                   "h": None, "i": object}
+    assert type(got["c"][1]) is int
+
+
+def test_json_text_and_write_json_are_strict(tmp_path):
+    assert json_text({"loss": float("nan"), "x": [1, float("inf")]}) == '{"loss": null, "x": [1, null]}'
+    write_json(tmp_path / "r.json", {"v": float("-inf")})
+    assert strict_load((tmp_path / "r.json").read_text()) == {"v": None}
+    with pytest.raises(TypeError):  # what is not data stays an error, as with json.dumps
+        json_text({"f": object()})
+
+
+def test_cells_say_n_a_for_non_finite_metrics_and_dash_for_absent_ones():
+    record = {"index": 1, "name": "s", "metrics": {"loss": float("nan"), "accuracy": None, "sparsity": 0.5}}
+    assert cell(record, "loss", "{:.4f}") == "n/a"
+    assert cell(record, "accuracy", "{:.2f}") == "n/a"
+    assert cell(record, "mac_speedup", "{:.2f}x") == "-"
+    assert cell(record, "sparsity", "{:.1f}") == "50.0"
+
+
+def test_a_model_that_outputs_nan_after_a_stage_is_said_once_and_written_as_null(tmp_path, capsys):
+    recipe = quick_recipe(tmp_path, model={"name": "import:tests.test_run_integrity:NanAfterPrune"},
+                          eval={"latency_repeats": 3, "latency_warmup": 1, "runtimes": ["onnxruntime"]},
+                          stages=[{"type": "train", "epochs": 1},
+                                  {"type": "prune.unstructured", "sparsity": 0.5, "finetune": {"epochs": 0}}])
+    records = Pipeline(load_recipe(recipe)).run()  # exit 0 in the CLI: a fact about the model, not an error
+    out = tmp_path / "run"
+    report = strict_load((out / "report.json").read_text())
+    first, pruned = report["stages"][1], report["stages"][2]
+    assert first["metrics"]["nonfinite_outputs"] == 0 and "runtime_accuracy/onnxruntime" in first["metrics"]
+    assert pruned["metrics"]["nonfinite_outputs"] == 360  # every test input of digits
+    assert pruned["metrics"]["loss"] is None and math.isnan(records[2]["metrics"]["loss"])
+    assert not any(k.startswith("runtime_") for k in pruned["metrics"])  # not exported: the model is at fault
+    assert [n for n in pruned["notes"] if "outputs NaN" in n] == [
+        "the model outputs NaN on 360 test inputs: accuracy and loss measure broken arithmetic, runtimes not measured"]
+    printed = capsys.readouterr().out
+    assert "stage 2: the model outputs NaN on 360 test inputs" in printed
+    row = next(line for line in printed.splitlines() if line.lstrip().startswith("2  "))
+    assert "n/a" not in row  # the terminal shows acc, not loss; the Markdown table has the loss column
+    assert "| n/a |" in (out / "report.md").read_text()
+    assert ">n/a<" in (out / "report.html").read_text()
+    strict_load(json.loads(json.dumps(torch.load(out / "stage-2-prune.unstructured.ckpt",
+                                                 weights_only=True)["extra"]["records"])))
+
+
+# -- messages --------------------------------------------------------------------------------------
+def test_long_values_are_cut_in_every_user_error():
+    assert shorten("abc") == "abc"
+    cut = shorten("x" * 1000 + "END", 100)
+    assert cut.startswith("x" * 80) and cut.endswith("xEND") and "[1,003 characters]" in cut
+    e = UserError("model.name: unknown model '" + "y" * 10_000_000 + "'; valid: lenet300, mlp")
+    assert len(str(e)) < 500 and str(e).endswith("; valid: lenet300, mlp") and "[10,000,003 characters]" in str(e)  # the value with its quotes and ;
+    assert len(str(UserError("word " * 100_000))) < 2100  # long in words, not in one value
