@@ -19,7 +19,15 @@ from compress.errors import UserError, suggest
 from compress.hardware import check_profiles
 from compress.models import model_class
 from compress.runtime import check_runtimes
-from compress.schema import check_choice, check_finite, check_index_bits, schema_error
+from compress.schema import (
+    check_choice,
+    check_finite,
+    check_index_bits,
+    check_latency_batch,
+    load_yaml,
+    read_yaml,
+    schema_error,
+)
 from compress.stages import STAGES
 
 __all__ = ["RecipeConfig", "TrainerConfig", "LoggerConfig", "WandbConfig", "EvalConfig", "Recipe",
@@ -104,9 +112,8 @@ WANDB_MODES = ("offline", "online", "disabled")
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found (run `ls recipes/` for the shipped ones)")
-    text = path.read_text()
     try:
-        data = yaml.safe_load(text)  # safe: no executable tags
+        data = read_yaml(path)  # safe: no executable tags; bounded: no alias bomb
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -129,7 +136,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
         if not sep or not key.strip():
             raise UserError(f"override '{item}': expected key=value, e.g. trainer.max_epochs=1")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw, f"override '{key.strip()}'") if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         key = key.strip().lstrip("+")
@@ -287,6 +294,7 @@ def _validate_top(cfg: DictConfig) -> None:
         raise UserError(f"seed: {cfg.seed} must be >= 0")
     if cfg.eval.latency_repeats < 1:
         raise UserError(f"eval.latency_repeats: {cfg.eval.latency_repeats} must be >= 1")
+    check_latency_batch(cfg.eval.latency_batch_size, "eval.latency_batch_size")
     if cfg.eval.latency_threads < 1:
         raise UserError(f"eval.latency_threads: {cfg.eval.latency_threads} must be >= 1 (torch intra-op threads)")
     if not cfg.out_dir:

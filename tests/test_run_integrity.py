@@ -98,3 +98,52 @@ def test_long_values_are_cut_in_every_user_error():
     e = UserError("model.name: unknown model '" + "y" * 10_000_000 + "'; valid: lenet300, mlp")
     assert len(str(e)) < 500 and str(e).endswith("; valid: lenet300, mlp") and "[10,000,003 characters]" in str(e)  # the value with its quotes and ;
     assert len(str(UserError("word " * 100_000))) < 2100  # long in words, not in one value
+
+
+# -- bounded inputs --------------------------------------------------------------------------------
+def billion_laughs(levels: int = 10) -> str:
+    """The classic alias bomb: nine aliases of nine aliases ..., 9**levels strings once expanded."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines + [f"name: *a{levels - 1}"]) + "\n"
+
+
+def test_an_alias_bomb_recipe_is_refused_at_once(tmp_path):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(billion_laughs())
+    t0 = time.perf_counter()
+    with pytest.raises(UserError, match=r"bomb.yaml: expands to more than 100,000 values \(YAML aliases"):
+        load_recipe(path)
+    assert time.perf_counter() - t0 < 5  # milliseconds here; on main it never returned
+    with pytest.raises(UserError, match=r"^override 'model': expands to more than 100,000 values"):
+        load_recipe(quick_recipe(tmp_path), ["model=" + billion_laughs()])
+
+
+def test_recipe_bounds_on_size_depth_and_aliases(tmp_path):
+    from compress.schema import MAX_YAML_BYTES, load_yaml
+
+    big = tmp_path / "big.yaml"
+    big.write_text("name: " + "x" * MAX_YAML_BYTES + "\n")
+    with pytest.raises(UserError, match=r"big.yaml: 1,048,583 bytes; a recipe is at most 1,048,576"):
+        load_recipe(big)
+    with pytest.raises(UserError, match="^s: 1,048,577 characters; a recipe is at most 1,048,576"):
+        load_yaml("x" * (MAX_YAML_BYTES + 1), "s")
+    with pytest.raises(UserError, match="^s: nested more than 64 levels deep"):
+        load_yaml("[" * 1_000_000, "s")  # libyaml's composer would overflow its stack on this
+    assert load_yaml("[" * 60 + "]" * 60, "s") is not None
+    # aliases within the bound still work, counted as expanded
+    assert load_yaml("a: &x [1, 2]\nb: *x\nc: {d: *x}\n", "s") == {"a": [1, 2], "b": [1, 2], "c": {"d": [1, 2]}}
+    with pytest.raises(UserError, match="expands to more than"):  # a bomb nested inside an open list
+        load_yaml("k: [&a [" + ", ".join(["0"] * 400) + "], " + ", ".join(["*a"] * 300) + "]", "s")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("eval.latency_batch_size=100000", "eval.latency_batch_size"),
+    ("stages=[{type: prune.structured, latency_speedup: 1.5, latency_on: onnxruntime, latency_batch: 100000}]",
+     r"stages\[0\].latency_batch"),
+])
+def test_a_latency_batch_beyond_the_bound_is_refused_naming_the_key(tmp_path, override, key):
+    with pytest.raises(UserError, match=rf"^{key}: 100000 is outside \[1, 1024\]; every stage is timed at this batch"):
+        load_recipe(quick_recipe(tmp_path), [override])

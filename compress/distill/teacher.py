@@ -30,7 +30,7 @@ from torch import nn
 from compress.checkpoint import load_model, read_checkpoint
 from compress.errors import UserError, suggest
 from compress.files import finite
-from compress.schema import merge_structured
+from compress.schema import merge_structured, read_yaml
 
 __all__ = ["TeacherSpec", "resolve_teacher", "teacher_spec_path", "load_teacher_spec", "check_teacher",
            "record_teacher", "sha256_file", "teacher_checkpoint_path"]
@@ -70,7 +70,7 @@ def load_teacher_spec(path: str | Path) -> TeacherSpec:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: YAML syntax error: {str(e).splitlines()[0]}") from None
     from omegaconf import OmegaConf

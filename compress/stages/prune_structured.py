@@ -64,7 +64,7 @@ from compress.pruning.structured import (
     prune_model,
     resolve_importance,
 )
-from compress.schema import check_choice, check_range, match_layers
+from compress.schema import check_choice, check_latency_batch, check_range, match_layers
 from compress.stages.base import STAGES, Context, Stage, StageResult
 
 __all__ = ["StructuredPruningStage", "StructuredConfig", "RegularizeConfig"]
@@ -158,8 +158,7 @@ class StructuredPruningStage(Stage):
             if c.global_pruning:
                 raise UserError(f"{key}.global: a latency_speedup target ranks layers by latency saved per "
                                 "importance lost itself; leave global out")
-            if c.latency_batch is not None and c.latency_batch < 1:
-                raise UserError(f"{key}.latency_batch: {c.latency_batch} must be >= 1")
+            check_latency_batch(c.latency_batch, f"{key}.latency_batch")
             check_range(c.latency_tolerance, f"{key}.latency_tolerance", 0.0, 0.5)
         if c.iterative_steps < 1:
             raise UserError(f"{key}.iterative_steps: {c.iterative_steps} must be >= 1")
