@@ -7,9 +7,11 @@ measure, checkpoint, log to every sink.
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -310,7 +312,10 @@ class Pipeline:
         atomic_write(self.out_dir / "recipe.yaml", lambda tmp: Path(tmp).write_text(self.recipe.to_yaml()))
         from pytorch_lightning.loggers import CSVLogger
 
-        ctx.loggers.append(CSVLogger(str(self.out_dir), name="curves", version=""))
+        curves = CSVLogger(str(self.out_dir), name="curves", version="")
+        if self.resume:
+            keep_curves(curves)
+        ctx.loggers.append(curves)
         self.sinks = [ReportSink(self.out_dir, recipe), HtmlSink(self.out_dir, recipe), CSVSink(self.out_dir)]
         if not self.quiet:
             names = ["input"] + [s.name for s in self.recipe.stages]
@@ -393,6 +398,25 @@ class Pipeline:
 
                 shutil.rmtree(lightning_dir, ignore_errors=True)
         return metrics
+
+
+def keep_curves(logger: Any) -> None:
+    """Keep the curves a resumed run logged before: Lightning's CSV writer deletes the
+    ``metrics.csv`` it finds when it starts, and writes a header of only the keys it has seen.
+
+    The file is read first, put back once the writer has started, and its header seeded into the
+    writer's keys, so the next save appends (or rewrites with the union of the headers).
+    """
+    path = Path(logger.log_dir) / "metrics.csv"
+    if not path.is_file():
+        return
+    text = path.read_text()
+    with warnings.catch_warnings():  # its warning says the file will be deleted: it is put back
+        warnings.filterwarnings("ignore", message="Experiment logs directory")
+        writer = logger.experiment  # starting the writer deletes the file
+    path.write_text(text)
+    header = next(csv.reader(text.splitlines()[:1]), [])
+    writer.metrics_keys = sorted(set(writer.metrics_keys) | {k for k in header if k})
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -147,3 +147,26 @@ def test_recipe_bounds_on_size_depth_and_aliases(tmp_path):
 def test_a_latency_batch_beyond_the_bound_is_refused_naming_the_key(tmp_path, override, key):
     with pytest.raises(UserError, match=rf"^{key}: 100000 is outside \[1, 1024\]; every stage is timed at this batch"):
         load_recipe(quick_recipe(tmp_path), [override])
+
+
+# -- resume ----------------------------------------------------------------------------------------
+def test_resume_keeps_every_earlier_stages_training_curves(tmp_path):
+    import csv
+
+    recipe = quick_recipe(tmp_path, stages=[{"type": "train", "epochs": 2},
+                                            {"type": "prune.unstructured", "sparsity": 0.5,
+                                             "finetune": {"epochs": 2}}])
+    Pipeline(load_recipe(recipe), quiet=True).run()
+    curves = tmp_path / "run" / "curves" / "metrics.csv"
+
+    def rows_of(tag):
+        with open(curves, newline="") as f:
+            return [r for r in csv.DictReader(f) if any(v != "" for k, v in r.items() if k.startswith(tag + "/"))]
+
+    train_rows = rows_of("train")
+    assert len(train_rows) >= 2 and len(rows_of("prune.unstructured")) >= 2
+    # as after kill -9 in stage 2: its checkpoint never written, the curves file as the run left it
+    (tmp_path / "run" / "stage-2-prune.unstructured.ckpt").unlink()
+    Pipeline(load_recipe(recipe), resume=True, quiet=True).run()
+    assert rows_of("train") == train_rows  # Lightning's CSV writer deleted them before the fix
+    assert len(rows_of("prune.unstructured")) >= 2
