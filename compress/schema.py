@@ -162,10 +162,18 @@ def load_yaml(text: str, where: str) -> Any:
     """
     if len(text) > MAX_YAML_BYTES:
         raise UserError(f"{where}: {len(text):,} characters; a recipe is at most {MAX_YAML_BYTES:,} (a few KB is usual)")
+    try:
+        _check_expansion(text, where)
+    except yaml.YAMLError:
+        pass  # a syntax error: PyYAML's own parser below names it as it always has
+    return yaml.safe_load(text)
+
+
+def _check_expansion(text: str, where: str) -> None:
+    """Walk the document's events; a UserError past the depth or the expanded size bound."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     anchored: dict[str, int] = {}
     stack: list[list[Any]] = [[None, 0]]  # per open collection: its anchor, values in it so far
-    total = 0
     for event in yaml.parse(text, Loader=loader):
         if isinstance(event, yaml.CollectionStartEvent):
             if len(stack) > MAX_YAML_DEPTH:
@@ -183,11 +191,9 @@ def load_yaml(text: str, where: str) -> Any:
         if anchor is not None:
             anchored[anchor] = size
         stack[-1][1] += size
-        total = stack[0][1]
-        if total > MAX_YAML_VALUES or size > MAX_YAML_VALUES:
+        if stack[0][1] > MAX_YAML_VALUES or size > MAX_YAML_VALUES:
             raise UserError(f"{where}: expands to more than {MAX_YAML_VALUES:,} values (YAML aliases &name/*name "
                             "repeat what they name); a recipe holds a few hundred: write it out without the aliases")
-    return yaml.safe_load(text)
 
 
 def read_yaml(path: str | Path, where: str | None = None) -> Any:
