@@ -6,12 +6,20 @@ User mistakes print one line, ``error: ...``, on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 
-from compress.errors import TrainingDiverged, UserError
+from compress.errors import TrainingDiverged, UserError, shorten
 
 __all__ = ["main"]
+
+# OS errors that are the machine's state, not a bug: one line, exit 2, like any other user mistake.
+# A run that meets one has kept every finished stage (checkpoints and reports are written atomically).
+ENVIRONMENT_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
+                      errno.EROFS: "write somewhere writable", errno.EACCES: "fix the permissions or write elsewhere",
+                      errno.EPERM: "fix the permissions or write elsewhere", errno.ENAMETOOLONG: "use shorter names",
+                      errno.ENOTDIR: "a folder in the path is a file", errno.EISDIR: "give a file, not a folder"}
 
 USAGE = """python run.py RECIPE.yaml [key=value ...] [--dry-run] [--overwrite | --resume]
        python run.py resume RUN_DIR
@@ -246,6 +254,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(argv[1:]) if command else _run(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{shorten(e.filename)}: " if e.filename else ""
+        resume = " (finished stages kept their checkpoints: `python run.py resume OUT_DIR` continues)" \
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"error: {where}{e.strerror}; {ENVIRONMENT_ERRNOS[e.errno]}{resume}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"error: {e} (finished stages kept their checkpoints)", file=sys.stderr)

@@ -8,6 +8,7 @@ Foundation layer: imports nothing of ``compress``.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import numbers
@@ -20,7 +21,12 @@ __all__ = ["atomic_write", "finite", "json_text", "write_json"]
 
 
 def atomic_write(path: str | Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file.
+
+    A writer that fails on a full disk without saying so (``torch.save`` raises a RuntimeError
+    with no errno) is reported as ``OSError(ENOSPC)``, and an OSError without a file name (a
+    ``write`` call's) gets ``path``, so the caller can tell the user which file and what to do.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -33,9 +39,23 @@ def atomic_write(path: str | Path, write: Any) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make every checkpoint private
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = not isinstance(e, OSError | KeyboardInterrupt) and _disk_full(path.parent)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        if isinstance(e, OSError) and e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
+
+
+def _disk_full(folder: Path) -> bool:
+    """Less than 1 MiB left for this user where ``folder`` is (a failed write has filled it)."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
 
 
 def finite(obj: Any) -> Any:

@@ -24,6 +24,7 @@ from compress.schema import (
     check_finite,
     check_index_bits,
     check_latency_batch,
+    check_out_dir,
     load_yaml,
     read_yaml,
     schema_error,
@@ -299,6 +300,7 @@ def _validate_top(cfg: DictConfig) -> None:
         raise UserError(f"eval.latency_threads: {cfg.eval.latency_threads} must be >= 1 (torch intra-op threads)")
     if not cfg.out_dir:
         raise UserError("out_dir: must not be empty")
+    check_out_dir(cfg.out_dir, "out_dir")
     check_index_bits(cfg.encoding.index_bits, "encoding.index_bits")
     check_profiles(list(cfg.hardware), "hardware")
     check_runtimes(list(cfg.eval.runtimes), "eval.runtimes")

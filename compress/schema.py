@@ -7,6 +7,7 @@ one-line :class:`~compress.errors.UserError` naming the recipe key path.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -16,10 +17,10 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from compress.errors import UserError, nearest, suggest
+from compress.errors import UserError, nearest, shorten, suggest
 
 __all__ = ["merge_structured", "check_range", "check_choice", "check_finite", "check_index_bits", "match_layers",
-           "schema_error", "join_key", "load_yaml", "read_yaml", "check_latency_batch", "MAX_LATENCY_BATCH", "MAX_YAML_BYTES", "MAX_YAML_VALUES", "MAX_YAML_DEPTH"]
+           "schema_error", "join_key", "load_yaml", "read_yaml", "check_latency_batch", "MAX_LATENCY_BATCH", "check_out_dir", "MAX_YAML_BYTES", "MAX_YAML_VALUES", "MAX_YAML_DEPTH"]
 
 # Bounds on a YAML document read from the user (recipes, overrides, teacher specs, hardware profiles).
 # The largest shipped recipe is about 2 KB and 100 values; these are thousands of times that, yet a
@@ -122,6 +123,24 @@ def check_latency_batch(value: int | None, key: str) -> None:
     if value is not None and not 1 <= value <= MAX_LATENCY_BATCH:
         raise UserError(f"{key}: {value} is outside [1, {MAX_LATENCY_BATCH}]; every stage is timed at this batch (a "
                         "latency target times every layer width at it), so a larger one runs for minutes in silence")
+
+
+def check_out_dir(path: str | Path, key: str) -> None:
+    """Raise a UserError unless ``path`` can be a folder to write in: no name in it longer than the
+    file system allows, not a file, not under a file, its nearest existing folder writable."""
+    path = Path(path)
+    for part in path.parts:
+        if len(os.fsencode(part)) > 255:  # NAME_MAX of ext4, xfs, btrfs, tmpfs, APFS, NTFS
+            raise UserError(f"{key}: the name '{shorten(part, 60)}' is {len(os.fsencode(part))} bytes; a file system "
+                            "allows 255 per name: choose a shorter out_dir")
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == path else f"lies under the file '{folder}'"
+                raise UserError(f"{key}: '{path}' {where}, not a folder; choose another: out_dir=runs/NEW")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UserError(f"{key}: '{folder}' is not writable; choose another out_dir or fix its permissions")
+            return
 
 
 def check_choice(value: str, key: str, choices: tuple[str, ...] | list[str]) -> None:

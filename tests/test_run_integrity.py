@@ -170,3 +170,178 @@ def test_resume_keeps_every_earlier_stages_training_curves(tmp_path):
     Pipeline(load_recipe(recipe), resume=True, quiet=True).run()
     assert rows_of("train") == train_rows  # Lightning's CSV writer deleted them before the fix
     assert len(rows_of("prune.unstructured")) >= 2
+
+
+# -- one line, exit 2 ------------------------------------------------------------------------------
+@pytest.mark.parametrize("where, message", [
+    ("afile", r"^out_dir: '.*afile' is a file, not a folder; choose another: out_dir=runs/NEW$"),
+    ("afile/sub/run", r"^out_dir: '.*afile/sub/run' lies under the file '.*afile', not a folder"),
+    ("x" * 256, r"^out_dir: the name 'x{48}\.\.\.\[256 characters\]\.\.\.x{12}' is 256 bytes; a file system allows 255"),
+], ids=["a-file", "under-a-file", "name-of-256-bytes"])
+def test_an_out_dir_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path, where, message):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(UserError, match=message):
+        load_recipe(quick_recipe(tmp_path), [f"out_dir={tmp_path / where}"])
+
+
+def test_an_out_dir_in_a_folder_without_write_permission_is_refused(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path / "ro"))  # root may write anywhere
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(UserError, match=r"^out_dir: '.*ro' is not writable; choose another out_dir"):
+        load_recipe(quick_recipe(tmp_path), [f"out_dir={tmp_path / 'ro' / 'run'}"])
+
+
+@pytest.mark.parametrize("report", [[1, 2, 3], {"stages": [1, 2]}, {"stages": [{"index": 0, "name": "input"}]},
+                                    {"stages": "all"}])
+def test_compare_refuses_a_report_of_the_wrong_shape_in_one_line(tmp_path, report, capsys):
+    from compress.cli import main
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "report.json").write_text(json.dumps(report))
+    assert main(["compare", str(tmp_path / "r"), str(tmp_path / "r"), "--out", str(tmp_path / "c.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'r' / 'report.json'}: not a run's report")
+    assert not (tmp_path / "c.html").exists()
+
+
+def test_compare_refuses_a_recipe_that_is_not_a_mapping(tmp_path):
+    from compress.report.compare import load_run
+
+    (tmp_path / "report.json").write_text(json.dumps({"stages": [{"index": 0, "name": "input", "metrics": {}}]}))
+    (tmp_path / "recipe.yaml").write_text("- a list\n")
+    with pytest.raises(UserError, match="report.json: its recipe is a list, not a mapping of keys"):
+        load_run(tmp_path)
+    (tmp_path / "recipe.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match="recipe.yaml: YAML syntax error"):
+        load_run(tmp_path)
+
+
+def test_an_unreadable_image_in_an_imagefolder_is_one_line_naming_the_file(tmp_path):
+    from PIL import Image
+
+    from compress.data import build_datamodule
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("L", (8, 8), 40).save(tmp_path / split / c / "0.png")
+    (tmp_path / "train" / "a" / "1.png").write_text("not an image")
+    dm = build_datamodule({"name": "imagefolder", "root": str(tmp_path), "size": 8, "channels": 1})
+    dm.setup("fit")
+    dataset = dm.train_dataloader().dataset
+    bad = next(i for i, (path, _) in enumerate(dataset.items) if path.name == "1.png")
+    assert dataset[bad - 1][0].shape == (1, 8, 8)
+    with pytest.raises(UserError, match=r"^data.root: .*train/a/1.png is not an image Pillow can read \(cannot "
+                                        r"identify image file .*\); remove or replace it$"):
+        dataset[bad]
+
+
+def two_stage_recipe(tmp_path) -> str:
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(quick_recipe(tmp_path, stages=[
+        {"type": "train", "epochs": 1}, {"type": "prune.unstructured", "sparsity": 0.5, "finetune": {"epochs": 1}}])))
+    return str(path)
+
+
+def test_a_full_disk_is_one_line_exit_2_and_resume_then_finishes(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import compress.pipeline as pipeline
+    from compress.cli import main
+
+    real = pipeline.save_checkpoint
+
+    def full_at_stage_2(path, *args, **kwargs):
+        if path.name.startswith("stage-2"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "save_checkpoint", full_at_stage_2)
+    recipe = two_stage_recipe(tmp_path)
+    assert main([recipe, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {tmp_path / 'run' / 'stage-2-prune.unstructured.ckpt'}: No space left on device; free some "
+                   "space (finished stages kept their checkpoints: `python run.py resume OUT_DIR` continues)\n")
+    assert sorted(p.name for p in (tmp_path / "run").glob("stage-*")) == ["stage-0-input.ckpt", "stage-1-train.ckpt"]
+    monkeypatch.setattr(pipeline, "save_checkpoint", real)
+    assert main([recipe, "--quiet", "--resume"]) == 0
+    assert [s["name"] for s in strict_load((tmp_path / "run" / "report.json").read_text())["stages"]] == [
+        "input", "train", "prune.unstructured"]
+
+
+def test_an_os_error_that_is_a_bug_is_not_dressed_as_a_user_error(monkeypatch):
+    import errno
+
+    import compress.cli as cli
+
+    def broken(argv):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setitem(cli.COMMANDS, "compare", broken)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        cli.main(["compare", "x"])
+
+
+def test_torch_save_on_a_full_disk_becomes_enospc(tmp_path, monkeypatch):
+    """torch.save says only "unexpected pos" when the disk fills; atomic_write names it ENOSPC."""
+    import errno
+    import os
+    from types import SimpleNamespace
+
+    from compress.files import atomic_write
+
+    def torch_like(tmp):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(os, "statvfs", lambda folder: SimpleNamespace(f_bavail=3, f_frsize=4096))
+    with pytest.raises(OSError) as caught:
+        atomic_write(tmp_path / "m.ckpt", torch_like)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "m.ckpt")
+    assert list(tmp_path.iterdir()) == []  # the partial file is gone
+    monkeypatch.setattr(os, "statvfs", lambda folder: SimpleNamespace(f_bavail=10**6, f_frsize=4096))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # a disk with room: the error as it was
+        atomic_write(tmp_path / "m.ckpt", torch_like)
+
+    def write_like(tmp):  # file.write on a full disk: an errno, no file name
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as caught:
+        atomic_write(tmp_path / "r.json", write_like)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "r.json")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs the test mounts (root only; skipped elsewhere), unmounted after."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_run_that_fills_a_real_disk_says_so_in_one_line_and_resumes_once_there_is_room(tmp_path, small_disk, capsys):
+    import subprocess
+
+    from compress.cli import main
+
+    recipe = two_stage_recipe(tmp_path)
+    out = small_disk / "run"
+    assert main([recipe, f"out_dir={out}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {out}/") and "No space left on device; free some space" in err
+    kept = sorted(p.name for p in out.glob("stage-*.ckpt"))
+    assert kept[0] == "stage-0-input.ckpt" and not list(out.glob(".*.tmp"))  # no partial file left behind
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert main([recipe, f"out_dir={out}", "--quiet", "--resume"]) == 0
+    stages = strict_load((out / "report.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["input", "train", "prune.unstructured"]
