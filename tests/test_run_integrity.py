@@ -345,3 +345,21 @@ def test_a_run_that_fills_a_real_disk_says_so_in_one_line_and_resumes_once_there
     assert main([recipe, f"out_dir={out}", "--quiet", "--resume"]) == 0
     stages = strict_load((out / "report.json").read_text())["stages"]
     assert [s["name"] for s in stages] == ["input", "train", "prune.unstructured"]
+
+
+def test_every_json_the_project_writes_goes_through_the_strict_writer():
+    """``json.dump(s)`` outside compress/files.py only to hash a key or to print: files are written
+    by ``write_json``/``json_text`` (non-finite numbers as null, ``allow_nan=False``)."""
+    import re
+
+    from tests.conftest import ROOT
+
+    allowed = re.compile(r"hashlib\.\w+\(json\.dumps\(|print\(json\.dumps\(")
+    offenders = []
+    for path in sorted([*(ROOT / "compress").rglob("*.py"), *(ROOT / "bench").glob("*.py"), ROOT / "run.py"]):
+        if path == ROOT / "compress" / "files.py":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"\bjson\.dumps?\(", line) and not allowed.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{n}")
+    assert offenders == []
