@@ -40,6 +40,17 @@ def _run(argv: Sequence[str]) -> int:
                         "from its last epoch")
     p.add_argument("--quiet", action="store_true", help="no tables on the terminal")
     args = p.parse_intermixed_args(list(argv))
+    from pathlib import Path
+
+    import yaml
+
+    from compress.schema import read_yaml
+
+    if Path(args.recipe).is_file():  # a file too big or an alias bomb answers before torch loads
+        try:
+            read_yaml(args.recipe)
+        except yaml.YAMLError:
+            pass  # load_recipe names the line and column
     from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # a recipe error answers before Lightning loads

@@ -363,3 +363,24 @@ def test_every_json_the_project_writes_goes_through_the_strict_writer():
             if re.search(r"\bjson\.dumps?\(", line) and not allowed.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}")
     assert offenders == []
+
+
+def test_the_cli_refuses_an_alias_bomb_before_torch_loads(tmp_path, capsys):
+    """In a fresh interpreter: one line, exit 2, torch never imported (the refusal takes milliseconds)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    (tmp_path / "bomb.yaml").write_text(billion_laughs())
+    (tmp_path / "syntax.yaml").write_text("stages: [\n")
+    code = ("import sys; from compress.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch' in sys.modules); sys.exit(rc)")
+    bomb = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bomb.yaml")], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert bomb.returncode == 2 and bomb.stdout == "False\n"
+    assert bomb.stderr.startswith(f"error: {tmp_path / 'bomb.yaml'}: expands to") and bomb.stderr.count("\n") == 1
+    from compress.cli import main  # a syntax error passes the early check and is placed by load_recipe
+
+    assert main([str(tmp_path / "syntax.yaml")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'syntax.yaml'}:2:1: YAML syntax error: expected the node content, but found '<stream end>'\n"
