@@ -384,3 +384,36 @@ def test_the_cli_refuses_an_alias_bomb_before_torch_loads(tmp_path, capsys):
 
     assert main([str(tmp_path / "syntax.yaml")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'syntax.yaml'}:2:1: YAML syntax error: expected the node content, but found '<stream end>'\n"
+
+
+def test_compare_table_says_n_a_for_a_final_metric_that_is_not_finite():
+    from compress.report.html import final_table
+
+    runs = {"a": [{"metrics": {"accuracy": 0.9, "loss": 0.3}}],
+            "b": [{"metrics": {"accuracy": 0.1, "loss": None}}],
+            "c": [{"metrics": {"accuracy": 0.1, "loss": float("nan")}}]}
+    _, rows = final_table(runs)
+    assert ["loss", "0.3", "n/a", "n/a"] in rows and ["accuracy", "0.9", "0.1", "0.1"] in rows
+
+
+def test_no_nearest_name_is_searched_for_a_value_longer_than_any_name():
+    from compress.errors import nearest
+
+    assert nearest("lenet30", ["lenet300"]) == "lenet300"
+    assert nearest("lenet300" * 100, ["lenet300"]) is None
+
+
+def test_a_failed_write_where_the_disk_cannot_be_asked_is_reported_as_it_was(tmp_path, monkeypatch):
+    import os
+
+    from compress.files import atomic_write
+
+    def no_statvfs(folder):
+        raise OSError("no statvfs")
+
+    def failing(tmp):
+        raise RuntimeError("writer failed")
+
+    monkeypatch.setattr(os, "statvfs", no_statvfs)
+    with pytest.raises(RuntimeError, match="writer failed"):
+        atomic_write(tmp_path / "f", failing)
