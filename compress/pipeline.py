@@ -70,6 +70,10 @@ def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | Non
     A quantised model (``quantize``) is stored as int8 (``stored_bytes``: int8 weights, scales, zero
     points); eager PyTorch runs its float copy (it has no int8 kernels here), while each runtime in
     ``runtimes`` runs the int8 graph: :func:`runtime_metrics`.
+
+    A model whose test outputs are not finite (``nonfinite_outputs`` > 0) gets one note saying it
+    outputs NaN (or inf), and no runtime measurement: its export check could only fail, blaming
+    the exporter for the model's arithmetic.
     """
     model = model.cpu()
     x1 = example_batch(datamodule, 1)[0]
