@@ -23,7 +23,8 @@ LAYERS = {
     "compress.quant": 2, "compress.encoding": 2, "compress.distill": 2, "compress.hardware": 2,
     "compress.metrics": 2, "compress.checkpoint": 2, "compress.lit": 2, "compress.runtime": 2,
     "compress.stages": 3,
-    "compress.recipe": 4, "compress.pipeline": 4, "compress.sensitivity": 4, "compress.tracking": 4,
+    "compress.recipe": 4, "compress.pipeline": 4, "compress.measurement": 4, "compress.model_setup": 4,
+    "compress.sensitivity": 4, "compress.tracking": 4,
     "compress.teachers": 4, "compress.report": 4,
     "compress.cli": 5, "compress": 5,
 }

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from compress.batches import call, to_device
+from compress.batches import call, eval_mode, to_device
 from compress.errors import UserError
 from compress.pruning.masks import make_permanent
 from compress.quant.quantizers import ActivationQuantizer, WeightQuantizer
@@ -98,19 +98,17 @@ def _quantizers(model: nn.Module) -> list[ActivationQuantizer]:
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> nn.Module:
     """Run ``batches`` (tensors, or ``(inputs, targets)`` pairs) through the model to set activation ranges."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     seen = 0
-    for batch in batches:
-        if max_batches is not None and seen >= max_batches:
-            break
-        x = batch[0] if isinstance(batch, list | tuple) else batch
-        call(model, to_device(x, device))
-        seen += 1
+    with eval_mode(model):
+        for batch in batches:
+            if max_batches is not None and seen >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, list | tuple) else batch
+            call(model, to_device(x, device))
+            seen += 1
     if seen == 0:
         raise UserError("quantize: no calibration batches")
-    model.train(was_training)
     return model
 
 
