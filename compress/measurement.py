@@ -20,7 +20,7 @@ from compress.encoding import model_storage
 from compress.errors import UserError
 from compress.hardware import hardware_metrics
 from compress.metrics import compare_latency, count_layers, evaluate_accuracy, summarize, thread_env
-from compress.pruning.masks import deployed_copy
+from compress.plumbing.masks import deployed_copy
 from compress.quant import float_copy, int8_storage_bytes, is_quantized
 from compress.runtime import RUNTIMES, feeds, ort_accuracy
 

@@ -25,7 +25,7 @@ from compress.files import atomic_write
 from compress.measurement import MeasureConfig, measure
 from compress.model_setup import check_outputs, load_weights, model_spec
 from compress.models import build_model
-from compress.pruning.masks import deployed_copy
+from compress.plumbing.masks import deployed_copy
 from compress.recipe import Recipe
 from compress.stages.base import Context, Stage
 from compress.tracking import CSVSink, HtmlSink, ReportSink, Sink, TerminalSink, WandbSink

@@ -32,7 +32,7 @@ from compress.hardware.profiles import (
 )
 from compress.hardware.roofline import OpCost, Simulation, WeightInfo, simulate, weight_infos
 from compress.hardware.trace import Trace, trace_ops
-from compress.pruning.masks import deployed_copy
+from compress.plumbing.masks import deployed_copy
 
 __all__ = ["PROFILES", "HardwareProfile", "check_profiles", "load_profile", "profile_from_dict", "resolve_profile",
            "simulate", "simulate_model", "hardware_metrics", "trace_ops", "weight_infos", "hardware_notes",

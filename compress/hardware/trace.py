@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from compress.batches import call, eval_mode
-from compress.pruning.masks import prunable_layers
+from compress.plumbing.masks import prunable_layers
 
 __all__ = ["Op", "Trace", "trace_ops", "op_kind"]
 

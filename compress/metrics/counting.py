@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from compress.batches import call, eval_mode, take
-from compress.pruning.masks import prunable_layers
+from compress.plumbing.masks import prunable_layers
 
 __all__ = ["LayerStats", "count_layers", "summarize"]
 

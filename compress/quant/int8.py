@@ -20,7 +20,8 @@ from torch.nn.utils import parametrize
 
 from compress.batches import call, eval_mode, to_device
 from compress.errors import UserError
-from compress.pruning.masks import make_permanent
+from compress.plumbing.masks import make_permanent
+from compress.plumbing.restorers import PARAMETRIZATIONS, RESTORERS, Restorer
 from compress.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = [
@@ -214,6 +215,15 @@ def restore_quant(model: nn.Module, state: dict[str, Any], state_dict: dict[str,
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model
+
+
+# A checkpoint keeps the quantisation under "quantization" (None for a float model) and re-installs it
+# after masks and codebooks, since the weight quantizer reads the masked weight; the quantizer
+# parametrization itself comes back with it, so the parametrization replay skips it.
+RESTORERS.register("quantization", Restorer(
+    restore=lambda model, saved, _state, _where: restore_quant(model, saved) if saved else None,
+    state=lambda model: quant_state(model) if is_quantized(model) else None, after_parametrizations=True))
+PARAMETRIZATIONS.register("WeightQuantizer", lambda *_: None)
 
 
 def int8_storage_bytes(model: nn.Module) -> int:
