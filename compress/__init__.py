@@ -35,7 +35,7 @@ _API = {
     "export_onnx": "compress.runtime", "OrtModel": "compress.runtime",
     "Pipeline": "compress.pipeline", "measure": "compress.measurement",
     "load_recipe": "compress.recipe",
-    "set_output": "compress.batches", "logits_of": "compress.batches",
+    "set_output": "compress.calls", "logits_of": "compress.calls",
 }
 
 __all__ = sorted(_API)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.batches import call
+from compress.calls import call
 from compress.data import describe, example_batch, training_inputs
 from compress.encoding import model_storage
 from compress.errors import UserError

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from compress.batches import describe_inputs, eval_mode, forward, output_field
+from compress.calls import describe_inputs, eval_mode, forward, output_field
 from compress.checkpoint import load_into, read_checkpoint
 from compress.errors import UserError
 from compress.models import model_kwargs

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "compress"
 # here. Layer 2 (the capabilities) is ordered too, lowest first (CAPABILITY_SUBLAYERS).
 LAYERS = {
     "compress.errors": 1, "compress.registry": 1, "compress.schema": 1, "compress.config": 1,
-    "compress.files": 1, "compress.batches": 1,
+    "compress.files": 1, "compress.calls": 1, "compress.batches": 1,
     "compress.plumbing": 2.1,
     "compress.models": 2.2, "compress.data": 2.2, "compress.lit": 2.2,
     "compress.quant": 2.3, "compress.sharing": 2.3,

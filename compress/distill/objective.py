@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from compress.batches import describe_inputs, eval_mode, first_tensor, forward, to_device
+from compress.calls import describe_inputs, eval_mode, first_tensor, forward, to_device
 from compress.config import FeaturePairConfig
 from compress.distill.hooks import capture_outputs, find_module
 from compress.distill.losses import FEATURE_LOSSES, KD_LOSSES

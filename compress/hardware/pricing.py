@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from compress.batches import batch_size
+from compress.calls import batch_size
 from compress.hardware.notes import hardware_notes
 from compress.hardware.profiles import HardwareProfile, load_profile, resolve_profile
 from compress.hardware.roofline import Simulation, simulate, weight_infos

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from compress.batches import call, eval_mode
+from compress.calls import call, eval_mode
 from compress.plumbing.masks import prunable_layers
 
 __all__ = ["Op", "Trace", "trace_ops", "op_kind"]
@@ -203,7 +203,7 @@ def _count(op: Op, func: Any, args: tuple, kwargs: dict, outs: list[Tensor]) -> 
 
 @torch.inference_mode()
 def trace_ops(model: nn.Module, example: Any) -> Trace:
-    """Run ``model(example)`` (or ``model(**example)``: :func:`compress.batches.call`) once (eval mode) and record every op.
+    """Run ``model(example)`` (or ``model(**example)``: :func:`compress.calls.call`) once (eval mode) and record every op.
 
     ``model`` should hold plain weights (``deployed_copy``), so a weight is one tensor the
     conv/linear reads; the layers' stored formats are looked up by the weight names returned.

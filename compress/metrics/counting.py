@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from compress.batches import call, eval_mode, take
+from compress.calls import call, eval_mode, take
 from compress.plumbing.masks import prunable_layers
 
 __all__ = ["LayerStats", "count_layers", "summarize"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from compress.batches import eval_mode, forward, to_device
+from compress.calls import eval_mode, forward, to_device
 
 __all__ = ["evaluate_accuracy"]
 

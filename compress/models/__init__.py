@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from compress.batches import set_output
+from compress.calls import set_output
 from compress.errors import UserError
 from compress.models import hf, lenet, mlp, mobilenet, resnet, vit  # noqa: F401  (imported for their registrations)
 from compress.models._registry import MODELS
@@ -44,7 +44,7 @@ def build_model(name: str, *, key: str = "model", output: str | int | None = Non
     (:func:`model_kwargs` adds ``input_shape``/``num_classes`` from the data where they belong).
 
     ``output`` (the recipe's ``model.output``) names the field of a structured output that holds the
-    logits (:mod:`compress.batches`); None: the automatic rule."""
+    logits (:mod:`compress.calls`); None: the automatic rule."""
     cls = model_class(name, f"{key}.name")
     params = inspect.signature(cls).parameters
     if "input_shape" in kwargs and "input_shape" in params:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from compress.batches import call, eval_mode, to_device
+from compress.calls import call, eval_mode, to_device
 from compress.errors import UserError
 from compress.plumbing.masks import make_permanent
 from compress.plumbing.restorers import PARAMETRIZATIONS, RESTORERS, Restorer

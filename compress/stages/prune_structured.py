@@ -51,7 +51,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from compress.batches import repeat_to, take
+from compress.calls import repeat_to, take
 from compress.config import FinetuneConfig
 from compress.errors import UserError
 from compress.plumbing.masks import prunable_layers
