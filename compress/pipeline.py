@@ -27,8 +27,8 @@ from compress.model_setup import check_outputs, load_weights, model_spec
 from compress.models import build_model
 from compress.plumbing.masks import deployed_copy
 from compress.recipe import Recipe
+from compress.report.sinks import CSVSink, HtmlSink, ReportSink, Sink, TerminalSink, WandbSink
 from compress.stages.base import Context, Stage
-from compress.tracking import CSVSink, HtmlSink, ReportSink, Sink, TerminalSink, WandbSink
 
 __all__ = ["Pipeline"]
 
