@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,19 @@ LOCK_NAME = ".run.lock"  # the OS lock (flock through filelock): it dies with it
 PID_NAME = ".run.pid"  # beside it, who holds it: the lock file itself may be truncated by a contender
 
 
+def _holder(pid_file: Path, wait_s: float = 1.0) -> str:
+    """Who holds a folder's lock, from its pid sidecar; a holder that has just taken the lock gets a
+    moment to write it (runs started together meet exactly there)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return f"process {int(pid_file.read_text().split()[0])}"
+        except (OSError, ValueError, IndexError):
+            if time.monotonic() >= deadline:
+                return "another process"
+            time.sleep(0.02)
+
+
 @contextlib.contextmanager
 def hold_folder(folder: str | Path, key: str = "out_dir") -> Iterator[Path]:
     """Hold an OS-level lock on ``folder`` for the block: one run per folder.
@@ -62,10 +76,7 @@ def hold_folder(folder: str | Path, key: str = "out_dir") -> Iterator[Path]:
     try:
         lock.acquire()
     except Timeout:
-        try:
-            holder = f"process {int((folder / PID_NAME).read_text().split()[0])}"
-        except (OSError, ValueError, IndexError):
-            holder = "another process"
+        holder = _holder(folder / PID_NAME)
         raise UserError(f"{key}: '{folder}' is in use by another run ({holder}); wait for it to finish, or choose "
                         "another folder: out_dir=runs/NEW") from None
     except OSError as e:
