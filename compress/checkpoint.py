@@ -10,6 +10,7 @@ state_dict strictly. Steps (2) and (3) are the capabilities' own, registered in
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from torch.nn.utils import parametrize
 from compress import quant, sharing  # noqa: F401  (registrations)
 from compress.errors import UserError
 from compress.files import atomic_write
-from compress.models import build_model
+from compress.models import build_from_spec
 from compress.plumbing.restorers import PARAMETRIZATIONS, restore_saved, saved_states
 from compress.pruning import attention, structured  # noqa: F401  (registrations, as above)
 
@@ -78,10 +79,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def model_from_checkpoint(data: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
-    """Rebuild the model a checkpoint describes."""
-    spec = dict(data["model_spec"])
-    model = build_model(spec.pop("name"), key="model", output=spec.get("output"), **spec.get("kwargs", {}))
+def model_from_checkpoint(data: dict[str, Any], path: str | Path = "checkpoint", *, trust_model_code: bool = False,
+                          trusted: Sequence[str] = ()) -> nn.Module:
+    """Rebuild the model a checkpoint describes.
+
+    The file's ``model_spec`` is data: a zoo model is rebuilt, but one that runs code (``import:``,
+    ``transformers``) only with ``trust_model_code`` or when its name is in ``trusted`` (the caller's
+    own recipe names it): :func:`compress.models.build_from_spec`.
+    """
+    model = build_from_spec(data.get("model_spec"), str(path), trust_model_code=trust_model_code, trusted=trusted)
     load_into(model, data, path)
     return model
 
@@ -108,7 +114,11 @@ def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkp
     return model
 
 
-def load_model(path: str | Path) -> nn.Module:
-    """A model from a checkpoint file, ready to run (eval mode)."""
+def load_model(path: str | Path, *, trust_model_code: bool = False, trusted: Sequence[str] = ()) -> nn.Module:
+    """A model from a checkpoint file, ready to run (eval mode).
+
+    Loading never imports or calls code the file names unless ``trust_model_code`` (as Hugging Face's
+    ``trust_remote_code``) or the code's name is in ``trusted``: :func:`model_from_checkpoint`.
+    """
     data = read_checkpoint(path)
-    return model_from_checkpoint(data, path).eval()
+    return model_from_checkpoint(data, path, trust_model_code=trust_model_code, trusted=trusted).eval()

@@ -21,13 +21,14 @@ from torch import nn
 from compress.checkpoint import load_into, read_checkpoint, save_checkpoint
 from compress.data import build_datamodule, describe, example_batch
 from compress.errors import UserError
-from compress.files import atomic_write
+from compress.files import atomic_write, hold_folder
 from compress.measurement import MeasureConfig, measure
 from compress.model_setup import check_outputs, load_weights, model_spec
 from compress.models import build_model
 from compress.plumbing.masks import deployed_copy
 from compress.recipe import Recipe
 from compress.report.sinks import CSVSink, HtmlSink, ReportSink, Sink, TerminalSink, WandbSink
+from compress.runfolder import OWN_DIRS, OWN_FILES, holds_run
 from compress.stages.base import Context, Stage
 
 __all__ = ["Pipeline"]
@@ -38,7 +39,8 @@ NOT_COMPRESSION = ("train", "evaluate")
 class Pipeline:
     """Runs a validated :class:`Recipe`. ``Pipeline(load_recipe(path)).run()``."""
 
-    def __init__(self, recipe: Recipe, *, overwrite: bool = False, resume: bool = False, quiet: bool = False):
+    def __init__(self, recipe: Recipe, *, overwrite: bool = False, resume: bool = False, quiet: bool = False,
+                 trust_model_code: bool = False):
         if overwrite and resume:
             raise UserError("--overwrite and --resume contradict each other: choose one")
         self.recipe = recipe
@@ -47,6 +49,7 @@ class Pipeline:
         self.overwrite = overwrite
         self.resume = resume
         self.quiet = quiet
+        self.trust_model_code = trust_model_code  # build code a teacher checkpoint names (--trust-model-code)
         self.records: list[dict[str, Any]] = []
         self.baseline_model: nn.Module | None = None  # stage 0's deployed copy: every stage is timed against it
         self.runtime_baselines: dict[str, Any] = {}  # runtime -> stage 0 deployed there (sessions, built once)
@@ -72,26 +75,23 @@ class Pipeline:
         self.plans = {stage.name: stage.plan(model) for stage in self.recipe.stages}
         ctx = Context(dm, out_dir=self.out_dir, trainer=OmegaConf.to_container(cfg.trainer), seed=cfg.seed,
                       teachers_dir=cfg.teachers_dir, latency_batch=cfg.eval.latency_batch_size or batch_size,
-                      latency_threads=cfg.eval.latency_threads)
+                      latency_threads=cfg.eval.latency_threads, model_spec=self.spec,
+                      trust_model_code=self.trust_model_code)
         return model, ctx
-
-    OWN_FILES = ("recipe.yaml", "report.json", "report.md", "metrics.csv", "run.json")
-    OWN_DIRS = ("lightning", "curves", "wandb")
 
     def _check_out_dir(self) -> None:
         """Never overwrite a run silently: a folder that holds one needs --resume or --overwrite."""
         if not rank_zero_only.rank == 0:
             return
         out = self.out_dir
-        holds_run = any((out / n).exists() for n in ("recipe.yaml", "report.json")) or any(out.glob("stage-*.ckpt"))
-        if not holds_run:
+        if not holds_run(out):
             return
         if self.overwrite:
             import shutil
 
-            for f in [*(out / n for n in self.OWN_FILES), *out.glob("stage-*.ckpt")]:
+            for f in [*(out / n for n in OWN_FILES), *out.glob("stage-*.ckpt")]:
                 f.unlink(missing_ok=True)
-            for d in self.OWN_DIRS:
+            for d in OWN_DIRS:
                 shutil.rmtree(out / d, ignore_errors=True)
             return
         if not self.resume:
@@ -116,18 +116,29 @@ class Pipeline:
             done = k
         if done < 0:
             return 0
-        data = read_checkpoint(self.out_dir / self._ckpt_name(done, names[done]))
+        data = self._read_own(done, names[done])
         load_into(model, data, self.out_dir / self._ckpt_name(done, names[done]))
         first = build_model(self.spec["name"], key="model", output=self.spec.get("output"), **self.spec["kwargs"])
-        load_into(first, read_checkpoint(self.out_dir / self._ckpt_name(0, "input")))
+        load_into(first, self._read_own(0, "input"))
         self.baseline_model = deployed_copy(first).eval()
         self.records = json.loads(data["extra"]["records"])
         ref = next((i for i, s in enumerate(stages) if s.type_name not in NOT_COMPRESSION), None)
         if ref is not None and ref < done:  # `teacher: self` is the model before the first compression stage
             reference = build_model(self.spec["name"], key="model", output=self.spec.get("output"), **self.spec["kwargs"])
-            load_into(reference, read_checkpoint(self.out_dir / self._ckpt_name(ref, names[ref])))
+            load_into(reference, self._read_own(ref, names[ref]))
             ctx.reference_model = reference.eval()
         return done + 1
+
+    def _read_own(self, index: int, name: str) -> dict[str, Any]:
+        """A checkpoint of this run, to resume from: its model is the recipe's (the file's spec is never
+        built; a spec that differs is another model's checkpoint, refused)."""
+        path = self.out_dir / self._ckpt_name(index, name)
+        data = read_checkpoint(path)
+        diff = _first_difference(data.get("model_spec"), self.spec, "model_spec")
+        if diff is not None:
+            raise UserError(f"{path}: a checkpoint of another model ({diff} differs from the recipe's model block); "
+                            "resume with the recipe that wrote it, or pass --overwrite")
+        return data
 
     def _open_sinks(self, ctx: Context) -> None:
         cfg = self.cfg
@@ -161,6 +172,13 @@ class Pipeline:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
+        """Run every stage into ``out_dir``, holding its lock from before the first write to the end."""
+        if rank_zero_only.rank != 0:  # only rank zero writes (and locks) the folder
+            return self._run()
+        with hold_folder(self.out_dir):
+            return self._run()
+
+    def _run(self) -> list[dict[str, Any]]:
         self._check_out_dir()
         model, ctx = self.prepare()
         start = self._restore(model, ctx) if self.resume else 0

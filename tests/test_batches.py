@@ -149,12 +149,12 @@ def test_keyword_inputs_and_dict_outputs_run_train_prune_share_distill_and_onnxr
     data = KeywordData()
     data.setup()
     x = torch.utils.data.default_collate([r[0] for r in data.test_rows[:16]])
-    loaded = load_model(tmp_path / "run" / "stage-3-share.ckpt")
+    loaded = load_model(tmp_path / "run" / "stage-3-share.ckpt", trust_model_code=True)
     assert loaded.compress_output == "pred"
     from compress.metrics import evaluate_accuracy
 
     assert evaluate_accuracy(loaded, data.test_dataloader())["accuracy"] == shared["accuracy"]
-    out = subprocess.run([sys.executable, "run.py", "export", str(tmp_path / "run"), "--format", "onnx"],
+    out = subprocess.run([sys.executable, "run.py", "export", str(tmp_path / "run"), "--format", "onnx", "--trust-model-code"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     from compress.runtime import OrtModel
@@ -294,7 +294,7 @@ def test_hugging_face_bert_from_a_config_runs_a_recipe_on_token_tensors(tmp_path
 
     dm = build_datamodule(recipe["data"])
     dm.setup()
-    loaded = load_model(tmp_path / "run" / "stage-4-share.ckpt")
+    loaded = load_model(tmp_path / "run" / "stage-4-share.ckpt", trust_model_code=True)
     assert type(loaded).__name__ == "BertForSequenceClassification"
     assert loaded.bert.encoder.layer[0].attention.self.attention_head_size == 16  # a whole head of 16 went
     from compress.metrics import evaluate_accuracy

@@ -10,7 +10,9 @@
 the data's ``{"input_ids", "attention_mask"}`` as keyword arguments. ``transformers`` is imported
 only here, when such a model is built (``pip install transformers``; it needs no torchvision).
 A checkpoint of a pruned or compressed model rebuilds the architecture from the same keys and loads
-its own weights (``weights_only``), so ``pretrained`` must still be readable when it is reloaded.
+its own weights (``weights_only``), so ``pretrained`` must still be readable when it is reloaded; being
+code that reads the files its arguments name, it is rebuilt from a file only on trust
+(:func:`compress.models.build_from_spec`).
 """
 
 from __future__ import annotations

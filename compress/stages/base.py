@@ -44,7 +44,8 @@ class Context:
                  trainer: dict[str, Any] | None = None, seed: int = 0, reference_model: nn.Module | None = None,
                  loggers: Sequence[Any] = (), stage_index: int = 0, stage_name: str = "stage",
                  teachers_dir: str | Path = "teachers", latency_batch: int | None = None,
-                 latency_threads: int = 1):
+                 latency_threads: int = 1, model_spec: dict[str, Any] | None = None,
+                 trust_model_code: bool = False):
         self.datamodule = datamodule
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.trainer = dict(trainer or {})
@@ -57,6 +58,8 @@ class Context:
         self.latency_batch = latency_batch  # the batch latency is measured at (eval.latency_batch_size)
         self.latency_threads = latency_threads  # intra-op threads of every timing (eval.latency_threads)
         self.fits = 0  # fine-tuning runs so far in this stage (each has its own resumable checkpoint)
+        self.model_spec = model_spec  # the recipe's model: a teacher checkpoint naming its code may be built
+        self.trust_model_code = trust_model_code  # --trust-model-code: build any code a teacher file names
 
     def begin_stage(self, index: int, name: str) -> None:
         self.stage_index, self.stage_name, self.fits = index, name, 0
