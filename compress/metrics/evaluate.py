@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from compress.batches import forward, to_device
+from compress.calls import eval_mode, forward, to_device
 
 __all__ = ["evaluate_accuracy"]
 
@@ -22,12 +22,10 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, max_batches: int | N
     any, ``"nonfinite"`` says which (``"NaN"``, else ``"inf"``): accuracy and loss of such a model
     measure its arithmetic failing, not what it learned, and the caller says so.
     """
-    was_training = model.training
-    model.eval()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     correct = total = nonfinite = nan = 0
     loss_sum = 0.0
-    try:
+    with eval_mode(model):
         for i, (x, y) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
@@ -39,8 +37,6 @@ def evaluate_accuracy(model: nn.Module, loader: DataLoader, max_batches: int | N
             bad = ~torch.isfinite(logits).flatten(1).all(1)  # (B,)
             nonfinite += int(bad.sum())
             nan += int(torch.isnan(logits).sum())
-    finally:
-        model.train(was_training)
     out: dict[str, Any] = {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1),
                            "nonfinite_outputs": nonfinite}
     if nonfinite:
