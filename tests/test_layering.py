@@ -24,7 +24,7 @@ LAYERS = {
     "compress.metrics": 2, "compress.checkpoint": 2, "compress.lit": 2, "compress.runtime": 2,
     "compress.stages": 3,
     "compress.recipe": 4, "compress.pipeline": 4, "compress.sensitivity": 4, "compress.tracking": 4,
-    "compress.teachers": 4, "compress.report": 4,
+    "compress.teachers": 4, "compress.report": 4, "compress.search": 4,
     "compress.cli": 5, "compress": 5,
 }
 LAYER_NAMES = {1: "foundation", 2: "capabilities", 3: "stages", 4: "orchestration", 5: "entry points"}
