@@ -5,7 +5,8 @@ pipeline runs, in parallel, resumable), ``cache.py`` shares the stages trials ha
 ``results.py`` writes search.html, the Pareto trials' recipes and the terminal table.
 """
 
+from compress.search._registry import PRUNERS, SAMPLERS
 from compress.search.space import SearchConfig, SearchSpec, parse_search
 from compress.search.study import run_search
 
-__all__ = ["SearchConfig", "SearchSpec", "parse_search", "run_search"]
+__all__ = ["PRUNERS", "SAMPLERS", "SearchConfig", "SearchSpec", "parse_search", "run_search"]

@@ -14,13 +14,12 @@ from typing import Any
 
 from compress.errors import UserError
 from compress.recipe import Recipe, load_recipe
-from compress.schema import check_choice, merge_structured
+from compress.schema import merge_structured
+from compress.search._registry import PRUNERS, SAMPLERS
 
 __all__ = ["SearchConfig", "Param", "Objective", "Constraint", "SearchSpec", "parse_search", "trial_overrides",
-           "metric_value", "constraint_violations", "SAMPLER_NAMES", "PRUNER_NAMES"]
+           "metric_value", "constraint_violations"]
 
-SAMPLER_NAMES = ("tpe", "nsga2", "random")
-PRUNER_NAMES = ("none", "median", "percentile", "hyperband", "successive_halving")
 DIRECTIONS = ("maximize", "minimize")
 BOUNDS = ("max", "min")
 RANGE_KEYS = {"low", "high", "log", "step"}
@@ -34,7 +33,7 @@ class SearchConfig:
     objectives: list[Any] = field(default_factory=list)  # [{maximize: accuracy}, {minimize: stored_bytes}]
     constraints: dict[str, Any] = field(default_factory=dict)  # report key -> {max: v} | {min: v}
     sampler: str | None = None  # tpe | nsga2 | random; default tpe for one objective, nsga2 for several
-    pruner: str = "none"  # median | percentile | hyperband | successive_halving: stops dominated trials
+    pruner: str = "none"  # median | percentile | hyperband | successive_halving: stops a trial dominated after a stage
     trials: int = 20  # default of --trials
     seed: int | None = None  # the sampler's seed (default: the recipe's)
 
@@ -239,8 +238,8 @@ def parse_search(recipe: Recipe) -> SearchSpec:
     params = tuple(_parse_param(full, str(k), v) for k, v in raw["space"].items())
     objectives = _parse_objectives(raw["objectives"])
     sampler = raw["sampler"] or ("tpe" if len(objectives) == 1 else "nsga2")
-    check_choice(sampler, "search.sampler", SAMPLER_NAMES)
-    check_choice(raw["pruner"], "search.pruner", PRUNER_NAMES)
+    SAMPLERS.get(sampler, "search.sampler")
+    PRUNERS.get(raw["pruner"], "search.pruner")
     if raw["pruner"] != "none" and len(objectives) > 1:
         raise UserError(f"search.pruner: '{raw['pruner']}' needs one objective (Optuna prunes single-objective "
                         f"studies only), the recipe has {len(objectives)}; use pruner: none")

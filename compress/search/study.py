@@ -17,7 +17,9 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from typing import Any
 from compress.errors import UserError
 from compress.pipeline import Pipeline
 from compress.recipe import Recipe, load_recipe
-from compress.registry import Registry
+from compress.search._registry import PRUNERS, SAMPLERS
 from compress.search.cache import PrefixCache, prefix_keys
 from compress.search.space import (
     SearchSpec,
@@ -35,31 +37,25 @@ from compress.search.space import (
     trial_overrides,
 )
 
-__all__ = ["SearchRun", "TrialCrashed", "TrialPipeline", "SAMPLERS", "PRUNERS", "open_study", "counted_trials",
+__all__ = ["SearchRun", "TrialCrashed", "TrialPipeline", "open_study", "counted_trials",
            "fail_dead_trials", "work", "run_search"]
 
 HOST = socket.gethostname()
 
 
+@contextmanager
+def _experimental_ok() -> Iterator[None]:
+    """Heartbeats, stale-trial retries and ``fail_stale_trials`` are marked experimental (since Optuna 2.8)
+    yet are what a resumable search is built on: their warnings would only repeat on every trial."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 class TrialCrashed(Exception):
     """A trial raised: recorded as FAIL (with its ``error`` attribute), the search goes on."""
-
-
-# name -> factory(seed) -> an Optuna sampler. Constraints reach TPE and NSGA-II through each trial's
-# ``set_constraint`` (Optuna >= 5), so the samplers need no constraints_func.
-SAMPLERS: Registry[Callable[[int], Any]] = Registry("sampler")
-SAMPLERS.register("tpe", lambda seed: __import__("optuna").samplers.TPESampler(seed=seed))
-SAMPLERS.register("nsga2", lambda seed: __import__("optuna").samplers.NSGAIISampler(seed=seed))
-SAMPLERS.register("random", lambda seed: __import__("optuna").samplers.RandomSampler(seed=seed))
-
-# name -> factory() -> an Optuna pruner (steps are stage indices)
-PRUNERS: Registry[Callable[[], Any]] = Registry("pruner")
-PRUNERS.register("none", lambda: __import__("optuna").pruners.NopPruner())
-PRUNERS.register("median", lambda: __import__("optuna").pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
-PRUNERS.register("percentile", lambda: __import__("optuna").pruners.PercentilePruner(
-    25.0, n_startup_trials=2, n_warmup_steps=1))
-PRUNERS.register("hyperband", lambda: __import__("optuna").pruners.HyperbandPruner(min_resource=1))
-PRUNERS.register("successive_halving", lambda: __import__("optuna").pruners.SuccessiveHalvingPruner(min_resource=1))
 
 
 @dataclass(frozen=True)
@@ -78,20 +74,22 @@ class SearchRun:
 
 
 def _storage(url: str) -> Any:
-    """An Optuna storage from a URL: ``journal:PATH`` (or a ``.log`` path) is a journal file, anything
+    """An Optuna storage from a URL: ``journal:PATH`` is a journal file, anything
     else an RDB URL (sqlite:///..., postgresql://...) with heartbeats so another machine's dead trials fail."""
     import optuna
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     try:
-        if url.startswith("journal:") or url.endswith(".log"):
+        if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend
 
             path = Path(url.removeprefix("journal:"))
             path.parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120,
-                                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
+        with _experimental_ok():
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=30, grace_period=120,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
     except Exception as e:  # sqlalchemy's and Optuna's errors for a bad URL share no base class
         raise UserError(f"--storage: cannot open '{url}' ({str(e).splitlines()[0][:160]}); give an Optuna storage "
                         "URL such as sqlite:///OUT/study.db, postgresql://user@host/db or journal:PATH") from None
@@ -99,13 +97,9 @@ def _storage(url: str) -> Any:
 
 def open_study(run: SearchRun, spec: SearchSpec, seed_offset: int = 0) -> Any:
     """The study (created on first use, loaded after: a killed search resumes)."""
-    import warnings
-
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial prints its own line
-    # heartbeats and retries are marked experimental since 2.8; they are what a resumable search needs
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     sampler = SAMPLERS.get(spec.sampler, "search.sampler")(spec.seed + seed_offset)
     return optuna.create_study(storage=_storage(run.storage), study_name=run.study, sampler=sampler,
                                pruner=PRUNERS.get(spec.pruner, "search.pruner")(),
@@ -115,7 +109,8 @@ def open_study(run: SearchRun, spec: SearchSpec, seed_offset: int = 0) -> Any:
 def _retried(trials: list[Any]) -> set[int]:
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    return {n for n in (RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials) if n is not None}
+    with _experimental_ok():
+        return {n for n in (RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials) if n is not None}
 
 
 def counted_trials(study: Any) -> int:
@@ -145,14 +140,15 @@ def fail_dead_trials(study: Any) -> list[int]:
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
-    optuna.storages.fail_stale_trials(study)  # RDB heartbeats (other machines); retried by the storage callback
     dead = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
-        if host == HOST and pid.isdigit() and not _alive(int(pid)):
-            study.tell(t.number, state=TrialState.FAIL)
-            RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.get_trials(deepcopy=False)[t.number])
-            dead.append(t.number)
+    with _experimental_ok():
+        optuna.storages.fail_stale_trials(study)  # RDB heartbeats (other machines); retried by the storage callback
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+            if host == HOST and pid.isdigit() and not _alive(int(pid)):
+                study.tell(t.number, state=TrialState.FAIL)
+                RetryHeartbeatStaleTrialCallback(max_retry=3)(study, study.get_trials(deepcopy=False)[t.number])
+                dead.append(t.number)
     return dead
 
 
