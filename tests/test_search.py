@@ -290,3 +290,34 @@ def test_kill_9_then_resume_completes_the_count(tmp_path, monkeypatch):
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert trials[1].params == trials[0].params  # the killed trial ran again with its values
     assert trains == []  # the dense model of the killed search served the resumed one
+
+
+def test_the_study_logs_to_wandb_in_its_own_group(searched, tmp_path):
+    from compress.search.results import _log_wandb, search_figures
+
+    out, _, _, path = searched
+    recipe = load_recipe(path, ["logger.wandb.mode=offline", f"out_dir={tmp_path}"])
+    study = load_study(out)
+    _log_wandb(recipe, study, search_figures(study, parse_search(recipe)), [], tmp_path)
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert any(run.glob("*.wandb"))
+
+
+@pytest.mark.browser
+def test_search_html_renders_every_figure_in_chromium(searched, tmp_path):
+    pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install -e '.[dev]')")
+    from compress.report.browser import chromium_path, inspect_page
+
+    if chromium_path() is None:
+        pytest.skip("no chromium on the PATH (apt-get install chromium)")
+    out, _, _, _ = searched
+    alone = tmp_path / "search.html"  # alone in a folder: nothing beside it is needed
+    alone.write_text((out / "search.html").read_text())
+    seen = inspect_page(alone, screenshot=tmp_path / "search.png")
+    assert seen["errors"] == [] and seen["blocked"] == [], seen
+    titles = [c["title"] for c in seen["charts"]]
+    for expected in ("Pareto-front Plot", "Optimization History Plot: accuracy",
+                     "Optimization History Plot: stored_bytes", "Hyperparameter Importances: accuracy"):
+        assert expected in titles, titles
+    for chart in seen["charts"]:
+        assert chart["with_points"] >= 1 and chart["drawn"] >= chart["with_points"], chart

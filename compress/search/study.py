@@ -29,6 +29,7 @@ from compress.pipeline import Pipeline
 from compress.recipe import Recipe, load_recipe
 from compress.search._registry import PRUNERS, SAMPLERS
 from compress.search.cache import PrefixCache, prefix_keys
+from compress.search.results import write_results
 from compress.search.space import (
     SearchSpec,
     constraint_violations,
@@ -323,8 +324,6 @@ def run_search(recipe_path: str, overrides: list[str] | tuple[str, ...] = (), *,
                quiet: bool = False) -> dict[str, Any]:
     """The whole search: validate, run ``jobs`` workers, write the results (``OUT/search.html``,
     ``OUT/pareto/<k>.yaml``, ``OUT/search.json``); returns the summary."""
-    from compress.search.results import write_results
-
     recipe = load_recipe(recipe_path, list(overrides))
     spec = parse_search(recipe)
     if jobs < 1:
