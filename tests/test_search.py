@@ -321,3 +321,15 @@ def test_search_html_renders_every_figure_in_chromium(searched, tmp_path):
         assert expected in titles, titles
     for chart in seen["charts"]:
         assert chart["with_points"] >= 1 and chart["drawn"] >= chart["with_points"], chart
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("search_*.yaml")), ids=lambda p: p.name)
+def test_shipped_search_recipes_validate_and_share_their_train_stage(path):
+    from compress.search.cache import prefix_keys
+
+    recipe = load_recipe(path)
+    spec = parse_search(recipe)
+    assert spec.shared_stages >= 1 and recipe.stages[0].type_name == "train"
+    # search_lenet5 starts from deploy_lenet5_int8's trained model (bench/search.py hands it over)
+    deploy = load_recipe(ROOT / "recipes" / "deploy_lenet5_int8.yaml").to_container()
+    assert prefix_keys(recipe.to_container())[:2] == prefix_keys(deploy)[:2]
