@@ -84,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
                        ("ORT b32 ms", LATENCY, ".3f"), ("stored KB", "KB", ".1f"), ("beats", "beats", "")])
     states = summary["states"]
     print(f"search: {summary['trials']} trials ({', '.join(f'{k.lower()} {v}' for k, v in states.items())}), "
-          f"{search_s / 60:.1f} min on {args.jobs} jobs; {summary['cache_hits']} trials started from cached stages; "
+          f"{search_s / 60:.1f} min on {args.jobs} jobs; {summary['cache_hits']} trials started from cached stages, "
+          f"{summary['prefix_builds']} prefix builds; "
           f"baseline {baseline_s / 60:.1f} min")
     write_json(out / "search_bench.json", {"config": vars(args), "baseline": {k: base.get(k) for k in KEYS},
                                            "rows": rows, "search_s": search_s, "baseline_s": baseline_s,
-                                           "summary": {k: summary[k] for k in ("trials", "states", "cache_hits")}})
+                                           "summary": {k: summary[k] for k in ("trials", "states", "cache_hits", "prefix_builds")}})
     return 0 if any(r["beats"] == "yes" for r in rows) else 1
 
 

@@ -91,6 +91,7 @@ def test_trials_are_runs_that_share_the_dense_model_trained_once(searched):
         assert t.values == [last["accuracy"], last["stored_bytes"]]
         assert last["sparsity"] == pytest.approx(t.params["stages.1.sparsity"], abs=0.01)
     assert len(list((out / "cache").glob("*.run"))) == 1
+    assert summary["prefix_builds"] == 1 and trials[0].user_attrs["built_prefix"] == 1
 
 
 def test_a_crashed_trial_is_recorded_and_the_search_goes_on(searched):

@@ -187,6 +187,7 @@ def write_results(study: Any, spec: SearchSpec, recipe: Recipe, out: Path, *, wa
                "pareto": [{"trial": t.number, "params": t.params, "values": t.values,
                            "metrics": t.user_attrs.get("metrics", {})} for t in front],
                "cache_hits": sum(1 for t in trials if (t.user_attrs.get("cached_stages") or 0) > 1),
+               "prefix_builds": sum(1 for t in trials if t.user_attrs.get("built_prefix")),
                "trials_detail": [{"trial": r["index"], "state": trials[i].state.name, "params": trials[i].params,
                                   "values": trials[i].values, "cached_stages": r["metrics"]["cached_stages"],
                                   "error": r["error"] or None} for i, r in enumerate(rows)]}

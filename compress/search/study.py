@@ -188,7 +188,6 @@ class Objective:
         self.cache = PrefixCache(self.out / "cache")
         self.timing_lock = FileLock(str(self.out / "timing.lock"))
         self.release: Callable[[], None] = lambda: None
-        self.prefix_builds = 0
 
     def _log(self, text: str) -> None:
         if not self.run.quiet:
@@ -199,7 +198,7 @@ class Objective:
         import optuna
 
         self.cache.publish(container, run_dir, index)
-        if trial is None or self.spec.pruner == "none":
+        if self.spec.pruner == "none":
             return
         key = self.spec.objectives[0].key
         value = metrics.get(key)
@@ -208,14 +207,15 @@ class Objective:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"{key} {value:g} after stage {index} is dominated by earlier trials")
 
-    def _build_prefix(self, container: dict[str, Any], stages: int) -> None:
-        """Run the shared leading stages once, in the cache's own folder, under a lock per prefix."""
+    def _build_prefix(self, container: dict[str, Any], stages: int) -> bool:
+        """Run the shared leading stages once, in the cache's own folder, under a lock per prefix;
+        False if the cache had them."""
         need = stages + 1  # stage indices 0..stages
         if self.cache.cached_stages(container) >= need:
-            return
+            return False
         with self.cache.lock(container, stages):
             if self.cache.cached_stages(container) >= need:  # another worker built it meanwhile
-                return
+                return False
             prefix = {**container, "stages": container["stages"][:stages],
                       "out_dir": str(self.cache.root / f"{prefix_keys(container)[stages]}.run"),
                       "logger": {**container["logger"], "wandb": {**container["logger"]["wandb"], "mode": "disabled"}}}
@@ -225,7 +225,7 @@ class Objective:
             pipeline = TrialPipeline(recipe, resume=True, quiet=True, timing_lock=self.timing_lock,
                                      after_stage=lambda i, m: self.cache.publish(prefix, Path(prefix["out_dir"]), i))
             pipeline.run()
-            self.prefix_builds += 1
+            return True
 
     def __call__(self, trial: Any) -> list[float]:
         import optuna
@@ -237,7 +237,6 @@ class Objective:
         run_dir = self.out / "trials" / str(k)
         shutil.rmtree(run_dir, ignore_errors=True)  # a trial number is never reused: anything there is stale
         t0 = time.perf_counter()
-        pipeline = None
         try:
             wandb = self.base["logger"]["wandb"]
             name = f"{self.base['name']}-trial-{k}"
@@ -245,17 +244,17 @@ class Objective:
                 f"out_dir={json.dumps(str(run_dir))}", f"name={json.dumps(name)}",
                 f"logger.wandb.group={json.dumps(wandb.get('group') or self.run.study)}"])
             container = recipe.to_container()
-            if self.spec.shared_stages:
-                self._build_prefix(container, self.spec.shared_stages)
+            if self.spec.shared_stages and self._build_prefix(container, self.spec.shared_stages):
+                trial.set_user_attr("built_prefix", self.spec.shared_stages)
             cached = self.cache.restore(container, run_dir)
             trial.set_user_attr("cached_stages", cached)
             pipeline = TrialPipeline(recipe, resume=cached > 0, quiet=True, timing_lock=self.timing_lock,
                                      after_stage=lambda i, m: self._after_stage(trial, container, run_dir, i, m))
             records = pipeline.run()
-        except optuna.TrialPruned:
-            for sink in pipeline.sinks if pipeline is not None else []:
+        except optuna.TrialPruned:  # raised by _after_stage, inside pipeline.run()
+            for sink in pipeline.sinks:
                 sink.close(pipeline.records, None)
-            self._log(f"trial {k}: pruned after {len(pipeline.records) - 1 if pipeline else 0} stages")
+            self._log(f"trial {k}: pruned after {len(pipeline.records) - 1} stages")
             raise
         except Exception as e:  # a crash of one trial is recorded, not fatal
             trial.set_user_attr("error", _one_line(e))
