@@ -159,6 +159,14 @@ def test_terminal_table_marks_the_front_the_violations_and_the_failure(searched,
     ({"space": {"stages.1.sparsity": []}}, r"an empty list of choices"),
     ({"space": {"stages.1.sparsity": {"low": 0.1}}}, r"expected a range \{low: L, high: H"),
     ({"space": {}}, r"search.space: empty"),
+    ({"space": {"stages.0.epochs.x": [1]}}, r"'stages.0.epochs' is 1, not a section"),
+    ({"space": {"logger.wandb.entity": {"low": 0.1, "high": 0.5}}},
+     r"a range needs a numeric key, and logger.wandb.entity is not one \(0.1 became '0.1'\)"),
+    ({"space": {"stages.1.sparsity": {"low": "a", "high": 0.5}}}, r"search.space.stages.1.sparsity.low: 'a' is not"),
+    ({"space": {"stages.1.sparsity": {"low": 0.1, "high": 0.5, "log": "yes"}}}, r"\.log: 'yes' must be true or false"),
+    ({"space": {"stages.1.sparsity": {"low": 0.1, "high": 0.5, "log": True, "step": 0.1}}},
+     r"log and step cannot go together"),
+    ({"space": {"stages.1.sparsity": {"low": 0.1, "high": 0.5, "step": -0.1}}}, r"\.step: -0.1 must be > 0"),
     ({"objectives": []}, r"search.objectives: required"),
     ({"objectives": [{"maximise": "accuracy"}]}, r"search.objectives\[0\]: expected \{maximize: KEY\}"),
     ({"objectives": [{"maximize": "accuracy"}, {"minimize": "accuracy"}]}, r"a key appears twice"),
@@ -185,6 +193,8 @@ def test_the_cli_refuses_bad_input_with_one_line_and_status_2(tmp_path, capsys):
     good = write(tmp_path, search_recipe(tmp_path))
     assert main(["search", str(good), "--jobs", "0"]) == 2
     assert "--jobs: 0 must be >= 1" in capsys.readouterr().err
+    assert main(["search", str(good), "--timeout", "0"]) == 2
+    assert "--timeout: 0.0 must be > 0 seconds" in capsys.readouterr().err
     assert main(["search", str(good), "--storage", "nosuch://x"]) == 2
     assert "error: --storage: cannot open 'nosuch://x'" in capsys.readouterr().err
     assert not (tmp_path / "out" / "trials").exists()  # nothing ran
@@ -334,3 +344,21 @@ def test_shipped_search_recipes_validate_and_share_their_train_stage(path):
     # search_lenet5 starts from deploy_lenet5_int8's trained model (bench/search.py hands it over)
     deploy = load_recipe(ROOT / "recipes" / "deploy_lenet5_int8.yaml").to_container()
     assert prefix_keys(recipe.to_container())[:2] == prefix_keys(deploy)[:2]
+
+
+def test_each_kind_of_param_asks_optuna_for_its_kind_of_value(tmp_path):
+    import optuna
+
+    spec = parse_search(load_recipe(search_recipe(tmp_path, space={
+        "stages.0.epochs": {"low": 1, "high": 5, "step": 2}, "stages.1.sparsity": {"low": 0.1, "high": 0.8, "log": True},
+        "stages.0.optimizer.name": ["sgd", "adam"]})))
+    epochs, sparsity, name = spec.params
+    assert (epochs.integer, sparsity.integer, name.choices) == (True, False, ("sgd", "adam"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    values = [p.suggest(trial) for p in spec.params]
+    assert values[0] in (1, 3, 5) and 0.1 <= values[1] <= 0.8 and values[2] in ("sgd", "adam")
+    dists = study.trials[0].distributions
+    assert dists["stages.0.epochs"] == optuna.distributions.IntDistribution(1, 5, step=2)
+    assert dists["stages.1.sparsity"] == optuna.distributions.FloatDistribution(0.1, 0.8, log=True)
+    assert spec.shared_stages == 0  # the train stage itself is searched: nothing is shared
