@@ -125,6 +125,7 @@ def test_search_html_holds_optuna_figures_and_every_trial(searched, capsys):
     for title in ("Pareto-front Plot", "Optimization History Plot: accuracy", "Hyperparameter Importances: stored_bytes"):
         assert title in page
     assert "boom in this trial" in page
+    assert "Infeasible Trial" in page  # Optuna greys the trials over the limit (Trial.set_constraint)
     assert "<script src=" not in page  # plotly.js inlined (the browser test refuses any network request)
 
 
