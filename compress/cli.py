@@ -13,14 +13,17 @@ from compress.errors import TrainingDiverged, UserError
 
 __all__ = ["main"]
 
-USAGE = """python run.py RECIPE.yaml [key=value ...] [--dry-run] [--overwrite | --resume]
-       python run.py resume RUN_DIR
+USAGE = """python run.py RECIPE.yaml [key=value ...] [--dry-run] [--overwrite | --resume] [--trust-model-code]
+       python run.py resume RUN_DIR [--trust-model-code]
        python run.py teacher NAME [key=value ...]
-       python run.py export RUN_DIR --format deep|onnx [--out FILE] [--stage K]
+       python run.py export RUN_DIR --format deep|onnx [--out FILE] [--stage K] [--trust-model-code]
        python run.py sensitivity RECIPE.yaml [key=value ...] [--from CKPT] [--max-drop 0.01]
        python run.py compare RUN_DIR... [--out compare.html] [--force]
        python run.py search RECIPE.yaml [key=value ...] [--trials N] [--jobs K] [--storage URL] [--study NAME]
                             [--timeout S]"""
+
+TRUST_HELP = ("build the model code (import:..., transformers) that a checkpoint or .dc file names; a file is data "
+              "otherwise. Only for files you trust, as Hugging Face's trust_remote_code")
 
 
 def _run(argv: Sequence[str]) -> int:
@@ -33,13 +36,15 @@ def _run(argv: Sequence[str]) -> int:
                    help="continue the run in out_dir: finished stages are kept, the interrupted one restarts "
                         "from its last epoch")
     p.add_argument("--quiet", action="store_true", help="no tables on the terminal")
+    p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     args = p.parse_intermixed_args(list(argv))
     from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # a recipe error answers before Lightning loads
     from compress.pipeline import Pipeline
 
-    pipeline = Pipeline(recipe, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
+    pipeline = Pipeline(recipe, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet,
+                        trust_model_code=args.trust_model_code)
     if args.dry_run:
         model, _ = pipeline.prepare()
         print(recipe.to_yaml())
@@ -63,13 +68,15 @@ def _resume(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="run.py resume", description="Resume an interrupted run.")
     p.add_argument("run_dir")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     args = p.parse_args(list(argv))
     from pathlib import Path
 
     recipe_path = Path(args.run_dir) / "recipe.yaml"
     if not recipe_path.is_file():
         raise UserError(f"{args.run_dir}: no recipe.yaml there; is it a run folder (out_dir of a recipe)?")
-    return _run([str(recipe_path), f"out_dir={args.run_dir}", "--resume"] + (["--quiet"] if args.quiet else []))
+    flags = [f for f, on in (("--quiet", args.quiet), ("--trust-model-code", args.trust_model_code)) if on]
+    return _run([str(recipe_path), f"out_dir={args.run_dir}", "--resume", *flags])
 
 
 def _sensitivity(argv: Sequence[str]) -> int:
@@ -142,30 +149,37 @@ def _export(argv: Sequence[str]) -> int:
     p.add_argument("--out", default=None, help="output file (default: RUN_DIR/model.dc or RUN_DIR/model.onnx)")
     p.add_argument("--index-bits", default=None,
                    help="deep: relative-index width, 1-16 or 'auto' (default: the run's encoding.index_bits)")
+    p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     args = p.parse_args(list(argv))
+    import re
     from pathlib import Path
 
     from compress.checkpoint import model_from_checkpoint, read_checkpoint
+    from compress.runfolder import check_output
 
     run_dir = Path(args.run_dir)
-    ckpts = sorted(run_dir.glob("stage-*.ckpt"), key=lambda f: int(f.name.split("-")[1]))
-    if args.stage is not None:
-        ckpts = [c for c in ckpts if int(c.name.split("-")[1]) == args.stage]
+    out = check_output(args.out or run_dir / f"model.{'onnx' if args.format == 'onnx' else 'dc'}")
+    # stage-<k>-<name>.ckpt only: any other file there (stage-final.ckpt) is not one of the run's stages
+    found = {int(m[1]): f for f in run_dir.glob("stage-*.ckpt") if (m := re.fullmatch(r"stage-(\d+)-.+\.ckpt", f.name))}
+    ckpts = [found[k] for k in sorted(found) if args.stage is None or k == args.stage]
     if not ckpts:
         raise UserError(f"{run_dir}: no stage checkpoint{' for --stage ' + str(args.stage) if args.stage is not None else ''}"
                         " there; is it a run folder (out_dir of a recipe)?")
     data = read_checkpoint(ckpts[-1])
-    model = model_from_checkpoint(data, ckpts[-1])
+    model = model_from_checkpoint(data, ckpts[-1], trust_model_code=args.trust_model_code)
     if args.format == "onnx":
-        return _export_onnx(model, data, ckpts[-1].name, Path(args.out) if args.out else run_dir / "model.onnx")
+        return _export_onnx(model, data, ckpts[-1].name, out)
     from compress.encoding import model_storage, write_compressed
+    from compress.quant import is_quantized
     from compress.schema import check_index_bits
 
     index_bits: int | str = ((data.get("recipe") or {}).get("encoding") or {}).get("index_bits", 5)
     if args.index_bits is not None:
         index_bits = int(args.index_bits) if args.index_bits.isdigit() else args.index_bits
     check_index_bits(index_bits, "--index-bits")
-    out = Path(args.out) if args.out else run_dir / "model.dc"
+    if is_quantized(model):  # the format holds float and codebook weights: an int8 model would not read back
+        raise UserError(f"{ckpts[-1]}: the model is quantised (int8) and a Deep Compression file stores float or "
+                        "shared weights; export it with --format onnx (int8 QDQ), or a stage before quantize with --stage")
     written = write_compressed(model, out, data["model_spec"], index_bits)
     reported = model_storage(model, index_bits)["total"]["compressed_bytes"]
     print(f"{out}: {written:,} bytes on disk from {ckpts[-1].name}; reported compressed_bytes {reported:,} "
@@ -204,6 +218,9 @@ def _compare(argv: Sequence[str]) -> int:
     p.add_argument("--force", action="store_true", help="compare runs of different models or data sets")
     args = p.parse_args(list(argv))
     from compress.report.compare import compare_runs
+    from compress.runfolder import check_output
+
+    check_output(args.out)  # before any run is read: never onto a run's report, a folder, or nowhere writable
 
     print(compare_runs(args.run_dirs, args.out, force=args.force))
     print(f"compare: {args.out}")

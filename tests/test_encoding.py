@@ -144,7 +144,7 @@ def test_a_model_with_a_buffer_outside_the_state_dict_reads_back_with_it(tmp_pat
     model = ScaledNet()
     share_layer(model.fc, 3)
     write_compressed(model, tmp_path / "m.dc", {"name": "import:tests.test_encoding:ScaledNet", "kwargs": {}})
-    back = read_compressed(tmp_path / "m.dc")
+    back = read_compressed(tmp_path / "m.dc", trust_model_code=True)
     assert not back.scale.is_meta and torch.equal(back.scale, torch.full((3,), 2.0))
     x = torch.randn(4, 6)
     assert torch.equal(back(x), model.eval()(x))

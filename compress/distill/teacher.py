@@ -118,7 +118,9 @@ def resolve_teacher(spec: str | nn.Module, ctx: Any = None, key: str = "teacher"
 
     ``self`` is ``ctx.reference_model`` (the model before the compression stages). Named teachers
     are looked up in ``ctx.teachers_dir`` (default ``teachers/``). Checkpoints are compress
-    checkpoints, loaded with ``weights_only=True`` by :func:`compress.checkpoint.load_model`.
+    checkpoints, loaded with ``weights_only=True`` by :func:`compress.checkpoint.load_model`; a
+    checkpoint whose model runs code (``import:``, ``transformers``) is rebuilt only when it is the code
+    ``ctx.model_spec`` (the recipe's model block) names, or with ``ctx.trust_model_code``.
     """
     if isinstance(spec, nn.Module):
         return spec
@@ -130,7 +132,11 @@ def resolve_teacher(spec: str | nn.Module, ctx: Any = None, key: str = "teacher"
                             "Context(reference_model=...) or a teacher module / name / checkpoint path")
         return ref
     ckpt = check_teacher(spec, getattr(ctx, "teachers_dir", "teachers"), key)
-    return load_model(ckpt)
+    # The file is data: code it names is built only if the recipe's own model block names that code
+    # (ctx.model_spec) or the caller opted in (--trust-model-code).
+    own = (getattr(ctx, "model_spec", None) or {}).get("name")
+    return load_model(ckpt, trust_model_code=getattr(ctx, "trust_model_code", False),
+                      trusted=(own,) if own else ())
 
 
 def record_teacher(name: str, teachers_dir: str | Path = "teachers") -> TeacherSpec:

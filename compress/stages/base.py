@@ -17,6 +17,7 @@ from compress.config import (
     OptimizerConfig,
     validate_finetune,
 )
+from compress.distill import build_objective
 from compress.errors import UserError
 from compress.registry import Registry
 from compress.schema import match_layers, merge_structured
@@ -43,7 +44,8 @@ class Context:
                  trainer: dict[str, Any] | None = None, seed: int = 0, reference_model: nn.Module | None = None,
                  loggers: Sequence[Any] = (), stage_index: int = 0, stage_name: str = "stage",
                  teachers_dir: str | Path = "teachers", latency_batch: int | None = None,
-                 latency_threads: int = 1):
+                 latency_threads: int = 1, model_spec: dict[str, Any] | None = None,
+                 trust_model_code: bool = False):
         self.datamodule = datamodule
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.trainer = dict(trainer or {})
@@ -56,6 +58,8 @@ class Context:
         self.latency_batch = latency_batch  # the batch latency is measured at (eval.latency_batch_size)
         self.latency_threads = latency_threads  # intra-op threads of every timing (eval.latency_threads)
         self.fits = 0  # fine-tuning runs so far in this stage (each has its own resumable checkpoint)
+        self.model_spec = model_spec  # the recipe's model: a teacher checkpoint naming its code may be built
+        self.trust_model_code = trust_model_code  # --trust-model-code: build any code a teacher file names
 
     def begin_stage(self, index: int, name: str) -> None:
         self.stage_index, self.stage_name, self.fits = index, name, 0
@@ -83,17 +87,25 @@ class Context:
         return self._data("training data").training_inputs(self.datamodule, batches)
 
     def finetune(self, model: nn.Module, cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
-                 tag: str = "finetune") -> dict[str, float]:
-        """Train ``model`` in place by ``cfg`` (Lightning); a no-op when ``cfg.epochs`` is 0."""
+                 tag: str = "finetune", objective: nn.Module | None = None) -> dict[str, float]:
+        """Train ``model`` in place by ``cfg`` (Lightning); a no-op when ``cfg.epochs`` is 0.
+
+        The loss is ``objective`` when given, else the distillation objective of ``cfg.distill``
+        (teacher resolved from this context), else cross-entropy.
+        """
         if cfg.epochs <= 0:
             return {}
         if self.datamodule is None:
             raise UserError("finetune.epochs > 0 needs data: pass Context(datamodule=...)")
-        from compress.lit.fit import (
-            fit,  # Lightning loads only when a stage trains (fast --help, recipe errors)
+        from compress.lit.fit import (  # Lightning loads only when a stage trains (fast --help, recipe errors)
+            begin_fit,
+            fit,
         )
 
-        return fit(model, self, cfg, callbacks=callbacks, tag=tag)
+        begin_fit(self)
+        if objective is None and cfg.distill is not None:
+            objective = build_objective(model, cfg.distill, self)
+        return fit(model, self, cfg, objective, callbacks=callbacks, tag=tag)
 
 
 STAGES: Registry[type[Stage]] = Registry("stage type")

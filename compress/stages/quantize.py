@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from compress.batches import cat, forward, take
+from compress.calls import cat, forward, take
 from compress.config import FinetuneConfig
 from compress.errors import UserError
 from compress.quant import (
