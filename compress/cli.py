@@ -26,7 +26,9 @@ USAGE = """python run.py RECIPE.yaml [key=value ...] [--dry-run] [--overwrite | 
        python run.py teacher NAME [key=value ...]
        python run.py export RUN_DIR --format deep|onnx [--out FILE] [--stage K] [--trust-model-code]
        python run.py sensitivity RECIPE.yaml [key=value ...] [--from CKPT] [--max-drop 0.01]
-       python run.py compare RUN_DIR... [--out compare.html] [--force]"""
+       python run.py compare RUN_DIR... [--out compare.html] [--force]
+       python run.py search RECIPE.yaml [key=value ...] [--trials N] [--jobs K] [--storage URL] [--study NAME]
+                            [--timeout S]"""
 
 TRUST_HELP = ("build the model code (import:..., transformers) that a checkpoint or .dc file names; a file is data "
               "otherwise. Only for files you trust, as Hugging Face's trust_remote_code")
@@ -265,8 +267,30 @@ def _teacher(argv: Sequence[str]) -> int:
     return 0
 
 
+def _search(argv: Sequence[str]) -> int:
+    """``search RECIPE``: Optuna searches the recipe's ``search.space`` for its objectives under its
+    constraints; trials are runs in OUT/trials/<k>/, results in OUT/search.html and OUT/pareto/."""
+    p = argparse.ArgumentParser(prog="run.py search", description=_search.__doc__)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--trials", type=int, default=None, help="trials in the study (default: search.trials)")
+    p.add_argument("--jobs", type=int, default=1, help="trials at once on this machine (worker processes)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db); "
+                   "postgresql://... or journal:PATH lets other machines join")
+    p.add_argument("--study", default=None, help="study name (default: the recipe's name)")
+    p.add_argument("--timeout", type=float, default=None, help="start no trial after S seconds")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_intermixed_args(list(argv))
+    from compress.search import run_search
+
+    run_search(args.recipe, args.overrides, trials=args.trials, jobs=args.jobs, storage=args.storage,
+               study=args.study, timeout=args.timeout, quiet=args.quiet)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "resume": _resume, "teacher": _teacher, "sensitivity": _sensitivity, "export": _export, "compare": _compare}
+    "resume": _resume, "teacher": _teacher, "sensitivity": _sensitivity, "export": _export, "compare": _compare,
+    "search": _search}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -105,6 +105,7 @@ class RecipeConfig:
     hardware: list[str] = field(default_factory=list)
     teachers_dir: str = "teachers"
     stages: list[Any] = field(default_factory=list)
+    search: Any = None  # `run.py search`: validated by compress.search, ignored by a plain run
 
 
 WANDB_MODES = ("offline", "online", "disabled")
@@ -168,6 +169,8 @@ class Recipe:
         full = OmegaConf.to_container(cfg, resolve=True)
         full["stages"] = [{"type": s.type_name, "name": s.name, **OmegaConf.to_container(s.config, resolve=True)}
                           for s in self.stages]
+        if full.get("search") is None:  # only a search recipe shows the section
+            full.pop("search", None)
         self.cfg = OmegaConf.create(full)
         OmegaConf.set_readonly(self.cfg, True)
 

@@ -31,7 +31,7 @@ LAYERS = {
     "compress.stages": 3,
     "compress.recipe": 4, "compress.pipeline": 4, "compress.measurement": 4, "compress.model_setup": 4,
     "compress.sensitivity": 4, "compress.tracking": 4,
-    "compress.teachers": 4, "compress.report": 4, "compress.runfolder": 4,
+    "compress.teachers": 4, "compress.report": 4, "compress.runfolder": 4, "compress.search": 4,
     "compress.cli": 5, "compress": 5,
 }
 LAYER_NAMES = {1: "foundation", 2: "capabilities", 3: "stages", 4: "orchestration", 5: "entry points"}
