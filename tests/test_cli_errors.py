@@ -167,3 +167,45 @@ def test_latency_threads_below_one_is_refused_at_load(tmp_path):
 
     with pytest.raises(UserError, match=r"^eval\.latency_threads: 0 must be >= 1 \(torch intra-op threads\)$"):
         load_recipe(quick_recipe(tmp_path, eval={"latency_threads": 0}))
+
+
+def test_recipe_keys_types_and_ranges_are_checked_before_torch_loads(tmp_path):
+    """A mistake in any key, type or range (top level or in a stage block) answers without importing
+    torch (a fresh process: this one has torch already); names are looked up in the registries after."""
+    recipe = write(tmp_path, quick_recipe(tmp_path, stages=[
+        {"type": "train", "epochs": 1},
+        {"type": "prune.structured", "ratio": 0.5, "global": True},
+        {"type": "distill", "distill": {"teacher": "self"}},
+        {"type": "quantize", "mode": "qat", "finetune": {"epochs": 1}},
+    ]))
+    overrides = ["typo_key=1", "eval.latency_repeats=0", "stages.0.epochs=ten", "stages.1.ratio=1.5",
+                 "stages.1.global_pruning=true", "stages.2.distill.T=0", "stages.3.calibration_batches=0",
+                 "stages.0.optimizer.lr=-1"]
+    code = f"""
+import sys
+from compress.errors import UserError
+from compress.recipe import load_recipe
+for override in {overrides!r}:
+    try:
+        load_recipe({recipe!r}, [override])
+    except UserError as e:
+        print(e)
+print('torch' in sys.modules)
+try:
+    load_recipe({recipe!r}, ["model.name=lenet30"])
+except UserError as e:
+    print(str(e)[:43], 'torch' in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "typo_key: unknown key 'typo_key'; valid: data, encoding, eval, hardware, logger, model, name, out_dir, "
+        "seed, stages, teachers_dir, trainer",
+        "eval.latency_repeats: 0 must be >= 1",
+        "stages[0].epochs: Value 'ten' of type 'str' could not be converted to Integer",
+        "stages[1].ratio: 1.5 is outside [0, 1)",
+        "stages[1].global: give `global` or `global_pruning`, not both",
+        "stages[2].distill.T: 0.0 must be > 0",
+        "stages[3].calibration_batches: 0 must be >= 1",
+        "stages[0].optimizer.lr: -1.0 must be > 0",
+        "False", "model.name: unknown model 'lenet30'; valid: True"]
