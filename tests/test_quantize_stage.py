@@ -162,7 +162,7 @@ def test_missing_onnxruntime_is_one_line_naming_the_fix(monkeypatch):
 def test_qat_killed_mid_stage_resumes_to_the_same_report(tmp_path):
     import yaml
 
-    from tests.test_resume import cli, comparable
+    from tests.test_resume import cli, comparable, run_cli
 
     recipe = int8_recipe(tmp_path, "qat")
     recipe["eval"]["runtimes"] = []
@@ -170,14 +170,14 @@ def test_qat_killed_mid_stage_resumes_to_the_same_report(tmp_path):
     recipe["stages"][1]["finetune"]["epochs"] = 2
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    reference = cli(str(path), "out_dir=" + str(tmp_path / "ref"), "--quiet")
-    assert reference.returncode == 0, reference.stderr
+    code, err = run_cli(str(path), "out_dir=" + str(tmp_path / "ref"), "--quiet")
+    assert code == 0, err
     out = tmp_path / "run"
     killed = cli(str(path), "--quiet", env={"COMPRESS_KILL_AT": "2:1:3"})  # quantize stage, epoch 1, batch 3
     assert killed.returncode == -9
     assert (out / "lightning" / "stage-2" / "fit-1" / "last.ckpt").is_file()
     assert not (out / "stage-2-quantize.ckpt").exists()
-    resumed = cli("resume", str(out), "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
+    code, err = run_cli("resume", str(out), "--quiet")
+    assert code == 0, err
     got, want = (json.loads((d / "report.json").read_text()) for d in (out, tmp_path / "ref"))
     assert comparable(got) == comparable(want)
