@@ -139,13 +139,15 @@ def test_bad_quantize_recipes_are_refused_before_any_work(tmp_path, stages, matc
         load_recipe(quick_recipe(tmp_path, stages=stages))
 
 
-def test_unknown_runtime_is_one_line_exit_2(tmp_path):
+def test_unknown_runtime_is_one_line_exit_2(tmp_path, capsys):
+    from compress.cli import main
+
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name: lenet300}\ndata: {name: digits}\neval: {runtimes: [onnxruntim]}\n")
-    proc = subprocess.run([sys.executable, "run.py", str(recipe)], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip() == ("error: eval.runtimes[0]: unknown runtime 'onnxruntim'; valid: onnxruntime "
-                                   "(did you mean 'onnxruntime'?)")
+    assert main([str(recipe)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == ("error: eval.runtimes[0]: unknown runtime 'onnxruntim'; valid: onnxruntime "
+                                         "(did you mean 'onnxruntime'?)")
 
 
 def test_missing_onnxruntime_is_one_line_naming_the_fix(monkeypatch):
