@@ -232,10 +232,16 @@ def check_stage_blocks(blocks: Any) -> list[StageBlock]:
 
 def build_stages(blocks: Any) -> list[Any]:
     """Stage objects for the recipe's ``stages`` list; each block validated by its stage's Config."""
-    checked = check_stage_blocks(blocks)
-    from compress.recipe_names import build_stage_objects  # the stage classes bring torch
+    return _stage_objects(check_stage_blocks(blocks))
 
-    return build_stage_objects(checked)
+
+def _stage_objects(blocks: list[StageBlock], cfg: DictConfig | None = None) -> list[Any]:
+    """Stage objects for checked blocks; with ``cfg``, the recipe's other names are looked up too."""
+    from compress.recipe_names import (
+        build_stage_objects,  # the stage classes and the registries bring torch: after keys, types and ranges
+    )
+
+    return build_stage_objects(blocks, cfg)
 
 
 def load_recipe(source: str | Path | dict[str, Any] | DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -264,16 +270,7 @@ def load_recipe(source: str | Path | dict[str, Any] | DictConfig, overrides: lis
     _validate_top(cfg)
     blocks = check_stage_blocks(cfg.stages)
     OmegaConf.set_readonly(cfg, True)
-    from compress.recipe_names import (  # torch and the registries load once keys, types and ranges are checked
-        build_stage_objects,
-        check_data,
-        check_names,
-    )
-
-    check_names(cfg)
-    recipe = Recipe(cfg, path, build_stage_objects(blocks))
-    check_data(cfg)  # the data sets bring Lightning: last
-    return recipe
+    return Recipe(cfg, path, _stage_objects(blocks, cfg))
 
 
 def _unresolved_key(cfg: DictConfig) -> str:

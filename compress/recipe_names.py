@@ -38,7 +38,13 @@ def check_data(cfg: DictConfig) -> None:
     DATAMODULES.get(str(cfg.data.name), "data.name")
 
 
-def build_stage_objects(blocks: list[Any]) -> list[Any]:
+def build_stage_objects(blocks: list[Any], cfg: DictConfig | None = None) -> list[Any]:
     """Stage objects for the ``StageBlock``s of :func:`compress.recipe.check_stage_blocks`; each stage adds
-    the checks that need its capability (registry names)."""
-    return [STAGES.get(b.type_name, f"{b.key}.type")(b.config, key=b.key, name=b.name) for b in blocks]
+    the checks that need its capability (registry names). With ``cfg`` (the whole recipe), its model,
+    hardware profiles and runtimes are looked up first and its data set last (Lightning)."""
+    if cfg is not None:
+        check_names(cfg)
+    stages = [STAGES.get(b.type_name, f"{b.key}.type")(b.config, key=b.key, name=b.name) for b in blocks]
+    if cfg is not None:
+        check_data(cfg)
+    return stages
