@@ -8,8 +8,6 @@ a user's LightningDataModule serves ``({"points", "scale"}, labels)`` batches; a
 from __future__ import annotations
 
 import collections
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -124,8 +122,9 @@ def _keyword_recipe(tmp_path, stages, **over):
                         stages=stages, **over)
 
 
-def test_keyword_inputs_and_dict_outputs_run_train_prune_share_distill_and_onnxruntime(tmp_path):
+def test_keyword_inputs_and_dict_outputs_run_train_prune_share_distill_and_onnxruntime(tmp_path, capsys):
     from compress.checkpoint import load_model
+    from compress.cli import main
     from compress.pipeline import Pipeline
     from compress.recipe import load_recipe
 
@@ -154,9 +153,7 @@ def test_keyword_inputs_and_dict_outputs_run_train_prune_share_distill_and_onnxr
     from compress.metrics import evaluate_accuracy
 
     assert evaluate_accuracy(loaded, data.test_dataloader())["accuracy"] == shared["accuracy"]
-    out = subprocess.run([sys.executable, "run.py", "export", str(tmp_path / "run"), "--format", "onnx", "--trust-model-code"],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    assert main(["export", str(tmp_path / "run"), "--format", "onnx", "--trust-model-code"]) == 0, capsys.readouterr().err
     from compress.runtime import OrtModel
 
     session = OrtModel(tmp_path / "run" / "model.onnx")
@@ -192,21 +189,21 @@ def test_a_wrong_output_field_is_one_line_before_any_training(tmp_path, output, 
     assert not list((tmp_path / "run").glob("*.ckpt"))
 
 
-def test_model_output_errors_exit_2_from_the_cli(tmp_path):
+def test_model_output_errors_exit_2_from_the_cli(tmp_path, capsys):
     import yaml
+
+    from compress.cli import main
 
     recipe = _keyword_recipe(tmp_path, [{"type": "train", "epochs": 1}])
     recipe["model"]["output"] = [1, 2]
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    out = subprocess.run([sys.executable, "run.py", str(path)], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+    assert main([str(path)]) == 2 and capsys.readouterr().err.strip().splitlines() == [
         "error: model.output: [1, 2] must be a field name (logits) or a tuple index (0)"]
     recipe["model"] = {"name": "import:tests.test_batches:KeywordNet", "output": "pred", "num_classes": 5}
     path.write_text(yaml.safe_dump(recipe))
-    out = subprocess.run([sys.executable, "run.py", str(path)], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 2, out.stderr
-    assert out.stderr.strip().splitlines() == [
+    assert main([str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: model: it predicts 5 classes (model.output 'pred'), the data has 3; set model.num_classes: 3 (or the "
         "model's own argument for it), or model.output to the field that holds the logits"]
 

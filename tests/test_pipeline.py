@@ -1,15 +1,13 @@
 """End to end: a shrunken quick start on the bundled digits, checked through its outputs."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from compress.pipeline import Pipeline
 from compress.recipe import load_recipe
-from tests.conftest import ROOT, quick_recipe
+from tests.conftest import quick_recipe
 
 METRIC_KEYS = {"accuracy", "loss", "params", "nonzero_params", "sparsity", "macs", "effective_macs", "dense_bytes",
                "stored_bytes", "compression_ratio", "mac_speedup", "measured_latency_ms", "measured_speedup", "wall_s"}
@@ -142,17 +140,19 @@ def test_wandb_sink_logs_stage_metrics_against_stage_index(quick_run):
     assert "layers/3-prune.unstructured-2" in run.logged[3]
 
 
-def test_cli_quickstart_subprocess_writes_report(tmp_path):
+def test_cli_quickstart_writes_report(tmp_path, capsys, monkeypatch):
     import yaml
+
+    from compress.cli import main
 
     recipe = quick_recipe(tmp_path, stages=[{"type": "train", "epochs": 1},
                                             {"type": "prune.unstructured", "sparsity": 0.5}])
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), str(path), "seed=1", "name=cli"],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "prune.unstructured" in proc.stdout and "acc %" in proc.stdout
+    monkeypatch.chdir(tmp_path)
+    assert main([str(path), "seed=1", "name=cli"]) == 0
+    out = capsys.readouterr().out
+    assert "prune.unstructured" in out and "acc %" in out
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["recipe"]["seed"] == 1 and report["recipe"]["name"] == "cli"
 

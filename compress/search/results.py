@@ -9,14 +9,13 @@ violating ones grey (Optuna's ``plot_pareto_front`` with the same ``constraints_
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from compress.errors import UserError
-from compress.files import atomic_write
+from compress.files import atomic_write, json_text
 from compress.recipe import Recipe
 from compress.report import Column, TextTable, cell
 from compress.report.html import _div, _page, _table
@@ -191,7 +190,8 @@ def write_results(study: Any, spec: SearchSpec, recipe: Recipe, out: Path, *, wa
                "trials_detail": [{"trial": r["index"], "state": trials[i].state.name, "params": trials[i].params,
                                   "values": trials[i].values, "cached_stages": r["metrics"]["cached_stages"],
                                   "error": r["error"] or None} for i, r in enumerate(rows)]}
-    atomic_write(out / "search.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1, default=str)))
+    text = json_text(summary, indent=1, default=str)
+    atomic_write(out / "search.json", lambda tmp: Path(tmp).write_text(text))
     if not quiet:
         table = TextTable(_columns(spec))
         print(table.header())

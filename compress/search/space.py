@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compress.errors import UserError
+from compress.files import json_text
 from compress.recipe import Recipe, load_recipe
 from compress.schema import merge_structured
 from compress.search._registry import PRUNERS, SAMPLERS
@@ -135,9 +136,7 @@ def metric_value(metrics: dict[str, Any], key: str, where: str) -> float:
 
 def trial_overrides(params: dict[str, Any]) -> list[str]:
     """``key=value`` overrides for the values of one trial (YAML scalars, so strings stay strings)."""
-    import json
-
-    return [f"{k}={json.dumps(v)}" for k, v in params.items()]
+    return [f"{k}={json_text(v)}" for k, v in params.items()]
 
 
 def _check_value(base: dict[str, Any], key: str, value: Any, where: str, numeric: bool) -> None:

@@ -12,7 +12,6 @@ objective key stops the search (exit 2).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import UserError
+from compress.files import json_text
 from compress.pipeline import Pipeline
 from compress.recipe import Recipe, load_recipe
 from compress.search._registry import PRUNERS, SAMPLERS
@@ -241,8 +241,8 @@ class Objective:
             wandb = self.base["logger"]["wandb"]
             name = f"{self.base['name']}-trial-{k}"
             recipe = load_recipe(self.base, trial_overrides(params) + [
-                f"out_dir={json.dumps(str(run_dir))}", f"name={json.dumps(name)}",
-                f"logger.wandb.group={json.dumps(wandb.get('group') or self.run.study)}"])
+                f"out_dir={json_text(str(run_dir))}", f"name={json_text(name)}",
+                f"logger.wandb.group={json_text(wandb.get('group') or self.run.study)}"])
             container = recipe.to_container()
             if self.spec.shared_stages and self._build_prefix(container, self.spec.shared_stages):
                 trial.set_user_attr("built_prefix", self.spec.shared_stages)

@@ -20,7 +20,8 @@ from compress.config import (
 from compress.distill import build_objective
 from compress.errors import UserError
 from compress.registry import Registry
-from compress.schema import match_layers, merge_structured
+from compress.schema import match_layers
+from compress.stage_configs import make_stage_config
 
 __all__ = ["OptimizerConfig", "FinetuneConfig", "DistillConfig", "FeaturePairConfig", "Stage", "StageResult",
            "Context", "STAGES", "MISSING", "match_layers", "validate_finetune"]
@@ -132,12 +133,17 @@ class Stage:
     @classmethod
     def make_config(cls, values: Any, key: str = "") -> Any:
         """Merge ``values`` into the structured ``Config``; returns a read-only DictConfig."""
-        if isinstance(values, DictConfig) and OmegaConf.is_readonly(values):
-            return values
-        return merge_structured(cls.Config, values, key or cls.type_name or cls.__name__)
+        return make_stage_config(cls.Config, values, key or cls.type_name or cls.__name__)
 
     def validate(self) -> None:
-        """Checks beyond types (ranges, consistency); raise UserError naming the key."""
+        """Checks beyond types (ranges, consistency); raise UserError naming the key.
+
+        The base runs the ``Config``'s own ``check`` (:mod:`compress.stage_configs`: what a recipe's
+        load checks before torch); subclasses add what needs a capability (registry names).
+        """
+        check = getattr(self.Config, "check", None)
+        if check is not None:
+            check(self.config, self.key)
 
     def plan(self, model: nn.Module) -> list[str]:
         """Names of the layers this stage touches (for ``--dry-run``)."""

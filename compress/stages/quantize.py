@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ import torch
 from torch import Tensor, nn
 
 from compress.calls import cat, forward, take
-from compress.config import FinetuneConfig
 from compress.errors import UserError
 from compress.quant import (
     QUANTIZABLE,
@@ -38,20 +36,11 @@ from compress.quant import (
     quantized_layers,
 )
 from compress.runtime import export_onnx, ort_accuracy
-from compress.schema import check_choice, check_range, match_layers
+from compress.schema import match_layers
+from compress.stage_configs import QuantizeConfig
 from compress.stages.base import STAGES, Context, Stage, StageResult
 
 __all__ = ["QuantizeStage"]
-
-
-@dataclass
-class QuantizeConfig:
-    mode: str = "ptq"  # ptq | qat
-    bits: int = 8
-    calibration_batches: int = 8  # training batches that set activation ranges
-    ignore: list[str] = field(default_factory=list)  # layers kept in float (names/globs)
-    max_accuracy_drop: float | None = None  # fraction; layers go back to float until the runtime accuracy is within it
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @STAGES.register("quantize")
@@ -62,19 +51,9 @@ class QuantizeStage(Stage):
     type_name = "quantize"
 
     def validate(self) -> None:
-        c, key = self.config, self.key
-        check_choice(c.mode, f"{key}.mode", ("ptq", "qat"))
-        if c.bits not in SUPPORTED_BITS:
-            check_bits(c.bits, f"{key}.bits")
-        if c.calibration_batches < 1:
-            raise UserError(f"{key}.calibration_batches: {c.calibration_batches} must be >= 1")
-        if c.mode == "qat" and c.finetune.epochs < 1:
-            raise UserError(f"{key}.finetune.epochs: {c.finetune.epochs}; mode qat fine-tunes through fake "
-                            "quantisation: set finetune.epochs >= 1, or use mode: ptq")
-        if c.mode == "ptq" and c.finetune.epochs > 0:
-            raise UserError(f"{key}.finetune.epochs: mode ptq does not train; use mode: qat to fine-tune")
-        if c.max_accuracy_drop is not None:
-            check_range(c.max_accuracy_drop, f"{key}.max_accuracy_drop", 0.0, 1.0)
+        super().validate()
+        if self.config.bits not in SUPPORTED_BITS:
+            check_bits(self.config.bits, f"{self.key}.bits")
 
     def layers(self, model: nn.Module) -> list[str]:
         """The layers this stage quantises (every Linear/Conv not ignored)."""
