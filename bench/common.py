@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from compress.files import json_text
 
 __all__ = ["print_table", "write_json"]
 
@@ -26,5 +27,5 @@ def write_json(out: str | Path | None, payload: Any) -> None:
         return
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2, default=float))
+    out.write_text(json_text(payload, indent=2))
     print(f"wrote {out}")

@@ -23,7 +23,6 @@ the same).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import torch
 from compress.data import build_datamodule
 from compress.distill import check_teacher, resolve_teacher
 from compress.errors import UserError
+from compress.files import json_text
 from compress.metrics import evaluate_accuracy
 from compress.models import build_model
 from compress.stages import Context, TrainStage
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| gain {summary[spec]['accuracy_gain_points']:+.2f} points |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": vars(args), "teacher_errors": teacher_errors, "runs": rows,
+    out.write_text(json_text({"config": vars(args), "teacher_errors": teacher_errors, "runs": rows,
                                "summary": summary}, indent=2))
     print(f"\nwrote {out}")
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ import torch
 from compress.checkpoint import load_model
 from compress.data import build_datamodule
 from compress.errors import UserError
+from compress.files import json_text
 from compress.metrics import count_layers, evaluate_accuracy, summarize
 from compress.models import build_model
 from compress.stages import Context, StructuredPruningStage, TrainStage
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dense {dense_acc:.2%}, pruned {pruned_acc:.2%} before fine-tuning, {speedup:.2f}x MACs")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": vars(args), "dense_accuracy": dense_acc, "pruned_accuracy": pruned_acc,
+    out.write_text(json_text({"config": vars(args), "dense_accuracy": dense_acc, "pruned_accuracy": pruned_acc,
                                "mac_speedup": speedup, "runs": rows,
                                "summary": {"plain_mean": plain_mean, "distilled_mean": dist_mean}}, indent=2))
     print(f"wrote {out}")

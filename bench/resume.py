@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from compress.files import json_text
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,7 +51,7 @@ def main() -> None:
     print(f"{Path(args.recipe).name:<28}{args.kill:>10}{full:>9.1f}{killed:>16.1f}{resumed:>10.1f}"
           f"{rows['saved_fraction']:>8.0%}{str(same):>10}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1))
+    Path(args.out).write_text(json_text(rows, indent=1))
 
 
 if __name__ == "__main__":

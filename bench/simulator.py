@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress.files import json_text
 from compress.hardware import load_profile, priced_at, simulate_model
 from compress.metrics import compare_latency, count_layers, summarize
 from compress.models import build_model
@@ -190,7 +190,7 @@ def main() -> None:
         payload = {"variants": rows, "summary": summary, "checks": checks,
                    "cpu_local": cpu.as_dict(), "machine": {"cpu": platform.processor() or platform.machine(),
                                                            "torch": torch.__version__, "threads": args.threads}}
-        args.out.write_text(json.dumps(payload, indent=1, default=float))
+        args.out.write_text(json_text(payload, indent=1))
         print(f"written: {args.out}")
 
 

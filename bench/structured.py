@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from compress.files import json_text
 from compress.metrics import Timing, compare_latency
 from compress.models import build_model
 from compress.pruning.structured import prune_model
@@ -93,7 +93,7 @@ def main() -> None:
         meta = {"torch": torch.__version__, "threads": args.threads, "reps": args.reps, "warmup": args.warmup,
                 "importance": args.importance, "round_to": args.round_to, "global": args.global_pruning,
                 "machine": platform.processor() or platform.machine()}
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        args.out.write_text(json_text({"meta": meta, "rows": rows}, indent=2))
         print(f"wrote {args.out}")
 
 

@@ -3,12 +3,14 @@
 Never a pickled module: everything loads with ``torch.load(..., weights_only=True)``, and a
 model is rebuilt by (1) building the architecture from its spec, (2) reshaping layers whose
 channels were removed and giving attention modules their pruned head attributes, (3) re-installing parametrizations (masks, codebooks) and int8 quantisation, (4) loading the
-state_dict strictly.
+state_dict strictly. Steps (2) and (3) are the capabilities' own, registered in
+:mod:`compress.plumbing.restorers` when their modules are imported (below).
 """
 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,35 +18,20 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compress.batches import forward, take
+# Imported for their registrations: each capability says how its changes are saved and restored.
+from compress import quant, sharing  # noqa: F401  (registrations)
+from compress.calls import forward, take
 from compress.errors import UserError
 from compress.files import atomic_write
-from compress.models import build_model
-from compress.pruning.attention import attention_state, restore_attention
-from compress.pruning.masks import set_mask
+from compress.models import build_from_spec
+from compress.plumbing.restorers import PARAMETRIZATIONS, restore_saved, saved_states
+from compress.pruning import attention, structured  # noqa: F401  (registrations, as above)
 from compress.pruning.selfcheck import TOLERANCE, outputs_error
-from compress.pruning.structured import restore_structure
-from compress.quant import is_quantized, quant_state, restore_quant
-from compress.registry import Registry
-from compress.sharing.shared import reinstall_shared_weight
 
 __all__ = ["FORMAT", "PARAMETRIZATIONS", "atomic_write", "save_checkpoint", "read_checkpoint", "load_model",
            "model_from_checkpoint", "describe_parametrizations"]
 
 FORMAT = "compress-checkpoint/1"
-
-# name of a parametrization class -> fn(module, tensor_name, state_dict, prefix) that installs a
-# placeholder of the right shape, so load_state_dict can fill it.
-PARAMETRIZATIONS: Registry[Any] = Registry("parametrization")
-
-
-@PARAMETRIZATIONS.register("Mask")
-def _reinstall_mask(module: nn.Module, tensor: str, state_dict: dict[str, Any], prefix: str) -> None:
-    set_mask(module, torch.ones_like(getattr(module, tensor), dtype=torch.bool), tensor)
-
-
-PARAMETRIZATIONS.register("SharedWeight", reinstall_shared_weight)
-PARAMETRIZATIONS.register("WeightQuantizer", lambda *_: None)  # installed with its input quantizer by restore_quant
 
 
 def describe_parametrizations(model: nn.Module) -> dict[str, dict[str, list[str]]]:
@@ -70,8 +57,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, model_spec: dict[str,
         "model_spec": model_spec,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "parametrizations": describe_parametrizations(model),
-        "attention": attention_state(model),  # {module: {num_heads: ..}}: widths cannot tell heads from head dims
-        "quantization": quant_state(model) if is_quantized(model) else None,
+        **saved_states(model),  # "attention" (head counts: widths cannot tell heads from head dims), "quantization"
         "recipe": recipe or {},
         "stage_index": stage_index,
         "stage_name": stage_name,
@@ -112,10 +98,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def model_from_checkpoint(data: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
-    """Rebuild the model a checkpoint describes."""
-    spec = dict(data["model_spec"])
-    model = build_model(spec.pop("name"), key="model", output=spec.get("output"), **spec.get("kwargs", {}))
+def model_from_checkpoint(data: dict[str, Any], path: str | Path = "checkpoint", *, trust_model_code: bool = False,
+                          trusted: Sequence[str] = ()) -> nn.Module:
+    """Rebuild the model a checkpoint describes.
+
+    The file's ``model_spec`` is data: a zoo model is rebuilt, but one that runs code (``import:``,
+    ``transformers``) only with ``trust_model_code`` or when its name is in ``trusted`` (the caller's
+    own recipe names it): :func:`compress.models.build_from_spec`.
+    """
+    model = build_from_spec(data.get("model_spec"), str(path), trust_model_code=trust_model_code, trusted=trusted)
     load_into(model, data, path)
     return model
 
@@ -123,8 +114,7 @@ def model_from_checkpoint(data: dict[str, Any], path: str | Path = "checkpoint")
 def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
     """Load a checkpoint's weights into ``model``, reshaping pruned layers and re-installing parametrizations."""
     state = data["state_dict"]
-    restore_structure(model, state)
-    restore_attention(model, data.get("attention"), path)  # absent in checkpoints older than attention pruning
+    restore_saved(model, data, state, str(path))  # pruned shapes, head counts (absent in older checkpoints)
     for mod_name, tensors in data.get("parametrizations", {}).items():
         try:
             module = model.get_submodule(mod_name)
@@ -133,8 +123,7 @@ def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkp
         for tensor, kinds in tensors.items():
             for kind in kinds:
                 PARAMETRIZATIONS.get(kind)(module, tensor, state, f"{mod_name}.parametrizations.{tensor}.")
-    if data.get("quantization"):  # after masks and codebooks: the quantizer reads the masked weight
-        restore_quant(model, data["quantization"])
+    restore_saved(model, data, state, str(path), after_parametrizations=True)  # int8: reads the masked weight
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -154,7 +143,11 @@ def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkp
     return model
 
 
-def load_model(path: str | Path) -> nn.Module:
-    """A model from a checkpoint file, ready to run (eval mode)."""
+def load_model(path: str | Path, *, trust_model_code: bool = False, trusted: Sequence[str] = ()) -> nn.Module:
+    """A model from a checkpoint file, ready to run (eval mode).
+
+    Loading never imports or calls code the file names unless ``trust_model_code`` (as Hugging Face's
+    ``trust_remote_code``) or the code's name is in ``trusted``: :func:`model_from_checkpoint`.
+    """
     data = read_checkpoint(path)
-    return model_from_checkpoint(data, path).eval()
+    return model_from_checkpoint(data, path, trust_model_code=trust_model_code, trusted=trusted).eval()

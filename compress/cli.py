@@ -6,19 +6,32 @@ User mistakes print one line, ``error: ...``, on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable, Sequence
 
-from compress.errors import TrainingDiverged, UserError
+from compress.errors import TrainingDiverged, UserError, shorten
 
 __all__ = ["main"]
 
-USAGE = """python run.py RECIPE.yaml [key=value ...] [--dry-run] [--overwrite | --resume]
-       python run.py resume RUN_DIR
+# OS errors that are the machine's state, not a bug: one line, exit 2, like any other user mistake.
+# A run that meets one has kept every finished stage (checkpoints and reports are written atomically).
+ENVIRONMENT_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
+                      errno.EROFS: "write somewhere writable", errno.EACCES: "fix the permissions or write elsewhere",
+                      errno.EPERM: "fix the permissions or write elsewhere", errno.ENAMETOOLONG: "use shorter names",
+                      errno.ENOTDIR: "a folder in the path is a file", errno.EISDIR: "give a file, not a folder"}
+
+USAGE = """python run.py RECIPE.yaml [key=value ...] [--dry-run] [--overwrite | --resume] [--trust-model-code]
+       python run.py resume RUN_DIR [--trust-model-code]
        python run.py teacher NAME [key=value ...]
-       python run.py export RUN_DIR --format deep|onnx [--out FILE] [--stage K]
+       python run.py export RUN_DIR --format deep|onnx [--out FILE] [--stage K] [--trust-model-code]
        python run.py sensitivity RECIPE.yaml [key=value ...] [--from CKPT] [--max-drop 0.01]
-       python run.py compare RUN_DIR... [--out compare.html] [--force]"""
+       python run.py compare RUN_DIR... [--out compare.html] [--force]
+       python run.py search RECIPE.yaml [key=value ...] [--trials N] [--jobs K] [--storage URL] [--study NAME]
+                            [--timeout S]"""
+
+TRUST_HELP = ("build the model code (import:..., transformers) that a checkpoint or .dc file names; a file is data "
+              "otherwise. Only for files you trust, as Hugging Face's trust_remote_code")
 
 
 def _run(argv: Sequence[str]) -> int:
@@ -31,13 +44,26 @@ def _run(argv: Sequence[str]) -> int:
                    help="continue the run in out_dir: finished stages are kept, the interrupted one restarts "
                         "from its last epoch")
     p.add_argument("--quiet", action="store_true", help="no tables on the terminal")
+    p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     args = p.parse_intermixed_args(list(argv))
+    from pathlib import Path
+
+    import yaml
+
+    from compress.schema import read_yaml
+
+    if Path(args.recipe).is_file():  # a file too big or an alias bomb answers before torch loads
+        try:
+            read_yaml(args.recipe)
+        except yaml.YAMLError:
+            pass  # load_recipe names the line and column
     from compress.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # a recipe error answers before Lightning loads
     from compress.pipeline import Pipeline
 
-    pipeline = Pipeline(recipe, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet)
+    pipeline = Pipeline(recipe, overwrite=args.overwrite, resume=args.resume, quiet=args.quiet,
+                        trust_model_code=args.trust_model_code)
     if args.dry_run:
         model, _ = pipeline.prepare()
         print(recipe.to_yaml())
@@ -61,13 +87,15 @@ def _resume(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="run.py resume", description="Resume an interrupted run.")
     p.add_argument("run_dir")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     args = p.parse_args(list(argv))
     from pathlib import Path
 
     recipe_path = Path(args.run_dir) / "recipe.yaml"
     if not recipe_path.is_file():
         raise UserError(f"{args.run_dir}: no recipe.yaml there; is it a run folder (out_dir of a recipe)?")
-    return _run([str(recipe_path), f"out_dir={args.run_dir}", "--resume"] + (["--quiet"] if args.quiet else []))
+    flags = [f for f, on in (("--quiet", args.quiet), ("--trust-model-code", args.trust_model_code)) if on]
+    return _run([str(recipe_path), f"out_dir={args.run_dir}", "--resume", *flags])
 
 
 def _sensitivity(argv: Sequence[str]) -> int:
@@ -82,10 +110,10 @@ def _sensitivity(argv: Sequence[str]) -> int:
     p.add_argument("--importance", default="l1")
     p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop allowed per layer (fraction)")
     args = p.parse_intermixed_args(list(argv))
-    import json
     from pathlib import Path
 
     from compress.checkpoint import load_into, read_checkpoint
+    from compress.files import finite
     from compress.metrics import evaluate_accuracy
     from compress.pipeline import NOT_COMPRESSION, Pipeline
     from compress.recipe import load_recipe
@@ -122,7 +150,7 @@ def _sensitivity(argv: Sequence[str]) -> int:
         run.log({"sensitivity/plot": wandb.Image(str(out_dir / "sensitivity.png")),
                  "sensitivity/table": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
         artifact = wandb.Artifact(f"{recipe.cfg.name}-sensitivity", type="sensitivity",
-                                  metadata={"suggested": json.loads(json.dumps(result["suggested"]))})
+                                  metadata={"suggested": finite(result["suggested"])})
         for f in ("sensitivity.csv", "sensitivity.png", "suggested_ratios.json"):
             artifact.add_file(str(out_dir / f))
         run.log_artifact(artifact)
@@ -143,31 +171,37 @@ def _export(argv: Sequence[str]) -> int:
     p.add_argument("--max-accuracy-drop", type=float, default=None,
                    help="onnx int8: how far below float the int8 test accuracy may be (default: the run's "
                         "quantize max_accuracy_drop, else 0.01)")
+    p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     args = p.parse_args(list(argv))
+    import re
     from pathlib import Path
 
     from compress.checkpoint import model_from_checkpoint, read_checkpoint
+    from compress.runfolder import check_output
 
     run_dir = Path(args.run_dir)
-    ckpts = sorted(run_dir.glob("stage-*.ckpt"), key=lambda f: int(f.name.split("-")[1]))
-    if args.stage is not None:
-        ckpts = [c for c in ckpts if int(c.name.split("-")[1]) == args.stage]
+    out = check_output(args.out or run_dir / f"model.{'onnx' if args.format == 'onnx' else 'dc'}")
+    # stage-<k>-<name>.ckpt only: any other file there (stage-final.ckpt) is not one of the run's stages
+    found = {int(m[1]): f for f in run_dir.glob("stage-*.ckpt") if (m := re.fullmatch(r"stage-(\d+)-.+\.ckpt", f.name))}
+    ckpts = [found[k] for k in sorted(found) if args.stage is None or k == args.stage]
     if not ckpts:
         raise UserError(f"{run_dir}: no stage checkpoint{' for --stage ' + str(args.stage) if args.stage is not None else ''}"
                         " there; is it a run folder (out_dir of a recipe)?")
     data = read_checkpoint(ckpts[-1])
-    model = model_from_checkpoint(data, ckpts[-1])
+    model = model_from_checkpoint(data, ckpts[-1], trust_model_code=args.trust_model_code)
     if args.format == "onnx":
-        return _export_onnx(model, data, ckpts[-1].name, Path(args.out) if args.out else run_dir / "model.onnx",
-                            args.max_accuracy_drop)
+        return _export_onnx(model, data, ckpts[-1].name, out, args.max_accuracy_drop)
     from compress.encoding import model_storage, write_compressed
+    from compress.quant import is_quantized
     from compress.schema import check_index_bits
 
     index_bits: int | str = ((data.get("recipe") or {}).get("encoding") or {}).get("index_bits", 5)
     if args.index_bits is not None:
         index_bits = int(args.index_bits) if args.index_bits.isdigit() else args.index_bits
     check_index_bits(index_bits, "--index-bits")
-    out = Path(args.out) if args.out else run_dir / "model.dc"
+    if is_quantized(model):  # the format holds float and codebook weights: an int8 model would not read back
+        raise UserError(f"{ckpts[-1]}: the model is quantised (int8) and a Deep Compression file stores float or "
+                        "shared weights; export it with --format onnx (int8 QDQ), or a stage before quantize with --stage")
     written = write_compressed(model, out, data["model_spec"], index_bits)
     reported = model_storage(model, index_bits)["total"]["compressed_bytes"]
     print(f"{out}: {written:,} bytes on disk from {ckpts[-1].name}; reported compressed_bytes {reported:,} "
@@ -214,6 +248,9 @@ def _compare(argv: Sequence[str]) -> int:
     p.add_argument("--force", action="store_true", help="compare runs of different models or data sets")
     args = p.parse_args(list(argv))
     from compress.report.compare import compare_runs
+    from compress.runfolder import check_output
+
+    check_output(args.out)  # before any run is read: never onto a run's report, a folder, or nowhere writable
 
     print(compare_runs(args.run_dirs, args.out, force=args.force))
     print(f"compare: {args.out}")
@@ -241,8 +278,30 @@ def _teacher(argv: Sequence[str]) -> int:
     return 0
 
 
+def _search(argv: Sequence[str]) -> int:
+    """``search RECIPE``: Optuna searches the recipe's ``search.space`` for its objectives under its
+    constraints; trials are runs in OUT/trials/<k>/, results in OUT/search.html and OUT/pareto/."""
+    p = argparse.ArgumentParser(prog="run.py search", description=_search.__doc__)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--trials", type=int, default=None, help="trials in the study (default: search.trials)")
+    p.add_argument("--jobs", type=int, default=1, help="trials at once on this machine (worker processes)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.db); "
+                   "postgresql://... or journal:PATH lets other machines join")
+    p.add_argument("--study", default=None, help="study name (default: the recipe's name)")
+    p.add_argument("--timeout", type=float, default=None, help="start no trial after S seconds")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_intermixed_args(list(argv))
+    from compress.search import run_search
+
+    run_search(args.recipe, args.overrides, trials=args.trials, jobs=args.jobs, storage=args.storage,
+               study=args.study, timeout=args.timeout, quiet=args.quiet)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "resume": _resume, "teacher": _teacher, "sensitivity": _sensitivity, "export": _export, "compare": _compare}
+    "resume": _resume, "teacher": _teacher, "sensitivity": _sensitivity, "export": _export, "compare": _compare,
+    "search": _search}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -258,6 +317,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(argv[1:]) if command else _run(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{shorten(e.filename)}: " if e.filename else ""
+        resume = " (finished stages kept their checkpoints: `python run.py resume OUT_DIR` continues)" \
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        print(f"error: {where}{e.strerror}; {ENVIRONMENT_ERRNOS[e.errno]}{resume}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"error: {e} (finished stages kept their checkpoints)", file=sys.stderr)

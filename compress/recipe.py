@@ -2,6 +2,9 @@
 
 A recipe names registry keys (model, data, stage types, hardware profiles); it is data, not code.
 Every problem becomes one :class:`UserError` line naming the key path and what would be valid.
+Keys, types and ranges (the stages' too, :mod:`compress.stage_configs`) are checked without torch,
+so a mistake answers at once; the names are then looked up in the registries
+(:mod:`compress.recipe_names`), which loads torch.
 """
 
 from __future__ import annotations
@@ -16,14 +19,20 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from compress.errors import UserError, suggest
-from compress.hardware import check_profiles
-from compress.models import model_class
-from compress.runtime import check_runtimes
-from compress.schema import check_choice, check_finite, check_index_bits, schema_error
-from compress.stages import STAGES
+from compress.schema import (
+    check_choice,
+    check_finite,
+    check_index_bits,
+    check_latency_batch,
+    check_out_dir,
+    load_yaml,
+    read_yaml,
+    schema_error,
+)
+from compress.stage_configs import STAGE_CONFIGS, check_stage_config, make_stage_config
 
 __all__ = ["RecipeConfig", "TrainerConfig", "LoggerConfig", "WandbConfig", "EvalConfig", "Recipe",
-           "load_recipe", "build_stages"]
+           "load_recipe", "build_stages", "check_stage_blocks", "StageBlock"]
 
 
 @dataclass
@@ -96,6 +105,7 @@ class RecipeConfig:
     hardware: list[str] = field(default_factory=list)
     teachers_dir: str = "teachers"
     stages: list[Any] = field(default_factory=list)
+    search: Any = None  # `run.py search`: validated by compress.search, ignored by a plain run
 
 
 WANDB_MODES = ("offline", "online", "disabled")
@@ -104,9 +114,8 @@ WANDB_MODES = ("offline", "online", "disabled")
 def _read_yaml(path: Path) -> DictConfig:
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found (run `ls recipes/` for the shipped ones)")
-    text = path.read_text()
     try:
-        data = yaml.safe_load(text)  # safe: no executable tags
+        data = read_yaml(path)  # safe: no executable tags; bounded: no alias bomb
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -129,7 +138,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
         if not sep or not key.strip():
             raise UserError(f"override '{item}': expected key=value, e.g. trainer.max_epochs=1")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml(raw, f"override '{key.strip()}'") if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         key = key.strip().lstrip("+")
@@ -153,13 +162,15 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> None:
 class Recipe:
     """A validated recipe: ``cfg`` (read-only DictConfig, interpolations resolved) and its stages."""
 
-    def __init__(self, cfg: DictConfig, path: Path | None = None):
+    def __init__(self, cfg: DictConfig, path: Path | None = None, stages: list[Any] | None = None):
         self.path = path
-        self.stages = build_stages(cfg.stages)
+        self.stages = build_stages(cfg.stages) if stages is None else stages
         # The resolved recipe shows every stage with its defaults filled in.
         full = OmegaConf.to_container(cfg, resolve=True)
         full["stages"] = [{"type": s.type_name, "name": s.name, **OmegaConf.to_container(s.config, resolve=True)}
                           for s in self.stages]
+        if full.get("search") is None:  # only a search recipe shows the section
+            full.pop("search", None)
         self.cfg = OmegaConf.create(full)
         OmegaConf.set_readonly(self.cfg, True)
 
@@ -186,9 +197,22 @@ REFUSED_ORDERS = {
 }
 
 
-def build_stages(blocks: Any) -> list[Any]:
-    """Stage objects for the recipe's ``stages`` list; each block validated by its stage's Config."""
-    stages = []
+@dataclass(frozen=True)
+class StageBlock:
+    """One checked stage block: where it sits, its type, its unique name and its config (read-only
+    and checked for a built-in type; the block as given for a type registered from Python)."""
+
+    key: str
+    type_name: str
+    name: str
+    config: Any
+
+
+def check_stage_blocks(blocks: Any) -> list[StageBlock]:
+    """Keys, types and ranges of every stage block of a built-in type, and the order of the stages;
+    no torch. A type not built in is left to :func:`compress.recipe_names.build_stages` (a stage
+    registered from Python, or a misspelt type, answered there with the valid names)."""
+    checked: list[StageBlock] = []
     names: set[str] = set()
     for i, block in enumerate(blocks or []):
         key = f"stages[{i}]"
@@ -198,18 +222,37 @@ def build_stages(blocks: Any) -> list[Any]:
         block = dict(block)
         stype = block.pop("type", None)
         if stype is None:
-            raise UserError(f"{key}.type: required; {suggest('', STAGES.names())}")
-        cls = STAGES.get(str(stype), f"{key}.type")
-        name = block.pop("name", None) or f"{stype}"
+            raise UserError(f"{key}.type: required; {suggest('', STAGE_CONFIGS.names())}")
+        stype = str(stype)
+        name = block.pop("name", None) or stype
         while name in names:  # stage names key metrics and checkpoints: keep them unique
             name = f"{name}-{i}"
         names.add(name)
-        for earlier in stages:
-            why = REFUSED_ORDERS.get((earlier.type_name, cls.type_name))
+        for earlier in checked:
+            why = REFUSED_ORDERS.get((earlier.type_name, stype))
             if why:
-                raise UserError(f"{key}.type: '{cls.type_name}' after '{earlier.type_name}' ({earlier.key}): {why}")
-        stages.append(cls(block, key=key, name=name))
-    return stages
+                raise UserError(f"{key}.type: '{stype}' after '{earlier.type_name}' ({earlier.key}): {why}")
+        config: Any = block
+        if stype in STAGE_CONFIGS:
+            schema = STAGE_CONFIGS.get(stype)
+            config = make_stage_config(schema, block, key)
+            check_stage_config(schema, config, key)
+        checked.append(StageBlock(key, stype, name, config))
+    return checked
+
+
+def build_stages(blocks: Any) -> list[Any]:
+    """Stage objects for the recipe's ``stages`` list; each block validated by its stage's Config."""
+    return _stage_objects(check_stage_blocks(blocks))
+
+
+def _stage_objects(blocks: list[StageBlock], cfg: DictConfig | None = None) -> list[Any]:
+    """Stage objects for checked blocks; with ``cfg``, the recipe's other names are looked up too."""
+    from compress.recipe_names import (
+        build_stage_objects,  # the stage classes and the registries bring torch: after keys, types and ranges
+    )
+
+    return build_stage_objects(blocks, cfg)
 
 
 def load_recipe(source: str | Path | dict[str, Any] | DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -236,10 +279,9 @@ def load_recipe(source: str | Path | dict[str, Any] | DictConfig, overrides: lis
         raise UserError(f"{key}: interpolation does not resolve: {str(getattr(e, 'msg', e)).splitlines()[0]}") from None
     check_finite(cfg, "")
     _validate_top(cfg)
+    blocks = check_stage_blocks(cfg.stages)
     OmegaConf.set_readonly(cfg, True)
-    recipe = Recipe(cfg, path)  # every stage block checked before the data sets load (they bring Lightning)
-    _validate_data(cfg)
-    return recipe
+    return Recipe(cfg, path, _stage_objects(blocks, cfg))
 
 
 def _unresolved_key(cfg: DictConfig) -> str:
@@ -275,7 +317,6 @@ def _check_lists(raw: DictConfig, schema: type, prefix: str = "") -> None:
 def _validate_top(cfg: DictConfig) -> None:
     if not isinstance(cfg.model, DictConfig) or "name" not in cfg.model:
         raise UserError("model.name: required (a zoo name such as lenet300, or import:pkg.module:Class)")
-    model_class(str(cfg.model.name), "model.name")
     out = cfg.model.get("output")
     if out is not None and (not isinstance(out, str | int) or isinstance(out, bool)):
         raise UserError(f"model.output: {out!r} must be a field name (logits) or a tuple index (0)")
@@ -287,20 +328,10 @@ def _validate_top(cfg: DictConfig) -> None:
         raise UserError(f"seed: {cfg.seed} must be >= 0")
     if cfg.eval.latency_repeats < 1:
         raise UserError(f"eval.latency_repeats: {cfg.eval.latency_repeats} must be >= 1")
+    check_latency_batch(cfg.eval.latency_batch_size, "eval.latency_batch_size")
     if cfg.eval.latency_threads < 1:
         raise UserError(f"eval.latency_threads: {cfg.eval.latency_threads} must be >= 1 (torch intra-op threads)")
     if not cfg.out_dir:
         raise UserError("out_dir: must not be empty")
+    check_out_dir(cfg.out_dir, "out_dir")
     check_index_bits(cfg.encoding.index_bits, "encoding.index_bits")
-    check_profiles(list(cfg.hardware), "hardware")
-    check_runtimes(list(cfg.eval.runtimes), "eval.runtimes")
-
-
-def _validate_data(cfg: DictConfig) -> None:
-    from compress.data import (
-        DATAMODULES,  # data modules are Lightning classes: loaded after every other check
-    )
-
-    if "name" not in cfg.data:
-        raise UserError(f"data.name: required; {suggest('', DATAMODULES.names())}")
-    DATAMODULES.get(str(cfg.data.name), "data.name")

@@ -7,17 +7,34 @@ one-line :class:`~compress.errors.UserError` naming the recipe key path.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from compress.errors import UserError, nearest, suggest
+from compress.errors import UserError, nearest, shorten, suggest
 
 __all__ = ["merge_structured", "check_range", "check_choice", "check_finite", "check_index_bits", "match_layers",
-           "schema_error", "join_key"]
+           "schema_error", "join_key", "load_yaml", "read_yaml", "check_latency_batch", "MAX_LATENCY_BATCH", "check_out_dir", "MAX_YAML_BYTES", "MAX_YAML_VALUES", "MAX_YAML_DEPTH"]
+
+# Bounds on a YAML document read from the user (recipes, overrides, teacher specs, hardware profiles).
+# The largest shipped recipe is about 2 KB and 100 values; these are thousands of times that, yet a
+# billion-laughs alias bomb (nine aliases of nine aliases ...) or a million nested brackets is
+# refused in milliseconds instead of eating memory for minutes (PyYAML shares an aliased node, but
+# OmegaConf and every walk over the data expand it; PyYAML's C composer overflows its stack).
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 64
+
+# Every stage times its model at the latency batch, and a latency target times every layer width at
+# it: at batch 100000 that is minutes without a line of output. Batched latency is a throughput
+# figure, and a thousand inputs measure it.
+MAX_LATENCY_BATCH = 1024
 
 
 def join_key(prefix: str, key: str) -> str:
@@ -101,6 +118,31 @@ def check_range(value: float, key: str, lo: float, hi: float, hi_open: bool = Tr
         raise UserError(f"{key}: {value} is outside {interval}")
 
 
+def check_latency_batch(value: int | None, key: str) -> None:
+    """Raise a UserError unless ``value`` is None or in [1, MAX_LATENCY_BATCH]."""
+    if value is not None and not 1 <= value <= MAX_LATENCY_BATCH:
+        raise UserError(f"{key}: {value} is outside [1, {MAX_LATENCY_BATCH}]; every stage is timed at this batch (a "
+                        "latency target times every layer width at it), so a larger one runs for minutes in silence")
+
+
+def check_out_dir(path: str | Path, key: str) -> None:
+    """Raise a UserError unless ``path`` can be a folder to write in: no name in it longer than the
+    file system allows, not a file, not under a file, its nearest existing folder writable."""
+    path = Path(path)
+    for part in path.parts:
+        if len(os.fsencode(part)) > 255:  # NAME_MAX of ext4, xfs, btrfs, tmpfs, APFS, NTFS
+            raise UserError(f"{key}: the name '{shorten(part, 60)}' is {len(os.fsencode(part))} bytes; a file system "
+                            "allows 255 per name: choose a shorter out_dir")
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == path else f"lies under the file '{folder}'"
+                raise UserError(f"{key}: '{path}' {where}, not a folder; choose another: out_dir=runs/NEW")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UserError(f"{key}: '{folder}' is not writable; choose another out_dir or fix its permissions")
+            return
+
+
 def check_choice(value: str, key: str, choices: tuple[str, ...] | list[str]) -> None:
     if value not in choices:
         raise UserError(f"{key}: '{value}' is not valid; {suggest(value, choices)}")
@@ -128,3 +170,56 @@ def match_layers(names: Sequence[str], patterns: Sequence[str] | dict[str, Any],
         for n in hits:
             out.setdefault(n, pattern)
     return out
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)`` within the bounds above, else a one-line :class:`UserError` naming
+    ``where``; YAML syntax errors propagate as ``yaml.YAMLError`` for the caller to place.
+
+    The event stream is walked first (libyaml's parser where available, linear in the text): the
+    values each alias stands for are counted as if expanded, so nothing is built before the check.
+    """
+    if len(text) > MAX_YAML_BYTES:
+        raise UserError(f"{where}: {len(text):,} characters; a recipe is at most {MAX_YAML_BYTES:,} (a few KB is usual)")
+    try:
+        _check_expansion(text, where)
+    except yaml.YAMLError:
+        pass  # a syntax error: PyYAML's own parser below names it as it always has
+    return yaml.safe_load(text)
+
+
+def _check_expansion(text: str, where: str) -> None:
+    """Walk the document's events; a UserError past the depth or the expanded size bound."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    anchored: dict[str, int] = {}
+    stack: list[list[Any]] = [[None, 0]]  # per open collection: its anchor, values in it so far
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(stack) > MAX_YAML_DEPTH:
+                raise UserError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep; a recipe needs a few")
+            stack.append([event.anchor, 1])
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, size = stack.pop()
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, size = None, anchored.get(event.anchor, 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, size = event.anchor, 1
+        else:
+            continue
+        if anchor is not None:
+            anchored[anchor] = size
+        stack[-1][1] += size
+        if stack[0][1] > MAX_YAML_VALUES or size > MAX_YAML_VALUES:
+            raise UserError(f"{where}: expands to more than {MAX_YAML_VALUES:,} values (YAML aliases &name/*name "
+                            "repeat what they name); a recipe holds a few hundred: write it out without the aliases")
+
+
+def read_yaml(path: str | Path, where: str | None = None) -> Any:
+    """:func:`load_yaml` of a file, its size checked before it is read."""
+    path = Path(path)
+    where = where or str(path)
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise UserError(f"{where}: {size:,} bytes; a recipe is at most {MAX_YAML_BYTES:,} (a few KB is usual)")
+    return load_yaml(path.read_text(), where)

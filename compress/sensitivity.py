@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,9 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from compress.errors import UserError
+from compress.files import write_json
+from compress.plumbing.masks import deployed_copy, prunable_layers
 from compress.pruning.attention import plan_heads
-from compress.pruning.masks import deployed_copy, prunable_layers
 from compress.pruning.structured import count_macs, output_layers, resolve_importance, trace_logits
 from compress.schema import match_layers
 
@@ -138,7 +138,7 @@ def run_sensitivity(model: nn.Module, evaluate_fn: Callable[[nn.Module], float],
     _plot(curves, baseline, png_path)
     suggested = suggest_ratios(curves, baseline, max_drop)
     json_path = out_dir / "suggested_ratios.json"
-    json_path.write_text(json.dumps({"baseline": baseline, "max_drop": max_drop, "layer_ratios": suggested}, indent=2))
+    write_json(json_path, {"baseline": baseline, "max_drop": max_drop, "layer_ratios": suggested}, indent=2)
     return {"baseline": baseline, "rows": rows, "curves": curves, "groups": groups, "suggested": suggested,
             "max_drop": max_drop, "csv": str(csv_path), "png": str(png_path), "json": str(json_path)}
 

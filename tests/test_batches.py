@@ -8,8 +8,6 @@ a user's LightningDataModule serves ``({"points", "scale"}, labels)`` batches; a
 from __future__ import annotations
 
 import collections
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from compress.batches import batch_size, call, cat, forward, logits_of, repeat_to, set_output, take
+from compress.batches import batch_size, call, cat, eval_mode, forward, logits_of, repeat_to, set_output, take
 from compress.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,8 +122,9 @@ def _keyword_recipe(tmp_path, stages, **over):
                         stages=stages, **over)
 
 
-def test_keyword_inputs_and_dict_outputs_run_train_prune_share_distill_and_onnxruntime(tmp_path):
+def test_keyword_inputs_and_dict_outputs_run_train_prune_share_distill_and_onnxruntime(tmp_path, capsys):
     from compress.checkpoint import load_model
+    from compress.cli import main
     from compress.pipeline import Pipeline
     from compress.recipe import load_recipe
 
@@ -149,14 +148,12 @@ def test_keyword_inputs_and_dict_outputs_run_train_prune_share_distill_and_onnxr
     data = KeywordData()
     data.setup()
     x = torch.utils.data.default_collate([r[0] for r in data.test_rows[:16]])
-    loaded = load_model(tmp_path / "run" / "stage-3-share.ckpt")
+    loaded = load_model(tmp_path / "run" / "stage-3-share.ckpt", trust_model_code=True)
     assert loaded.compress_output == "pred"
     from compress.metrics import evaluate_accuracy
 
     assert evaluate_accuracy(loaded, data.test_dataloader())["accuracy"] == shared["accuracy"]
-    out = subprocess.run([sys.executable, "run.py", "export", str(tmp_path / "run"), "--format", "onnx"],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    assert main(["export", str(tmp_path / "run"), "--format", "onnx", "--trust-model-code"]) == 0, capsys.readouterr().err
     from compress.runtime import OrtModel
 
     session = OrtModel(tmp_path / "run" / "model.onnx")
@@ -192,21 +189,21 @@ def test_a_wrong_output_field_is_one_line_before_any_training(tmp_path, output, 
     assert not list((tmp_path / "run").glob("*.ckpt"))
 
 
-def test_model_output_errors_exit_2_from_the_cli(tmp_path):
+def test_model_output_errors_exit_2_from_the_cli(tmp_path, capsys):
     import yaml
+
+    from compress.cli import main
 
     recipe = _keyword_recipe(tmp_path, [{"type": "train", "epochs": 1}])
     recipe["model"]["output"] = [1, 2]
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    out = subprocess.run([sys.executable, "run.py", str(path)], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+    assert main([str(path)]) == 2 and capsys.readouterr().err.strip().splitlines() == [
         "error: model.output: [1, 2] must be a field name (logits) or a tuple index (0)"]
     recipe["model"] = {"name": "import:tests.test_batches:KeywordNet", "output": "pred", "num_classes": 5}
     path.write_text(yaml.safe_dump(recipe))
-    out = subprocess.run([sys.executable, "run.py", str(path)], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 2, out.stderr
-    assert out.stderr.strip().splitlines() == [
+    assert main([str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "error: model: it predicts 5 classes (model.output 'pred'), the data has 3; set model.num_classes: 3 (or the "
         "model's own argument for it), or model.output to the field that holds the logits"]
 
@@ -294,7 +291,7 @@ def test_hugging_face_bert_from_a_config_runs_a_recipe_on_token_tensors(tmp_path
 
     dm = build_datamodule(recipe["data"])
     dm.setup()
-    loaded = load_model(tmp_path / "run" / "stage-4-share.ckpt")
+    loaded = load_model(tmp_path / "run" / "stage-4-share.ckpt", trust_model_code=True)
     assert type(loaded).__name__ == "BertForSequenceClassification"
     assert loaded.bert.encoder.layer[0].attention.self.attention_head_size == 16  # a whole head of 16 went
     from compress.metrics import evaluate_accuracy
@@ -340,3 +337,16 @@ def test_hugging_face_bert_quantised_int8_runs_in_onnxruntime(tmp_path):
     assert q["precision"] == "int8" and q["stored_bytes"] < trained["stored_bytes"] / 2
     assert q["runtime_accuracy/onnxruntime"] >= trained["runtime_accuracy/onnxruntime"] - 0.05
     assert q["runtime_bytes/onnxruntime"] < trained["runtime_bytes/onnxruntime"] / 2  # int8 weights in the file
+
+
+def test_eval_mode_puts_back_the_mode_the_model_was_in_also_after_an_error():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    for start in (True, False):
+        model.train(start)
+        with eval_mode(model) as inside:
+            assert inside is model and not model.training and not model[1].training
+        assert model.training is start and model[1].training is start
+    model.train()
+    with pytest.raises(ValueError, match="inside"), eval_mode(model):
+        raise ValueError("inside")
+    assert model.training and model[1].training

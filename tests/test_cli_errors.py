@@ -152,12 +152,13 @@ def test_dry_run_prints_plan_and_trains_nothing(tmp_path, capsys):
     ("# comments only\n", "error: {path}: the recipe is empty; give at least model, data and stages (recipes/quickstart.yaml is a complete example)"),
     ("model: {name: lenet300}\ndata: {name: digits}\nhardware: cpu-local\n", "error: hardware: expected a list (YAML items like [a, b]), got 'cpu-local'"),
 ])
-def test_recipes_of_the_wrong_shape_are_one_line_exit_2(tmp_path, text, expected):
+def test_recipes_of_the_wrong_shape_are_one_line_exit_2(tmp_path, capsys, monkeypatch, text, expected):
     path = tmp_path / "r.yaml"
     path.write_text(text)
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), str(path)], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip() == expected.replace("{path}", str(path))
+    monkeypatch.chdir(tmp_path)
+    assert main([str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == expected.replace("{path}", str(path))
     assert not (tmp_path / "runs").exists()
 
 
@@ -167,3 +168,42 @@ def test_latency_threads_below_one_is_refused_at_load(tmp_path):
 
     with pytest.raises(UserError, match=r"^eval\.latency_threads: 0 must be >= 1 \(torch intra-op threads\)$"):
         load_recipe(quick_recipe(tmp_path, eval={"latency_threads": 0}))
+
+
+def test_recipe_keys_types_and_ranges_are_checked_before_torch_loads(tmp_path):
+    """A mistake in any key, type or range (top level or in a stage block) answers without importing
+    torch (a fresh process: this one has torch already). Registry names are looked up after, with torch
+    (test_recipe_errors_exit_2_with_one_line)."""
+    recipe = write(tmp_path, quick_recipe(tmp_path, stages=[
+        {"type": "train", "epochs": 1},
+        {"type": "prune.structured", "ratio": 0.5, "global": True},
+        {"type": "distill", "distill": {"teacher": "self"}},
+        {"type": "quantize", "mode": "qat", "finetune": {"epochs": 1}},
+    ]))
+    overrides = ["typo_key=1", "eval.latency_repeats=0", "stages.0.epochs=ten", "stages.1.ratio=1.5",
+                 "stages.1.global_pruning=true", "stages.2.distill.T=0", "stages.3.calibration_batches=0",
+                 "stages.0.optimizer.lr=-1"]
+    code = f"""
+import sys
+from compress.errors import UserError
+from compress.recipe import load_recipe
+for override in {overrides!r}:
+    try:
+        load_recipe({recipe!r}, [override])
+    except UserError as e:
+        print(e)
+print('torch' in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "typo_key: unknown key 'typo_key'; valid: data, encoding, eval, hardware, logger, model, name, out_dir, "
+        "search, seed, stages, teachers_dir, trainer",
+        "eval.latency_repeats: 0 must be >= 1",
+        "stages[0].epochs: Value 'ten' of type 'str' could not be converted to Integer",
+        "stages[1].ratio: 1.5 is outside [0, 1)",
+        "stages[1].global: give `global` or `global_pruning`, not both",
+        "stages[2].distill.T: 0.0 must be > 0",
+        "stages[3].calibration_batches: 0 must be >= 1",
+        "stages[0].optimizer.lr: -1.0 must be > 0",
+        "False"]

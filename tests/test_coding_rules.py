@@ -166,7 +166,7 @@ def test_a_fully_pruned_layer_costs_no_bytes_and_reads_back_as_zeros(tmp_path):
     assert (layer["entries"], layer["compressed_bytes"], layer["dense_bytes"]) == (0, 0, 48)
     assert layer["compression_ratio"] == 48
     write_compressed(model, tmp_path / "m.dc", spec)
-    back = read_compressed(tmp_path / "m.dc")
+    back = read_compressed(tmp_path / "m.dc", trust_model_code=True)
     assert torch.equal(dict(back.named_modules())[name].weight, torch.zeros(3, 4))
 
 
@@ -191,7 +191,7 @@ def test_a_spec_without_kwargs_of_a_model_with_a_buffer_outside_the_state_dict_r
     torch.manual_seed(0)
     model = GainNet()
     write_compressed(model, tmp_path / "m.dc", {"name": "import:tests.test_coding_rules:GainNet"})
-    back = read_compressed(tmp_path / "m.dc")
+    back = read_compressed(tmp_path / "m.dc", trust_model_code=True)
     assert torch.equal(back.gain, torch.full((2,), 3.0)) and torch.equal(back.fc.weight, model.fc.weight)
 
 
@@ -205,7 +205,7 @@ def test_a_csr_weight_of_exactly_one_reads_back(tmp_path):
     layer = model_storage(model, index_bits=2)["layers"]["fc"]
     assert (layer["format"], layer["entries"]) == ("csr", 5)
     write_compressed(model, tmp_path / "m.dc", {"name": "import:tests.test_coding_rules:TinyNet"}, index_bits=2)
-    assert torch.equal(read_compressed(tmp_path / "m.dc").fc.weight, model.fc.weight)
+    assert torch.equal(read_compressed(tmp_path / "m.dc", trust_model_code=True).fc.weight, model.fc.weight)
 
 
 class HeadNet(nn.Module):
@@ -248,7 +248,7 @@ def test_attention_heads_and_model_kwargs_come_back_from_the_file(tmp_path, gain
     model = _regrouped_head_net(gain)
     spec = {"name": "import:tests.test_coding_rules:HeadNet", "kwargs": {"dim": 8, "heads": 4, "gain": gain}}
     write_compressed(model, tmp_path / "m.dc", spec)
-    back = read_compressed(tmp_path / "m.dc")
+    back = read_compressed(tmp_path / "m.dc", trust_model_code=True)
     assert (back.attn.num_heads, back.attn.head_dim, back.attn.scale) == (2, 4, 0.5)
     assert back.fc.weight.shape == (2, 8)
     assert hasattr(back, "gain") == gain
@@ -270,7 +270,7 @@ def test_a_file_whose_attention_module_the_spec_lacks_names_the_file(tmp_path):
     write_compressed(_regrouped_head_net(False), path, {"name": "import:tests.test_coding_rules:OtherNet",
                                                           "kwargs": {"dim": 8, "heads": 4}})
     with pytest.raises(UserError, match=f"^{re.escape(str(path))}: .*no attention module 'attn'"):
-        read_compressed(path)
+        read_compressed(path, trust_model_code=True)
 
 
 def test_a_file_with_a_tensor_the_spec_lacks_or_of_an_unknown_model_is_refused(tmp_path):
@@ -279,9 +279,10 @@ def test_a_file_with_a_tensor_the_spec_lacks_or_of_an_unknown_model_is_refused(t
     spec = {"name": "import:tests.test_coding_rules:HeadNet", "kwargs": {"dim": 8, "heads": 4}}
     write_compressed(model, tmp_path / "extra.dc", spec)
     with pytest.raises(RuntimeError, match="Unexpected key.*extra"):
-        read_compressed(tmp_path / "extra.dc")
+        read_compressed(tmp_path / "extra.dc", trust_model_code=True)
     write_compressed(model, tmp_path / "unknown.dc", {"name": "no_such_model"})
-    with pytest.raises(UserError, match=r"^model\.name: unknown model 'no_such_model'"):
+    with pytest.raises(UserError, match=rf"^{re.escape(str(tmp_path / 'unknown.dc'))}: model_spec\.name: unknown model "
+                                        "'no_such_model'"):
         read_compressed(tmp_path / "unknown.dc")
 
 

@@ -48,7 +48,7 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-def run(tmp_path, name, trainer):
+def recipe_of(tmp_path, name, trainer, probes: bool = True) -> dict:
     recipe = quick_recipe(tmp_path, name=name, out_dir=str(tmp_path / name), trainer=trainer,
                           logger={"wandb": {"mode": "offline"}})
     recipe["data"]["batch_size"] = 32
@@ -61,8 +61,15 @@ def run(tmp_path, name, trainer):
                                                   "distill": {"teacher": "self", "T": 4.0}}},
         {"type": "test.probe", "path": str(tmp_path / f"{name}-shared")},
     ]
+    if not probes:
+        recipe["stages"] = [s for s in recipe["stages"] if s["type"] != "test.probe"]
+    return recipe
+
+
+def run(tmp_path, name, trainer):
+    """The recipe under the driver (a probe stage on every rank) in processes of its own, as DDP needs."""
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe_of(tmp_path, name, trainer)))
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
@@ -72,8 +79,19 @@ def run(tmp_path, name, trainer):
     return json.loads((tmp_path / name / "report.json").read_text())
 
 
+def run_here(tmp_path, name, trainer):
+    """The same recipe without the probes, in this process (one process needs no process of its own)."""
+    from compress.pipeline import Pipeline
+    from compress.recipe import load_recipe
+
+    recipe = recipe_of(tmp_path, name, trainer, probes=False)
+    recipe["logger"] = {"wandb": {"mode": "disabled"}}
+    Pipeline(load_recipe(recipe), quiet=True).run()
+    return json.loads((tmp_path / name / "report.json").read_text())
+
+
 def test_ddp_two_cpu_processes_match_single_process(tmp_path):
-    single = run(tmp_path, "single", {"progress_bar": False})
+    single = run_here(tmp_path, "single", {"progress_bar": False})
     ddp = run(tmp_path, "ddp", {"strategy": "ddp", "devices": 2, "accelerator": "cpu", "progress_bar": False})
     assert ddp["recipe"]["trainer"]["strategy"] == "ddp"
     probes = [json.loads((tmp_path / f"ddp-probe-{r}.json").read_text()) for r in (0, 1)]

@@ -42,7 +42,7 @@ def test_a_factory_taking_kwargs_gets_only_what_the_recipe_names(tmp_path):
     records = pipeline.run()
     assert pipeline.spec["kwargs"] == {"num_classes": 10, "width": 12}  # no input_shape: the factory never names it
     assert records[-1]["metrics"]["accuracy"] > 0.5
-    model = load_model(tmp_path / "run" / "stage-1-train.ckpt")
+    model = load_model(tmp_path / "run" / "stage-1-train.ckpt", trust_model_code=True)
     assert model.head.out_features == 10 and model.body[1].out_features == 12
 
 

@@ -139,13 +139,15 @@ def test_bad_quantize_recipes_are_refused_before_any_work(tmp_path, stages, matc
         load_recipe(quick_recipe(tmp_path, stages=stages))
 
 
-def test_unknown_runtime_is_one_line_exit_2(tmp_path):
+def test_unknown_runtime_is_one_line_exit_2(tmp_path, capsys):
+    from compress.cli import main
+
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name: lenet300}\ndata: {name: digits}\neval: {runtimes: [onnxruntim]}\n")
-    proc = subprocess.run([sys.executable, "run.py", str(recipe)], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip() == ("error: eval.runtimes[0]: unknown runtime 'onnxruntim'; valid: onnxruntime "
-                                   "(did you mean 'onnxruntime'?)")
+    assert main([str(recipe)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == ("error: eval.runtimes[0]: unknown runtime 'onnxruntim'; valid: onnxruntime "
+                                         "(did you mean 'onnxruntime'?)")
 
 
 def test_missing_onnxruntime_is_one_line_naming_the_fix(monkeypatch):
@@ -162,7 +164,7 @@ def test_missing_onnxruntime_is_one_line_naming_the_fix(monkeypatch):
 def test_qat_killed_mid_stage_resumes_to_the_same_report(tmp_path):
     import yaml
 
-    from tests.test_resume import cli, comparable
+    from tests.test_resume import cli, comparable, run_cli
 
     recipe = int8_recipe(tmp_path, "qat")
     recipe["eval"]["runtimes"] = []
@@ -170,14 +172,14 @@ def test_qat_killed_mid_stage_resumes_to_the_same_report(tmp_path):
     recipe["stages"][1]["finetune"]["epochs"] = 2
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    reference = cli(str(path), "out_dir=" + str(tmp_path / "ref"), "--quiet")
-    assert reference.returncode == 0, reference.stderr
+    code, err = run_cli(str(path), "out_dir=" + str(tmp_path / "ref"), "--quiet")
+    assert code == 0, err
     out = tmp_path / "run"
     killed = cli(str(path), "--quiet", env={"COMPRESS_KILL_AT": "2:1:3"})  # quantize stage, epoch 1, batch 3
     assert killed.returncode == -9
     assert (out / "lightning" / "stage-2" / "fit-1" / "last.ckpt").is_file()
     assert not (out / "stage-2-quantize.ckpt").exists()
-    resumed = cli("resume", str(out), "--quiet")
-    assert resumed.returncode == 0, resumed.stderr
+    code, err = run_cli("resume", str(out), "--quiet")
+    assert code == 0, err
     got, want = (json.loads((d / "report.json").read_text()) for d in (out, tmp_path / "ref"))
     assert comparable(got) == comparable(want)

@@ -28,7 +28,7 @@ from compress.schema import (
 )
 
 STAGE_TYPES = "distill, evaluate, prune.structured, prune.unstructured, quantize, share, train"
-TOP_KEYS = "data, encoding, eval, hardware, logger, model, name, out_dir, seed, stages, teachers_dir, trainer"
+TOP_KEYS = "data, encoding, eval, hardware, logger, model, name, out_dir, search, seed, stages, teachers_dir, trainer"
 
 
 def minimal(**over) -> dict:
@@ -331,6 +331,28 @@ def test_stage_blocks_are_checked_with_their_place_in_the_list(blocks, message):
     with pytest.raises(UserError) as e:
         build_stages(blocks)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"type": "prune.unstructured", "sparsity": 0.5, "steps": -1}, "stages[0].steps: -1 must be >= 0"),
+    ({"type": "distill", "finetune": {"epochs": 0}},
+     "stages[0].finetune.epochs: 0; a distill stage needs at least 1 epoch"),
+    ({"type": "distill", "finetune": {"epochs": 1, "distill": {"teacher": "self"}}},
+     "stages[0].finetune.distill: a distill stage takes its teacher from stages[0].distill; remove finetune.distill"),
+    ({"type": "quantize", "finetune": {"epochs": 1}},
+     "stages[0].finetune.epochs: mode ptq does not train; use mode: qat to fine-tune"),
+])
+def test_stage_ranges_are_checked_with_the_recipe(block, message):
+    assert error_of(minimal(stages=[block])) == message
+
+
+def test_a_recipe_key_that_is_a_python_keyword_is_read_as_its_field_from_any_mapping():
+    from compress.stage_configs import StructuredConfig, make_stage_config
+
+    for values in ({"ratio": 0.5, "global": True}, OmegaConf.create({"ratio": 0.5, "global": True})):
+        cfg = make_stage_config(StructuredConfig, values, "s")
+        assert cfg.global_pruning is True and "global" not in cfg and OmegaConf.is_readonly(cfg)
+    assert make_stage_config(StructuredConfig, cfg, "s") is cfg  # merged already: taken as it is
 
 
 def test_no_stages_is_an_empty_list():

@@ -394,7 +394,7 @@ def test_sensitivity_writes_csv_png_and_suggests(tmp_path):
 
 @pytest.mark.parametrize("block, message", [
     ({"ratio": 0.5, "global": True, "global_pruning": True}, "s.global: give `global` or `global_pruning`, not both"),
-    ({"latency_speedup": 2, "latency_batch": 0}, "s.latency_batch: 0 must be >= 1"),
+    ({"latency_speedup": 2, "latency_batch": 0}, "s.latency_batch: 0 is outside [1, 1024]"),
     ({"ratio": 0.5, "iterative_steps": 0}, "s.iterative_steps: 0 must be >= 1"),
     ({"ratio": 0.5, "round_to": "lanes"}, "s.round_to: 'lanes' is not valid; give an integer, auto or null"),
     ({"ratio": 0.5, "round_to": 0}, "s.round_to: 0 must be >= 1"),

@@ -57,12 +57,16 @@ class ImageFolder(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
         path, label = self.items[index]
-        with Image.open(path) as image:
-            image = image.convert(self.mode).resize((self.size, self.size), Image.BILINEAR)
-            x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+        try:
+            with Image.open(path) as image:
+                image = image.convert(self.mode).resize((self.size, self.size), Image.BILINEAR)
+                x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+        except (UnidentifiedImageError, OSError, ValueError) as e:  # Pillow's "cannot identify", truncated files
+            raise UserError(f"data.root: {path} is not an image Pillow can read ({str(e).splitlines()[0]}); "
+                            "remove or replace it") from None
         x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)  # (C, H, W)
         return (x - self.mean) / self.std, label
 

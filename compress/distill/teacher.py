@@ -29,7 +29,8 @@ from torch import nn
 
 from compress.checkpoint import load_model, read_checkpoint
 from compress.errors import UserError, suggest
-from compress.schema import merge_structured
+from compress.files import finite
+from compress.schema import merge_structured, read_yaml
 
 __all__ = ["TeacherSpec", "resolve_teacher", "teacher_spec_path", "load_teacher_spec", "check_teacher",
            "record_teacher", "sha256_file", "teacher_checkpoint_path"]
@@ -69,7 +70,7 @@ def load_teacher_spec(path: str | Path) -> TeacherSpec:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: YAML syntax error: {str(e).splitlines()[0]}") from None
     from omegaconf import OmegaConf
@@ -118,7 +119,9 @@ def resolve_teacher(spec: str | nn.Module, ctx: Any = None, key: str = "teacher"
 
     ``self`` is ``ctx.reference_model`` (the model before the compression stages). Named teachers
     are looked up in ``ctx.teachers_dir`` (default ``teachers/``). Checkpoints are compress
-    checkpoints, loaded with ``weights_only=True`` by :func:`compress.checkpoint.load_model`.
+    checkpoints, loaded with ``weights_only=True`` by :func:`compress.checkpoint.load_model`; a
+    checkpoint whose model runs code (``import:``, ``transformers``) is rebuilt only when it is the code
+    ``ctx.model_spec`` (the recipe's model block) names, or with ``ctx.trust_model_code``.
     """
     if isinstance(spec, nn.Module):
         return spec
@@ -130,7 +133,11 @@ def resolve_teacher(spec: str | nn.Module, ctx: Any = None, key: str = "teacher"
                             "Context(reference_model=...) or a teacher module / name / checkpoint path")
         return ref
     ckpt = check_teacher(spec, getattr(ctx, "teachers_dir", "teachers"), key)
-    return load_model(ckpt)
+    # The file is data: code it names is built only if the recipe's own model block names that code
+    # (ctx.model_spec) or the caller opted in (--trust-model-code).
+    own = (getattr(ctx, "model_spec", None) or {}).get("name")
+    return load_model(ckpt, trust_model_code=getattr(ctx, "trust_model_code", False),
+                      trusted=(own,) if own else ())
 
 
 def record_teacher(name: str, teachers_dir: str | Path = "teachers") -> TeacherSpec:
@@ -144,7 +151,7 @@ def record_teacher(name: str, teachers_dir: str | Path = "teachers") -> TeacherS
     digest = sha256_file(ckpt)
     accuracy = read_checkpoint(ckpt).get("metrics", {}).get("accuracy")
     text = spec_path.read_text()
-    for field_name, value in (("sha256", digest), ("accuracy", None if accuracy is None else round(float(accuracy), 6))):
+    for field_name, value in (("sha256", digest), ("accuracy", None if finite(accuracy) is None else round(float(accuracy), 6))):
         line = f"{field_name}: {'null' if value is None else value}"
         pattern = re.compile(rf"^{field_name}:.*$", re.MULTILINE)
         text = pattern.sub(line, text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n" + line + "\n"

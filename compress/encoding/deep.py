@@ -28,10 +28,10 @@ from torch import nn
 from compress.encoding.csr import absolute_positions, relative_indices
 from compress.encoding.huffman import code_lengths, decode_packed, encode
 from compress.errors import UserError
-from compress.files import atomic_write
-from compress.models import build_model
+from compress.files import atomic_write, json_text
+from compress.models import build_from_spec
+from compress.plumbing.masks import deployed_copy, prunable_layers
 from compress.pruning.attention import attention_state, restore_attention
-from compress.pruning.masks import deployed_copy, prunable_layers
 from compress.pruning.structured import restore_structure
 from compress.sharing.shared import get_shared
 
@@ -115,7 +115,7 @@ def _header(plans: list[dict[str, Any]], spec: dict[str, Any] | None,
     doc = {"spec": spec, "tensors": tensors}
     if attention:  # pruned heads: the widths alone cannot tell heads from head dims
         doc["attention"] = attention
-    text = json.dumps(doc, separators=(",", ":"))
+    text = json_text(doc, separators=(",", ":"))
     return zlib.compress(text.encode(), 9)
 
 
@@ -170,13 +170,25 @@ def write_compressed(model: nn.Module, path: str | Path, model_spec: dict[str, A
     return len(data)
 
 
-def read_compressed(path: str | Path) -> nn.Module:
-    """Decode a file written by :func:`write_compressed` into a working model (eval mode)."""
+def read_compressed(path: str | Path, *, trust_model_code: bool = False) -> nn.Module:
+    """Decode a file written by :func:`write_compressed` into a working model (eval mode).
+
+    The header's model spec is data: code it names (``import:``, ``transformers``) is built only with
+    ``trust_model_code`` (:func:`compress.models.build_from_spec`), checked before any tensor is decoded.
+    """
     raw = Path(path).read_bytes()
     if raw[:5] != MAGIC:
         raise UserError(f"{path}: not a Deep Compression file (bad magic)")
     (hlen,) = struct.unpack("<I", raw[5:9])
     head = json.loads(zlib.decompress(raw[9:9 + hlen]))
+    if not isinstance(head, dict):
+        raise UserError(f"{path}: not a Deep Compression file (its header is a {type(head).__name__}, not a mapping)")
+
+    def build() -> nn.Module:
+        return build_from_spec(head.get("spec"), str(path), trust_model_code=trust_model_code)
+
+    with torch.device("meta"):  # no random initialisation of weights the file replaces (0.2 s at 25M)
+        model = build()
     pos = 9 + hlen
     state: dict[str, torch.Tensor] = {}
 
@@ -217,14 +229,11 @@ def read_compressed(path: str | Path) -> nn.Module:
         positions = absolute_positions(stored, filler)
         flat[positions] = values[~filler]
         state[t["name"]] = torch.from_numpy(flat.reshape(shape))
-    spec = head["spec"] or {}
-    with torch.device("meta"):  # no random initialisation of weights the file replaces (0.2 s at 25M)
-        model = build_model(spec["name"], key="model", **spec.get("kwargs", {}))
     restore_structure(model, state)
     restore_attention(model, head.get("attention"), str(path))
     model.load_state_dict(state, strict=True, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # buffers the state_dict does not hold
-        model = build_model(spec["name"], key="model", **spec.get("kwargs", {}))
+        model = build()
         restore_structure(model, state)
         restore_attention(model, head.get("attention"), str(path))
         model.load_state_dict(state, strict=True)

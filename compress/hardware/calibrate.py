@@ -32,6 +32,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from compress.files import json_text
 from compress.hardware.profiles import CALIBRATORS, HardwareProfile, load_profile, profile_from_dict
 
 __all__ = ["calibrated_profile", "measure_cpu", "cache_path", "cache_key", "cache_root", "cpu_model", "simd_lanes_fp32"]
@@ -227,7 +228,7 @@ def calibrated_profile(profile: HardwareProfile, force: bool = False,
                                   + (" (busy: measured again once the machine is idle)" if busy else ""))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "figures": figures, "busy": busy,
+        tmp.write_text(json_text({"key": key, "figures": figures, "busy": busy,
                                    "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
         os.replace(tmp, path)
     return _apply(copy.deepcopy(profile), figures)

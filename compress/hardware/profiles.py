@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from compress.errors import UserError, nearest, suggest
 from compress.registry import Registry
-from compress.schema import merge_structured
+from compress.schema import merge_structured, read_yaml
 
 __all__ = ["HardwareProfile", "PeakConfig", "OverheadConfig", "EfficiencyConfig", "UnstructuredConfig",
            "SparsityConfig", "FusionConfig", "PROFILES", "PROFILE_DIR", "DTYPE_BYTES", "load_profile",
@@ -166,7 +166,7 @@ def _read_file(path: Path, key: str) -> dict[str, Any]:
         raise UserError(f"{where}profile file '{path}' not found; give a shipped name ({', '.join(PROFILES.names())}) "
                         "or the path of a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path, f"{where}{path}")
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""

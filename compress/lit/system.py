@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from compress.batches import batch_size, forward
+from compress.calls import batch_size, forward
 from compress.config import FinetuneConfig
 from compress.errors import TrainingDiverged
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.batches import call
+from compress.calls import call, eval_mode
 
 __all__ = ["Timing", "compare_latency", "latency_ms", "measure_latency_ms", "thread_env", "machine_busy",
            "runnable_tasks", "usable_cores", "MIN_SAMPLE_S", "WIDE_SPREAD"]
@@ -269,14 +269,10 @@ def measure_latency_ms(model: nn.Module, x: Any, repeats: int = 20, warmup: int 
 
     Args:
         model: the module; its training mode is restored after.
-        x: the input batch (a tensor, or a mapping/tuple of tensors: :func:`compress.batches.call`).
+        x: the input batch (a tensor, or a mapping/tuple of tensors: :func:`compress.calls.call`).
         repeats: timed samples.
         warmup: untimed forwards first.
         threads: torch intra-op threads during the timing (None: as they are), restored after.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return latency_ms(lambda: call(model, x), repeats=repeats, warmup=warmup, threads=threads)
-    finally:
-        model.train(was_training)

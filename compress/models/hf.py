@@ -6,11 +6,13 @@
     model: {name: transformers, task: image-classification, config: {model_type: vit, ...}}
 
 ``num_classes`` (from the data) becomes ``num_labels``. The model returns a ``ModelOutput``; its
-``logits`` are what every stage and metric reads (:mod:`compress.batches`), and a text model takes
+``logits`` are what every stage and metric reads (:mod:`compress.calls`), and a text model takes
 the data's ``{"input_ids", "attention_mask"}`` as keyword arguments. ``transformers`` is imported
 only here, when such a model is built (``pip install transformers``; it needs no torchvision).
 A checkpoint of a pruned or compressed model rebuilds the architecture from the same keys and loads
-its own weights (``weights_only``), so ``pretrained`` must still be readable when it is reloaded.
+its own weights (``weights_only``), so ``pretrained`` must still be readable when it is reloaded; being
+code that reads the files its arguments name, it is rebuilt from a file only on trust
+(:func:`compress.models.build_from_spec`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.batches import call
+from compress.calls import call
 
 __all__ = ["reestimate_batchnorm", "frozen_batchnorms"]
 

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from compress.batches import batch_size, call, take
 from compress.errors import UserError
-from compress.files import atomic_write
+from compress.files import write_json
 from compress.hardware import aligned_channels, load_profile, priced_at, simulate_model
 from compress.hardware.calibrate import cache_root, cpu_model, simd_lanes_fp32
 from compress.metrics.latency import compare_latency, latency_ms
@@ -308,8 +308,7 @@ class LatencyTable:
         if self.path is None or not self.measured:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"key": self.key, "entries": self.entries}, indent=0, sort_keys=True)
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(payload))
+        write_json(self.path, {"key": self.key, "entries": self.entries}, indent=0)
 
 
 # ---------------------------------------------------------------------------------------------

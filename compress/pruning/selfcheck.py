@@ -31,10 +31,10 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from compress.batches import forward, take
+from compress.calls import forward, take
 from compress.errors import UserError
 from compress.metrics.counting import weight_readers
-from compress.pruning.masks import make_permanent
+from compress.plumbing.masks import make_permanent
 
 __all__ = ["TOLERANCE", "RemovalLog", "zeroed", "relative_error", "outputs_error", "failing_module", "Fault", "ProbeResult", "probe",
            "check_batches", "StepCheck", "leave_out_faults"]

@@ -1,4 +1,5 @@
-"""Reports for people: stage tables as text, grouped notes, charts (plotly) in report.html and compare.html."""
+"""Reports: where each stage's record goes (sinks: terminal, report.json/md/html, CSV, wandb; sinks never compute), and
+what they show: stage tables as text, grouped notes, charts (plotly) in report.html and compare.html."""
 
 from compress.report.notes import group_notes, notes_lines
 from compress.report.table import (

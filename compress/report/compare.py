@@ -11,6 +11,7 @@ from compress.errors import UserError
 from compress.files import atomic_write
 from compress.report.html import compare_page
 from compress.report.table import TextTable, terminal_columns
+from compress.schema import read_yaml
 
 __all__ = ["Run", "load_run", "run_names", "check_comparable", "compare_runs"]
 
@@ -42,12 +43,22 @@ def load_run(run_dir: str | Path) -> Run:
         report = json.loads(report_file.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{report_file}: not readable JSON ({e})") from e
+    stages = report.get("stages") if isinstance(report, dict) else None
+    if not isinstance(stages, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("metrics"), dict) and "index" in s and "name" in s for s in stages):
+        raise UserError(f"{report_file}: not a run's report (expected {{\"recipe\": ..., \"stages\": [{{\"index\", "
+                        "\"name\", \"metrics\": {...}}, ...]}, as `python run.py RECIPE` writes)")
     recipe = report.get("recipe")
     if not recipe and (path / "recipe.yaml").is_file():
         import yaml
 
-        recipe = yaml.safe_load((path / "recipe.yaml").read_text())
-    if not report.get("stages"):
+        try:
+            recipe = read_yaml(path / "recipe.yaml")
+        except yaml.YAMLError as e:
+            raise UserError(f"{path / 'recipe.yaml'}: YAML syntax error: {str(e).splitlines()[0]}") from None
+    if not isinstance(recipe, dict | None):
+        raise UserError(f"{report_file}: its recipe is a {type(recipe).__name__}, not a mapping of keys")
+    if not stages:
         raise UserError(f"{report_file}: no finished stage in it")
     return Run(path, recipe or {}, report["stages"])
 

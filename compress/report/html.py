@@ -14,6 +14,7 @@ plotly is imported inside the functions that draw, so importing this module stay
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +33,8 @@ _LAYOUT = {"template": "plotly_white", "height": 380, "autosize": True, "margin"
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    """A finite number (NaN and inf are gaps in a chart and n/a in a table)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def series_keys(records: list[dict[str, Any]], is_series: Callable[[str], bool]) -> list[str]:
@@ -346,13 +348,15 @@ def final_table(runs: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[
     """Every scalar final metric of each run: a row per metric, a column per run."""
     keys: list[str] = []
     for records in runs.values():
-        keys += [k for k, v in records[-1]["metrics"].items() if _number(v) and k not in keys]
+        keys += [k for k, v in records[-1]["metrics"].items() if (_number(v) or v is None or isinstance(v, float))
+                 and k not in keys]
     rows = [["stages"] + [str(len(records) - 1) for records in runs.values()]]
     for k in keys:
         row = [k]
         for records in runs.values():
             v = records[-1]["metrics"].get(k)
-            row.append("-" if not _number(v) else f"{v:,}" if isinstance(v, int) else f"{v:.4g}")
+            absent = k not in records[-1]["metrics"]
+            row.append("-" if absent else "n/a" if not _number(v) else f"{v:,}" if isinstance(v, int) else f"{v:.4g}")
         rows.append(row)
     return ["metric", *runs], rows
 

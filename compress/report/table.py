@@ -6,6 +6,7 @@ percent, bytes to KB).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +24,17 @@ _PERCENT = ("accuracy", "sparsity")
 
 
 def cell(record: dict[str, Any], key: str, fmt: str) -> str:
-    """One formatted cell of a stage record: ``-`` when the metric is absent."""
+    """One formatted cell of a stage record: ``-`` when the metric is absent, ``n/a`` when it is not
+    a finite number (``null`` in report.json, NaN in memory)."""
     if key in ("index", "name"):
         return str(record[key])
-    value = record["metrics"].get(key)
-    if value is None or isinstance(value, list | dict):
+    if key not in record["metrics"]:
         return "-"
+    value = record["metrics"][key]
+    if isinstance(value, list | dict):
+        return "-"
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
     if key in _PERCENT or key.split("/")[0].endswith("accuracy"):
         value *= 100
     elif key == "stored_bytes":

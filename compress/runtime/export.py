@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from compress.batches import batch_size, call, cat, forward
+from compress.calls import batch_size, call, cat, forward
 from compress.errors import UserError
 from compress.quant import QUANTIZABLE, float_copy, is_quantized, quantized_layers
 from compress.runtime.ort import OrtModel, feeds, ort_accuracy, require
@@ -70,7 +70,7 @@ def input_names(example: Any) -> list[str]:
 
 
 class _Logits(nn.Module):
-    """The model with its logits as the one output (:func:`compress.batches.logits_of`), called with
+    """The model with its logits as the one output (:func:`compress.calls.logits_of`), called with
     keyword arguments for a mapping of inputs: what the exporter traces."""
 
     def __init__(self, model: nn.Module, names: list[str] | None):
@@ -220,7 +220,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
         path: the ``.onnx`` file to write (its folder is created).
         example_inputs: a batch ``(B, ...)`` to trace with (or a one-tensor tuple), or a mapping of
             tensors passed as keyword arguments (``input_ids``, ``attention_mask``: graph inputs of those
-            names). A model whose output is a structure exports its logits (:mod:`compress.batches`).
+            names). A model whose output is a structure exports its logits (:mod:`compress.calls`).
         int8: write the int8 QDQ graph; None means "if ``model`` is quantised". False on a quantised
             model writes its float version.
         calibration: batches (tensors or ``(inputs, targets)``) ORT calibrates activation ranges on;

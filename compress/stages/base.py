@@ -17,10 +17,12 @@ from compress.config import (
     OptimizerConfig,
     validate_finetune,
 )
+from compress.distill import build_objective
 from compress.errors import UserError
 from compress.metrics.counting import untouched_share
 from compress.registry import Registry
-from compress.schema import match_layers, merge_structured
+from compress.schema import match_layers
+from compress.stage_configs import make_stage_config
 
 __all__ = ["OptimizerConfig", "FinetuneConfig", "DistillConfig", "FeaturePairConfig", "Stage", "StageResult",
            "Context", "STAGES", "MISSING", "match_layers", "validate_finetune", "untouched_notes"]
@@ -44,7 +46,8 @@ class Context:
                  trainer: dict[str, Any] | None = None, seed: int = 0, reference_model: nn.Module | None = None,
                  loggers: Sequence[Any] = (), stage_index: int = 0, stage_name: str = "stage",
                  teachers_dir: str | Path = "teachers", latency_batch: int | None = None,
-                 latency_threads: int = 1):
+                 latency_threads: int = 1, model_spec: dict[str, Any] | None = None,
+                 trust_model_code: bool = False):
         self.datamodule = datamodule
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.trainer = dict(trainer or {})
@@ -57,6 +60,8 @@ class Context:
         self.latency_batch = latency_batch  # the batch latency is measured at (eval.latency_batch_size)
         self.latency_threads = latency_threads  # intra-op threads of every timing (eval.latency_threads)
         self.fits = 0  # fine-tuning runs so far in this stage (each has its own resumable checkpoint)
+        self.model_spec = model_spec  # the recipe's model: a teacher checkpoint naming its code may be built
+        self.trust_model_code = trust_model_code  # --trust-model-code: build any code a teacher file names
 
     def begin_stage(self, index: int, name: str) -> None:
         self.stage_index, self.stage_name, self.fits = index, name, 0
@@ -84,17 +89,25 @@ class Context:
         return self._data("training data").training_inputs(self.datamodule, batches)
 
     def finetune(self, model: nn.Module, cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
-                 tag: str = "finetune") -> dict[str, float]:
-        """Train ``model`` in place by ``cfg`` (Lightning); a no-op when ``cfg.epochs`` is 0."""
+                 tag: str = "finetune", objective: nn.Module | None = None) -> dict[str, float]:
+        """Train ``model`` in place by ``cfg`` (Lightning); a no-op when ``cfg.epochs`` is 0.
+
+        The loss is ``objective`` when given, else the distillation objective of ``cfg.distill``
+        (teacher resolved from this context), else cross-entropy.
+        """
         if cfg.epochs <= 0:
             return {}
         if self.datamodule is None:
             raise UserError("finetune.epochs > 0 needs data: pass Context(datamodule=...)")
-        from compress.lit.fit import (
-            fit,  # Lightning loads only when a stage trains (fast --help, recipe errors)
+        from compress.lit.fit import (  # Lightning loads only when a stage trains (fast --help, recipe errors)
+            begin_fit,
+            fit,
         )
 
-        return fit(model, self, cfg, callbacks=callbacks, tag=tag)
+        begin_fit(self)
+        if objective is None and cfg.distill is not None:
+            objective = build_objective(model, cfg.distill, self)
+        return fit(model, self, cfg, objective, callbacks=callbacks, tag=tag)
 
 
 def untouched_notes(model: nn.Module, ctx: Context, can_touch: Any, example_inputs: Any = None) -> list[str]:
@@ -138,12 +151,17 @@ class Stage:
     @classmethod
     def make_config(cls, values: Any, key: str = "") -> Any:
         """Merge ``values`` into the structured ``Config``; returns a read-only DictConfig."""
-        if isinstance(values, DictConfig) and OmegaConf.is_readonly(values):
-            return values
-        return merge_structured(cls.Config, values, key or cls.type_name or cls.__name__)
+        return make_stage_config(cls.Config, values, key or cls.type_name or cls.__name__)
 
     def validate(self) -> None:
-        """Checks beyond types (ranges, consistency); raise UserError naming the key."""
+        """Checks beyond types (ranges, consistency); raise UserError naming the key.
+
+        The base runs the ``Config``'s own ``check`` (:mod:`compress.stage_configs`: what a recipe's
+        load checks before torch); subclasses add what needs a capability (registry names).
+        """
+        check = getattr(self.Config, "check", None)
+        if check is not None:
+            check(self.config, self.key)
 
     def plan(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
         """Names of the layers this stage touches (for ``--dry-run``); ``example_inputs``: a real batch, if any."""

@@ -13,25 +13,16 @@ or a checkpoint path. The same ``distill`` block can go in the ``finetune`` of a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import OmegaConf
 from torch import nn
 
-from compress.config import DistillConfig, FinetuneConfig
 from compress.distill import FEATURE_LOSSES, check_feature_paths, resolve_teacher
-from compress.errors import UserError
-from compress.schema import check_range
+from compress.stage_configs import DistillStageConfig
 from compress.stages.base import STAGES, Context, Stage, StageResult
 
 __all__ = ["DistillStage", "DistillStageConfig"]
-
-
-@dataclass
-class DistillStageConfig:
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=10))
 
 
 @STAGES.register("distill")
@@ -46,15 +37,8 @@ class DistillStage(Stage):
         return f"{self.key}.distill"
 
     def validate(self) -> None:
+        super().validate()
         c, key = self.config, self.distill_key
-        if c.finetune.epochs < 1:
-            raise UserError(f"{self.key}.finetune.epochs: {c.finetune.epochs}; a distill stage needs at least 1 epoch")
-        if c.finetune.distill is not None:
-            raise UserError(f"{self.key}.finetune.distill: a distill stage takes its teacher from {key}; "
-                            "remove finetune.distill")
-        check_range(c.distill.alpha, f"{key}.alpha", 0.0, 1.0, hi_open=False)
-        if not c.distill.T > 0:
-            raise UserError(f"{key}.T: {c.distill.T} must be > 0")
         for i, pair in enumerate(c.distill.features):
             FEATURE_LOSSES.get(pair.kind, f"{key}.features[{i}].kind")
 

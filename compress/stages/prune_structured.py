@@ -43,21 +43,18 @@ data module's batch size, else 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from compress.batches import repeat_to, take
-from compress.config import FinetuneConfig
+from compress.calls import repeat_to, take
 from compress.errors import UserError
+from compress.plumbing.masks import prunable_layers
 from compress.pruning.attention import HEAD_MODES, TorchMHA, find_attention, plan_heads
 from compress.pruning.batchnorm import frozen_batchnorms, reestimate_batchnorm
 from compress.pruning.latency import check_latency_target, latency_backend, prune_to_latency, resolve_round_to
-from compress.pruning.masks import prunable_layers
 from compress.pruning.structured import (
     IMPORTANCES,
     SparsityRegularizer,
@@ -66,45 +63,14 @@ from compress.pruning.structured import (
     prune_model,
     resolve_importance,
 )
-from compress.schema import check_choice, check_range, match_layers
+from compress.schema import check_choice, match_layers
+from compress.stage_configs import RegularizeConfig, StructuredConfig
 from compress.stages.base import STAGES, Context, Stage, StageResult, untouched_notes
 
 __all__ = ["StructuredPruningStage", "StructuredConfig", "RegularizeConfig"]
 
 CHECK_SAMPLES = 16  # test samples the self-check compares the pruned model's outputs on
 BN_BATCHES = 8  # training batches BatchNorm statistics are re-estimated on after each pruning step
-
-
-@dataclass
-class RegularizeConfig:
-    """Sparsity-inducing training before pruning (off unless ``kind`` is set and epochs > 0)."""
-
-    kind: str = "none"  # none | group_norm | bn_scale
-    reg: float = 1e-4  # regularisation coefficient
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-
-
-@dataclass
-class StructuredConfig:
-    importance: str = "l2"  # l1 | l2 | bn_scale | taylor | lamp | random | a name registered from Python
-    ratio: float | None = None  # fraction of channels removed (per group; overall when global)
-    layer_ratios: dict[str, float] = field(default_factory=dict)  # layer name/glob -> ratio (others: `ratio` or 0)
-    mac_speedup: float | None = None  # instead of ratios: prune until base MACs / MACs reaches this
-    global_pruning: bool = False  # recipe key `global`: rank channels of all layers together
-    latency_speedup: float | None = None  # instead: prune until input latency / latency reaches this
-    latency_on: str = "onnxruntime"  # where latency_speedup is taken: onnxruntime | torch | a hardware profile
-    latency_batch: int | None = None  # batch size it is taken at (default: the pipeline's latency batch)
-    latency_tolerance: float = 0.05  # a latency target counts as reached at target * (1 - this)
-    iterative_steps: int = 1  # pruning steps, `finetune` after each
-    round_to: int | str | None = "auto"  # channel counts multiples of this; auto: what the latency target rewards
-    ignore: list[str] = field(default_factory=list)  # layers (names/globs) whose outputs are kept
-    max_layer_ratio: float = 0.9  # no layer loses more than this fraction of its channels
-    heads: str = "prune"  # attention: prune (whole heads) | dims (dims of every head) | keep (neither)
-    head_ratio: float | None = None  # heads: prune: fraction of each module's heads removed (default: its ratio)
-    taylor_batches: int = 4  # training batches whose gradients the taylor importance uses
-    search_steps: int = 200  # resolution of the mac_speedup search (fine pruning steps)
-    regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @STAGES.register("prune.structured")
@@ -127,65 +93,16 @@ class StructuredPruningStage(Stage):
             self.importance_obj = values.pop("importance")
         super().__init__(values, key=key, name=name)
 
-    @classmethod
-    def make_config(cls, values: Any, key: str = "") -> Any:
-        """As :meth:`Stage.make_config`, with the recipe key ``global`` read as ``global_pruning``."""
-        if isinstance(values, DictConfig) and not OmegaConf.is_readonly(values):
-            values = OmegaConf.to_container(values, resolve=True)
-        if isinstance(values, dict) and "global" in values:
-            values = dict(values)
-            if "global_pruning" in values:
-                raise UserError(f"{key or cls.type_name}.global: give `global` or `global_pruning`, not both")
-            values["global_pruning"] = values.pop("global")
-        return super().make_config(values, key)
-
     # -- checks ----------------------------------------------------------------------------------
     def validate(self) -> None:
+        super().validate()
         c, key = self.config, self.key
         if self.importance_obj is None:
             IMPORTANCES.get(c.importance, f"{key}.importance")
-        has_ratio = c.ratio is not None or bool(c.layer_ratios)
-        given = [has_ratio, c.mac_speedup is not None, c.latency_speedup is not None]
-        if sum(given) != 1:
-            raise UserError(f"{key}: give either ratio/layer_ratios (fraction of channels) or mac_speedup or "
-                            f"latency_speedup, {'not both' if sum(given) > 1 else 'one of them'}")
-        if c.ratio is not None:
-            check_range(c.ratio, f"{key}.ratio", 0.0, 1.0)
-        for pattern, r in c.layer_ratios.items():
-            check_range(r, f"{key}.layer_ratios.{pattern}", 0.0, 1.0)
-        if c.mac_speedup is not None and not c.mac_speedup > 1.0:
-            raise UserError(f"{key}.mac_speedup: {c.mac_speedup} must be > 1 (base MACs / pruned MACs)")
         if c.latency_speedup is not None:
-            if not c.latency_speedup > 1.0:
-                raise UserError(f"{key}.latency_speedup: {c.latency_speedup} must be > 1 (input latency / "
-                                "pruned latency)")
             check_latency_target(c.latency_on, f"{key}.latency_on")
-            if c.global_pruning:
-                raise UserError(f"{key}.global: a latency_speedup target ranks layers by latency saved per "
-                                "importance lost itself; leave global out")
-            if c.latency_batch is not None and c.latency_batch < 1:
-                raise UserError(f"{key}.latency_batch: {c.latency_batch} must be >= 1")
-            check_range(c.latency_tolerance, f"{key}.latency_tolerance", 0.0, 0.5)
-        if c.iterative_steps < 1:
-            raise UserError(f"{key}.iterative_steps: {c.iterative_steps} must be >= 1")
-        if isinstance(c.round_to, str) and c.round_to != "auto":
-            raise UserError(f"{key}.round_to: '{c.round_to}' is not valid; give an integer, auto or null")
-        if isinstance(c.round_to, int) and c.round_to < 1:
-            raise UserError(f"{key}.round_to: {c.round_to} must be >= 1")
-        check_range(c.max_layer_ratio, f"{key}.max_layer_ratio", 0.0, 1.0, lo_open=True)
         check_choice(c.heads, f"{key}.heads", HEAD_MODES)
-        if c.head_ratio is not None:
-            check_range(c.head_ratio, f"{key}.head_ratio", 0.0, 1.0)
-            if c.heads != "prune" or c.ratio is None and not c.layer_ratios:
-                raise UserError(f"{key}.head_ratio: only with heads: prune and ratio/layer_ratios (with a speedup "
-                                "target, heads are removed in step with the channels)")
-        if c.taylor_batches < 1:
-            raise UserError(f"{key}.taylor_batches: {c.taylor_batches} must be >= 1")
-        if c.search_steps < 2:
-            raise UserError(f"{key}.search_steps: {c.search_steps} must be >= 2")
         check_choice(c.regularize.kind, f"{key}.regularize.kind", ("none",) + SparsityRegularizer.KINDS)
-        if not c.regularize.reg > 0:
-            raise UserError(f"{key}.regularize.reg: {c.regularize.reg} must be > 0")
 
     def _check_layers(self, model: nn.Module, outputs: list[str]) -> tuple[list[str], list[str]]:
         """(ignored, touched) layer names; dead globs and a ratio on the output layer are UserErrors."""

@@ -9,33 +9,17 @@ Masks are parametrizations (compress.pruning.masks): pruned weights stay zero af
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from compress.config import FinetuneConfig
-from compress.errors import UserError
-from compress.pruning.masks import get_mask, prunable_layers, set_mask
-from compress.schema import check_choice, check_range, match_layers
+from compress.plumbing.masks import get_mask, prunable_layers, set_mask
+from compress.schema import match_layers
+from compress.stage_configs import UnstructuredConfig
 from compress.stages.base import STAGES, Context, Stage, StageResult, untouched_notes
 
 __all__ = ["UnstructuredPruningStage", "agp_sparsity", "magnitude_masks", "std_masks", "GradualPruningCallback"]
-
-
-@dataclass
-class UnstructuredConfig:
-    sparsity: float | None = None  # target fraction of zero weights (per layer, or overall if global)
-    layers: dict[str, float] = field(default_factory=dict)  # name/glob -> sparsity, overrides `sparsity`
-    scope: str = "layer"  # layer | global
-    criterion: str = "magnitude"  # magnitude | std (Han et al.: |w| < quality * std(w))
-    quality: float = 1.0  # the std criterion's multiplier
-    schedule: str = "oneshot"  # oneshot | iterative | agp
-    steps: int = 0  # pruning steps of a gradual schedule (0: one per ramp epoch)
-    ramp: float = 0.75  # fraction of the fine-tuning over which a gradual schedule reaches its target
-    ignore: list[str] = field(default_factory=list)  # layer names/globs left dense
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def agp_sparsity(step: int, steps: int, initial: float, final: float) -> float:
@@ -93,23 +77,6 @@ class UnstructuredPruningStage(Stage):
 
     Config = UnstructuredConfig
     type_name = "prune.unstructured"
-
-    def validate(self) -> None:
-        c, key = self.config, self.key
-        check_choice(c.scope, f"{key}.scope", ("layer", "global"))
-        check_choice(c.criterion, f"{key}.criterion", ("magnitude", "std"))
-        check_choice(c.schedule, f"{key}.schedule", ("oneshot", "iterative", "agp"))
-        if c.criterion == "magnitude" and c.sparsity is None and not c.layers:
-            raise UserError(f"{key}.sparsity: required (a fraction in [0, 1)), or give per-layer targets in {key}.layers")
-        if c.sparsity is not None:
-            check_range(c.sparsity, f"{key}.sparsity", 0.0, 1.0)
-        for pattern, s in c.layers.items():
-            check_range(s, f"{key}.layers.{pattern}", 0.0, 1.0)
-        if c.criterion == "std" and not c.quality > 0:
-            raise UserError(f"{key}.quality: {c.quality} must be > 0")
-        if c.steps < 0:
-            raise UserError(f"{key}.steps: {c.steps} must be >= 0")
-        check_range(c.ramp, f"{key}.ramp", 0.0, 1.0, hi_open=False, lo_open=True)
 
     # -- which layers, which targets -------------------------------------------------------
     def _layers(self, model: nn.Module) -> dict[str, nn.Module]:

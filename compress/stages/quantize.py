@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from compress.batches import cat, forward, take
-from compress.config import FinetuneConfig
+from compress.calls import cat, forward, take
 from compress.errors import UserError
 from compress.quant import (
     QUANTIZABLE,
@@ -37,21 +35,12 @@ from compress.quant import (
     quantize_ptq,
     quantized_layers,
 )
-from compress.runtime import export_onnx, int8_accuracy_gate, ort_accuracy
-from compress.schema import check_choice, check_range, match_layers
+from compress.runtime import export_onnx, ort_accuracy
+from compress.schema import match_layers
+from compress.stage_configs import QuantizeConfig
 from compress.stages.base import STAGES, Context, Stage, StageResult, untouched_notes
 
 __all__ = ["QuantizeStage"]
-
-
-@dataclass
-class QuantizeConfig:
-    mode: str = "ptq"  # ptq | qat
-    bits: int = 8
-    calibration_batches: int = 8  # training batches that set activation ranges
-    ignore: list[str] = field(default_factory=list)  # layers kept in float (names/globs)
-    max_accuracy_drop: float | None = None  # fraction; layers go back to float until the runtime accuracy is within it
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @STAGES.register("quantize")
@@ -62,19 +51,9 @@ class QuantizeStage(Stage):
     type_name = "quantize"
 
     def validate(self) -> None:
-        c, key = self.config, self.key
-        check_choice(c.mode, f"{key}.mode", ("ptq", "qat"))
-        if c.bits not in SUPPORTED_BITS:
-            check_bits(c.bits, f"{key}.bits")
-        if c.calibration_batches < 1:
-            raise UserError(f"{key}.calibration_batches: {c.calibration_batches} must be >= 1")
-        if c.mode == "qat" and c.finetune.epochs < 1:
-            raise UserError(f"{key}.finetune.epochs: {c.finetune.epochs}; mode qat fine-tunes through fake "
-                            "quantisation: set finetune.epochs >= 1, or use mode: ptq")
-        if c.mode == "ptq" and c.finetune.epochs > 0:
-            raise UserError(f"{key}.finetune.epochs: mode ptq does not train; use mode: qat to fine-tune")
-        if c.max_accuracy_drop is not None:
-            check_range(c.max_accuracy_drop, f"{key}.max_accuracy_drop", 0.0, 1.0)
+        super().validate()
+        if self.config.bits not in SUPPORTED_BITS:
+            check_bits(self.config.bits, f"{self.key}.bits")
 
     def layers(self, model: nn.Module) -> list[str]:
         """The layers this stage quantises (every Linear/Conv not ignored)."""
@@ -137,21 +116,18 @@ def control_accuracy(model: nn.Module, reference: nn.Module, ctx: Any, batches: 
     with tempfile.TemporaryDirectory(prefix="compress-quantize-") as tmp:
         float_acc = ort_accuracy(export_onnx(reference, Path(tmp) / "float.onnx", example), test)
 
-        def gate() -> dict[str, Any]:  # the rule export applies too
-            graph = export_onnx(model, Path(tmp) / "int8.onnx", example, calibration=batches, check=False)
-            return int8_accuracy_gate(graph, test, float_acc, max_drop)
+        def int8_accuracy() -> float:
+            return ort_accuracy(export_onnx(model, Path(tmp) / "int8.onnx", example, calibration=batches), test)
 
-        gates = [gate()]
-        history = [{"float_layers": [], "runtime_accuracy": gates[-1]["runtime_accuracy"]}]
+        history = [{"float_layers": [], "runtime_accuracy": int8_accuracy()}]
         order = [name for name, _ in layer_sensitivity(model, reference, batches)]
         restored: list[str] = []
-        while not gates[-1]["met"] and len(order) > 1:
+        while float_acc - history[-1]["runtime_accuracy"] > max_drop and len(order) > 1:
             name = order.pop(0)
             dequantize_layer(model, name)
             restored.append(name)
-            gates.append(gate())
-            history.append({"float_layers": list(restored), "runtime_accuracy": gates[-1]["runtime_accuracy"]})
-    met = gates[-1]["met"]
+            history.append({"float_layers": list(restored), "runtime_accuracy": int8_accuracy()})
+    met = float_acc - history[-1]["runtime_accuracy"] <= max_drop
     return {"float_runtime_accuracy": float_acc, "max_drop": max_drop, "met": met, "steps": history,
             "note": None if met else f"{key}: int8 accuracy stays {float_acc - history[-1]['runtime_accuracy']:.4f} "
                                      f"below float with only one layer left quantised"}

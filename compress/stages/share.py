@@ -7,32 +7,17 @@ centroids, each with the sum of its cluster's gradients (eq. 3).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from compress.config import FinetuneConfig
-from compress.errors import UserError
-from compress.pruning.masks import prunable_layers
-from compress.schema import check_choice, match_layers
+from compress.plumbing.masks import prunable_layers
+from compress.schema import match_layers
 from compress.sharing import share_layer
+from compress.stage_configs import LAYER_TYPES, ShareConfig
 from compress.stages.base import STAGES, Context, Stage, StageResult, untouched_notes
 
 __all__ = ["ShareStage"]
-
-LAYER_TYPES = {"conv": ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d"), "linear": ("Linear",)}
-
-
-@dataclass
-class ShareConfig:
-    bits: int = 5  # codebook bits for every layer not set otherwise
-    types: dict[str, int] = field(default_factory=dict)  # conv | linear -> bits (the paper: conv 8, fc 5)
-    layers: dict[str, int] = field(default_factory=dict)  # name/glob -> bits (wins over types)
-    init: str = "linear"  # linear | density | random
-    ignore: list[str] = field(default_factory=list)  # layers left unshared (names/globs)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-
 
 @STAGES.register("share")
 class ShareStage(Stage):
@@ -40,16 +25,6 @@ class ShareStage(Stage):
 
     Config = ShareConfig
     type_name = "share"
-
-    def validate(self) -> None:
-        c, key = self.config, self.key
-        check_choice(c.init, f"{key}.init", ("linear", "density", "random"))
-        for k, bits in [("bits", c.bits), *((f"types.{t}", b) for t, b in c.types.items()),
-                        *((f"layers.{n}", b) for n, b in c.layers.items())]:
-            if not 1 <= bits <= 16:
-                raise UserError(f"{key}.{k}: {bits} bits is outside [1, 16]")
-        for t in c.types:
-            check_choice(t, f"{key}.types", tuple(LAYER_TYPES))
 
     def bits_per_layer(self, model: nn.Module) -> dict[str, int]:
         c = self.config

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from compress.config import FinetuneConfig, validate_finetune
+from compress.config import FinetuneConfig
+from compress.stage_configs import EvaluateConfig, TrainConfig
 from compress.stages.base import STAGES, Context, Stage, StageResult
 
 __all__ = ["TrainStage", "EvaluateStage"]
@@ -16,25 +15,17 @@ __all__ = ["TrainStage", "EvaluateStage"]
 class TrainStage(Stage):
     """Train the model in place: ``{type: train, epochs: 10, optimizer: {name: sgd, lr: 0.1}}``."""
 
-    Config = FinetuneConfig
+    Config = TrainConfig
     type_name = "train"
 
     @property
     def finetune_config(self) -> FinetuneConfig:
         return self.config
 
-    def validate(self) -> None:
-        validate_finetune(self.config, self.key)
-
     def apply(self, model: nn.Module, ctx: Context | None = None) -> StageResult:
         ctx = ctx or Context()
         logged = ctx.finetune(model, self.config, tag=self.name)
         return StageResult(model, {"train": logged})
-
-
-@dataclass
-class EvaluateConfig:
-    pass
 
 
 @STAGES.register("evaluate")

@@ -1,5 +1,5 @@
-"""Sinks: where each stage's record goes (terminal, report.json/md/html, CSV, wandb). Sinks never compute."""
+"""The old import path of the sinks, which live with the rest of the reporting in :mod:`compress.report.sinks`."""
 
-from compress.tracking.sinks import CSVSink, HtmlSink, ReportSink, Sink, TerminalSink, WandbSink, flatten
+from compress.report.sinks import CSVSink, HtmlSink, ReportSink, Sink, TerminalSink, WandbSink, flatten
 
 __all__ = ["Sink", "TerminalSink", "ReportSink", "HtmlSink", "CSVSink", "WandbSink", "flatten"]

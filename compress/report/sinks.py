@@ -7,13 +7,12 @@ receives the same records, in stage order.
 from __future__ import annotations
 
 import csv
-import json
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any, TextIO
 
-from compress.files import atomic_write
+from compress.files import atomic_write, write_json
 from compress.report.html import report_page, run_figures
 from compress.report.notes import notes_lines
 from compress.report.table import TABLE_COLUMNS, TextTable, table_columns, table_rows, terminal_columns
@@ -92,8 +91,7 @@ class ReportSink(Sink):
 
     def on_stage(self, record: dict[str, Any], records: list[dict[str, Any]]) -> None:
         report = {"recipe": self.recipe, "stages": records}
-        text = json.dumps(report, indent=1, default=float)
-        atomic_write(self.out_dir / "report.json", lambda tmp: Path(tmp).write_text(text))
+        write_json(self.out_dir / "report.json", report)
         columns = table_columns(records)
         header = [h for h, _, _ in columns]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
