@@ -173,7 +173,7 @@ def test_reload_in_fresh_process_is_bit_identical(tmp_path):
         from compress.checkpoint import load_model
         from compress.pruning.masks import masked_modules
         for case in {entries!r}:
-            model = load_model({str(tmp_path)!r} + f"/{{case}}.pt")
+            model = load_model({str(tmp_path)!r} + f"/{{case}}.pt", trust_model_code=True)  # import: test models
             io = torch.load({str(tmp_path)!r} + f"/{{case}}.io.pt", weights_only=True)
             with torch.no_grad():
                 same = torch.equal(model(io["x"]), io["y"])
