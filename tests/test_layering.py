@@ -21,7 +21,7 @@ LAYERS = {
     "compress.files": 1, "compress.batches": 1,
     "compress.models": 2, "compress.data": 2, "compress.pruning": 2, "compress.sharing": 2,
     "compress.quant": 2, "compress.encoding": 2, "compress.distill": 2, "compress.hardware": 2,
-    "compress.metrics": 2, "compress.checkpoint": 2, "compress.lit": 2, "compress.runtime": 2,
+    "compress.metrics": 2, "compress.tasks": 2, "compress.checkpoint": 2, "compress.lit": 2, "compress.runtime": 2,
     "compress.stages": 3,
     "compress.recipe": 4, "compress.pipeline": 4, "compress.sensitivity": 4, "compress.tracking": 4,
     "compress.teachers": 4, "compress.report": 4,
