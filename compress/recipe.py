@@ -21,6 +21,7 @@ from compress.models import model_class
 from compress.runtime import check_runtimes
 from compress.schema import check_choice, check_finite, check_index_bits, schema_error
 from compress.stages import STAGES
+from compress.tasks import build_task
 
 __all__ = ["RecipeConfig", "TrainerConfig", "LoggerConfig", "WandbConfig", "EvalConfig", "Recipe",
            "load_recipe", "build_stages"]
@@ -89,6 +90,7 @@ class RecipeConfig:
     out_dir: str = "runs/${name}"
     model: dict[str, Any] = field(default_factory=lambda: {"name": "lenet300"})
     data: dict[str, Any] = field(default_factory=lambda: {"name": "digits"})
+    task: dict[str, Any] = field(default_factory=lambda: {"name": "classification"})  # compress.tasks: what judges
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -156,8 +158,10 @@ class Recipe:
     def __init__(self, cfg: DictConfig, path: Path | None = None):
         self.path = path
         self.stages = build_stages(cfg.stages)
-        # The resolved recipe shows every stage with its defaults filled in.
+        self.task = build_task(cfg.task, "task")
+        # The resolved recipe shows every stage, and the task, with its defaults filled in.
         full = OmegaConf.to_container(cfg, resolve=True)
+        full["task"] = OmegaConf.to_container(self.task.config, resolve=True)
         full["stages"] = [{"type": s.type_name, "name": s.name, **OmegaConf.to_container(s.config, resolve=True)}
                           for s in self.stages]
         self.cfg = OmegaConf.create(full)

@@ -350,3 +350,21 @@ def test_a_task_from_a_recipe_section_says_what_it_is():
     task = build_task(OmegaConf.create({"name": "regression", "loss": "l1"}))
     assert repr(task) == "RegressionTask(primary=mae, higher_is_better=False)"
     assert repr(task.distill_loss(T=2.0, alpha=0.5)).endswith("(form=mse, T=2, alpha=0.5)")
+
+
+@pytest.mark.parametrize("name", sorted(TASKS.names()))
+def test_default_metric_directions_are_the_classes_own(name):
+    """The directions written beside the default metrics (so a recipe loads without torchmetrics) are
+    the metric classes' own ``higher_is_better``."""
+    for spec in TASKS.get(name)({"name": name}).specs.values():
+        assert spec.higher_is_better is not None and spec.higher_is_better == spec.metric_class.higher_is_better
+
+
+def test_building_a_task_does_not_import_torchmetrics():
+    import subprocess
+    import sys
+
+    code = ("import sys; from compress.tasks import build_task; build_task({'name': 'multilabel'}); "
+            "print('torchmetrics' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -7,8 +7,8 @@ package is cheap and a missing install is a one-line error naming ``pip install 
 from __future__ import annotations
 
 from compress.runtime.export import FP32_TOLERANCE, INT8_AGREEMENT, export_onnx
-from compress.runtime.ort import OrtModel, feeds, ort_accuracy, require
+from compress.runtime.ort import OrtModel, feeds, ort_accuracy, ort_evaluate, require
 from compress.runtime.runtimes import RUNTIMES, check_runtimes
 
 __all__ = ["FP32_TOLERANCE", "INT8_AGREEMENT", "OrtModel", "RUNTIMES", "check_runtimes", "export_onnx", "feeds",
-           "ort_accuracy", "require"]
+           "ort_accuracy", "ort_evaluate", "require"]

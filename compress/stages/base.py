@@ -20,6 +20,7 @@ from compress.config import (
 from compress.errors import UserError
 from compress.registry import Registry
 from compress.schema import match_layers, merge_structured
+from compress.tasks import Task, build_task
 
 __all__ = ["OptimizerConfig", "FinetuneConfig", "DistillConfig", "FeaturePairConfig", "Stage", "StageResult",
            "Context", "STAGES", "MISSING", "match_layers", "validate_finetune"]
@@ -43,8 +44,9 @@ class Context:
                  trainer: dict[str, Any] | None = None, seed: int = 0, reference_model: nn.Module | None = None,
                  loggers: Sequence[Any] = (), stage_index: int = 0, stage_name: str = "stage",
                  teachers_dir: str | Path = "teachers", latency_batch: int | None = None,
-                 latency_threads: int = 1):
+                 latency_threads: int = 1, task: Task | None = None):
         self.datamodule = datamodule
+        self.task = task if task is not None else build_task(None)  # judges the model: loss, metrics, distillation
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.trainer = dict(trainer or {})
         self.seed = seed

@@ -7,9 +7,11 @@ float model before compression). The model stays a plain module (see :mod:`compr
 int8 graph a runtime runs is written by ``export --format onnx`` and measured after the stage when
 ``eval.runtimes`` names a runtime.
 
-``max_accuracy_drop: D`` (a fraction, as the ``accuracy`` metric: 0.005 is half a point) puts
-layers back to float, most sensitive first, until the int8 accuracy measured in ONNX Runtime is
-within D of the float model's accuracy in the same runtime (NNCF's accuracy-control idea).
+``max_accuracy_drop: D`` (alias ``max_metric_drop``; in the units of the task's primary metric: for
+``accuracy`` a fraction, 0.005 is half a point; for perplexity or MAE their own units) puts layers
+back to float, most sensitive first, until the int8 model's primary metric measured in ONNX Runtime
+is within D of the float model's in the same runtime, in the metric's direction (NNCF's
+accuracy-control idea).
 Sensitivity: how far each layer's quantisation alone moves the logits on calibration data.
 """
 
@@ -37,8 +39,8 @@ from compress.quant import (
     quantize_ptq,
     quantized_layers,
 )
-from compress.runtime import export_onnx, ort_accuracy
-from compress.schema import check_choice, check_range, match_layers
+from compress.runtime import export_onnx, ort_evaluate
+from compress.schema import check_choice, match_layers
 from compress.stages.base import STAGES, Context, Stage, StageResult
 
 __all__ = ["QuantizeStage"]
@@ -50,7 +52,8 @@ class QuantizeConfig:
     bits: int = 8
     calibration_batches: int = 8  # training batches that set activation ranges
     ignore: list[str] = field(default_factory=list)  # layers kept in float (names/globs)
-    max_accuracy_drop: float | None = None  # fraction; layers go back to float until the runtime accuracy is within it
+    max_accuracy_drop: float | None = None  # layers go back to float until the runtime primary metric is within it
+    max_metric_drop: float | None = None  # the same, by the name that fits a task whose metric is not accuracy
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
@@ -73,8 +76,17 @@ class QuantizeStage(Stage):
                             "quantisation: set finetune.epochs >= 1, or use mode: ptq")
         if c.mode == "ptq" and c.finetune.epochs > 0:
             raise UserError(f"{key}.finetune.epochs: mode ptq does not train; use mode: qat to fine-tune")
-        if c.max_accuracy_drop is not None:
-            check_range(c.max_accuracy_drop, f"{key}.max_accuracy_drop", 0.0, 1.0)
+        if c.max_accuracy_drop is not None and c.max_metric_drop is not None:
+            raise UserError(f"{key}.max_metric_drop: also given as max_accuracy_drop (its alias); keep one")
+        for name in ("max_accuracy_drop", "max_metric_drop"):
+            if c[name] is not None and c[name] < 0:
+                raise UserError(f"{key}.{name}: {c[name]} must be >= 0 (a drop of the task's primary metric)")
+
+    @property
+    def max_drop(self) -> float | None:
+        """``max_accuracy_drop`` or its alias ``max_metric_drop``."""
+        c = self.config
+        return c.max_accuracy_drop if c.max_accuracy_drop is not None else c.max_metric_drop
 
     def layers(self, model: nn.Module) -> list[str]:
         """The layers this stage quantises (every Linear/Conv not ignored)."""
@@ -93,7 +105,7 @@ class QuantizeStage(Stage):
         c = self.config
         self.plan(model)  # refuses before touching the model
         batches = ctx.training_inputs(c.calibration_batches)
-        reference = copy.deepcopy(model).eval() if c.max_accuracy_drop is not None else None
+        reference = copy.deepcopy(model).eval() if self.max_drop is not None else None
         if c.mode == "ptq":
             quantize_ptq(model, batches, ignore=list(c.ignore), bits=c.bits)
             logged: dict[str, float] = {}
@@ -104,8 +116,9 @@ class QuantizeStage(Stage):
         info: dict[str, Any] = {"mode": c.mode, "bits": c.bits, "calibration_batches": len(batches),
                                 "quantized": list(quantized_layers(model)), "finetune": logged}
         if reference is not None:
-            info["accuracy_control"] = control_accuracy(model, reference, ctx, batches, c.max_accuracy_drop,
-                                                        f"{self.key}.max_accuracy_drop")
+            which = "max_accuracy_drop" if c.max_accuracy_drop is not None else "max_metric_drop"
+            info["accuracy_control"] = control_accuracy(model, reference, ctx, batches, self.max_drop,
+                                                        f"{self.key}.{which}")
         info["float_layers"] = [n for n, m in model.named_modules()
                                 if isinstance(m, QUANTIZABLE) and n not in quantized_layers(model)]
         return StageResult(model, info)
@@ -128,24 +141,34 @@ def layer_sensitivity(model: nn.Module, reference: nn.Module, batches: list[Tens
 
 def control_accuracy(model: nn.Module, reference: nn.Module, ctx: Any, batches: list[Tensor], max_drop: float,
                      key: str) -> dict[str, Any]:
-    """Put layers back to float, most sensitive first, until int8 ONNX Runtime accuracy is within ``max_drop``."""
+    """Put layers back to float, most sensitive first, until the int8 graph's primary metric (``ctx.task``'s,
+    computed by ONNX Runtime) is within ``max_drop`` of the float graph's, in the metric's direction."""
+    task = ctx.task
     test = ctx.datamodule.test_dataloader()
     example = take(batches[0], 1)
     with tempfile.TemporaryDirectory(prefix="compress-quantize-") as tmp:
-        float_acc = ort_accuracy(export_onnx(reference, Path(tmp) / "float.onnx", example), test)
+        float_metric = ort_evaluate(export_onnx(reference, Path(tmp) / "float.onnx", example), test, task)["metric"]
 
-        def int8_accuracy() -> float:
-            return ort_accuracy(export_onnx(model, Path(tmp) / "int8.onnx", example, calibration=batches), test)
+        def int8_metric() -> float:
+            path = export_onnx(model, Path(tmp) / "int8.onnx", example, calibration=batches)
+            return ort_evaluate(path, test, task)["metric"]
 
-        history = [{"float_layers": [], "runtime_accuracy": int8_accuracy()}]
+        history = [{"float_layers": [], "runtime_metric": int8_metric()}]
         order = [name for name, _ in layer_sensitivity(model, reference, batches)]
         restored: list[str] = []
-        while float_acc - history[-1]["runtime_accuracy"] > max_drop and len(order) > 1:
+        while task.drop(float_metric, history[-1]["runtime_metric"]) > max_drop and len(order) > 1:
             name = order.pop(0)
             dequantize_layer(model, name)
             restored.append(name)
-            history.append({"float_layers": list(restored), "runtime_accuracy": int8_accuracy()})
-    met = float_acc - history[-1]["runtime_accuracy"] <= max_drop
-    return {"float_runtime_accuracy": float_acc, "max_drop": max_drop, "met": met, "steps": history,
-            "note": None if met else f"{key}: int8 accuracy stays {float_acc - history[-1]['runtime_accuracy']:.4f} "
-                                     f"below float with only one layer left quantised"}
+            history.append({"float_layers": list(restored), "runtime_metric": int8_metric()})
+    drop = task.drop(float_metric, history[-1]["runtime_metric"])
+    met = drop <= max_drop
+    out = {"metric": task.primary, "higher_is_better": task.higher_is_better, "float_runtime_metric": float_metric,
+           "max_drop": max_drop, "met": met, "steps": history,
+           "note": None if met else f"{key}: int8 {task.primary} stays {drop:.4f} worse than float with only one "
+                                    "layer left quantised"}
+    if task.name == "classification":  # the keys this info has always had, the metric being accuracy
+        out["float_runtime_accuracy"] = float_metric
+        for step in history:
+            step["runtime_accuracy"] = step["runtime_metric"]
+    return out

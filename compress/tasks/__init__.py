@@ -20,10 +20,10 @@ from compress.tasks.base import (
            resolve_metric,
 )
 from compress.tasks.classification import ClassificationTask
-from compress.tasks.language_model import LanguageModelTask, SequencePerplexity
+from compress.tasks.language_model import LanguageModelTask
 from compress.tasks.multilabel import MultilabelTask, label_targets
 from compress.tasks.regression import RegressionTask
 
 __all__ = ["TASKS", "LOSSES", "DISTILL_FORMS", "Task", "TaskConfig", "MetricSpec", "TaskDistillLoss", "build_task",
            "evaluate_model", "resolve_metric", "ClassificationTask", "MultilabelTask", "RegressionTask",
-           "LanguageModelTask", "SequencePerplexity", "label_targets"]
+           "LanguageModelTask", "label_targets"]

@@ -17,6 +17,9 @@ A user's task is ``name: import:pkg.mod:Name``, a subclass of :class:`Task`::
 
         def default_metrics(self):
             return {"rpa50": MetricSpec(RawPitchAccuracy)}
+
+torchmetrics loads when metrics are first built (it imports much of the ecosystem: seconds), so
+building a task to validate a recipe stays cheap; a recipe naming metrics loads it to check them.
 """
 
 from __future__ import annotations
@@ -25,10 +28,9 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torchmetrics
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -37,6 +39,9 @@ from compress.errors import UserError, nearest, suggest
 from compress.registry import IMPORT_PREFIX, import_object
 from compress.schema import merge_structured
 from compress.tasks._registry import DISTILL_FORMS, LOSSES, TASKS
+
+if TYPE_CHECKING:
+    import torchmetrics
 
 __all__ = ["TaskConfig", "MetricSpec", "Task", "TaskDistillLoss", "build_task", "resolve_metric", "evaluate_model"]
 
@@ -61,23 +66,42 @@ class TaskConfig:
 
 @dataclass
 class MetricSpec:
-    """A torchmetrics class and its kwargs; ``min_width`` skips it for models with fewer outputs."""
+    """A torchmetrics class (or ``"module:Name"``, imported when first needed) and its kwargs.
 
-    cls: type
+    ``min_width`` skips it for models with fewer outputs; ``higher_is_better`` states the class's own
+    direction where naming it by string should not import it to ask (a test keeps the two equal).
+    """
+
+    cls: type | str
     kwargs: dict[str, Any] = field(default_factory=dict)
     min_width: int = 0
+    higher_is_better: bool | None = None
+
+    @property
+    def metric_class(self) -> type:
+        if isinstance(self.cls, str):
+            module, _, name = self.cls.partition(":")
+            self.cls = getattr(importlib.import_module(module), name)
+        return self.cls
+
+    @property
+    def direction(self) -> bool | None:
+        """True when a higher value is better; None when neither the spec nor the class says."""
+        return self.higher_is_better if self.higher_is_better is not None else self.metric_class.higher_is_better
 
     def build(self, width: int | None) -> torchmetrics.Metric:
         kwargs = dict(self.kwargs)
-        params = inspect.signature(self.cls.__init__).parameters
+        params = inspect.signature(self.metric_class.__init__).parameters
         for name in _WIDTH_ARGS:
             if name in params and name not in kwargs and width is not None:
                 kwargs[name] = width
-        return self.cls(**kwargs)
+        return self.metric_class(**kwargs)
 
 
 def resolve_metric(value: Any, key: str) -> MetricSpec:
     """A recipe's metric entry (a class name, ``import:``, or ``{name: ..., kwargs}``) -> MetricSpec."""
+    import torchmetrics  # here, not at module level: seconds to import, needed only when a recipe names metrics
+
     if isinstance(value, DictConfig):
         value = OmegaConf.to_container(value, resolve=True)
     kwargs: dict[str, Any] = {}
@@ -134,7 +158,7 @@ class Task:
         if self.primary not in self.specs:
             raise UserError(f"{key}.primary: '{self.primary}' is not one of the task's metrics; "
                             f"{suggest(self.primary, self.specs)}")
-        hib = c.higher_is_better if c.higher_is_better is not None else self.specs[self.primary].cls.higher_is_better
+        hib = c.higher_is_better if c.higher_is_better is not None else self.specs[self.primary].direction
         if hib is None:
             raise UserError(f"{key}.higher_is_better: the metric '{self.primary}' does not say its direction; "
                             "set task.higher_is_better: true or false")
@@ -199,7 +223,9 @@ class Task:
             outputs = predict(x)
             y = to_device(y, outputs.device)
             if metrics is None:
-                metrics = {k: m.to(outputs.device) for k, m in self.metrics(self.width(outputs)).items()}
+                # float64 results: a reported fraction is k / n exactly as before (float32 rounds it at 1e-8)
+                metrics = {k: m.to(outputs.device).set_dtype(torch.float64)
+                           for k, m in self.metrics(self.width(outputs)).items()}
             n = batch_size(y)
             loss_sum += float(self.loss(outputs, y)) * n
             total += n

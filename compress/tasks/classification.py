@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy
 
 from compress.tasks._registry import TASKS
 from compress.tasks.base import MetricSpec, Task
 from compress.tasks.losses import IGNORE_INDEX
 
-__all__ = ["ClassificationTask"]
+__all__ = ["ClassificationTask", "MULTICLASS_ACCURACY"]
+
+MULTICLASS_ACCURACY = "torchmetrics.classification:MulticlassAccuracy"
 
 
 @TASKS.register("classification")
@@ -26,8 +27,8 @@ class ClassificationTask(Task):
 
     def default_metrics(self) -> dict[str, MetricSpec]:
         kw = {"average": "micro", "ignore_index": IGNORE_INDEX}
-        return {"accuracy": MetricSpec(MulticlassAccuracy, {"top_k": 1, **kw}),
-                "top5": MetricSpec(MulticlassAccuracy, {"top_k": 5, **kw}, min_width=5)}
+        return {"accuracy": MetricSpec(MULTICLASS_ACCURACY, {"top_k": 1, **kw}, higher_is_better=True),
+                "top5": MetricSpec(MULTICLASS_ACCURACY, {"top_k": 5, **kw}, min_width=5, higher_is_better=True)}
 
     def width(self, outputs: Tensor) -> int:
         return int(outputs.shape[1])

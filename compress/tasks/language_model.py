@@ -6,26 +6,18 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.text import Perplexity
 
 from compress.tasks._registry import TASKS
 from compress.tasks.base import MetricSpec, Task, TaskConfig
+from compress.tasks.classification import MULTICLASS_ACCURACY
 from compress.tasks.losses import IGNORE_INDEX
 
-__all__ = ["LanguageModelConfig", "LanguageModelTask", "SequencePerplexity"]
+__all__ = ["LanguageModelConfig", "LanguageModelTask"]
 
 
 @dataclass
 class LanguageModelConfig(TaskConfig):
     shift: bool = True  # targets are the input ids (Hugging Face's labels): position t predicts t + 1
-
-
-class SequencePerplexity(Perplexity):
-    """torchmetrics' Perplexity fed class-first logits ``(B, V, T)``, as every metric of this task is."""
-
-    def update(self, preds: Tensor, target: Tensor) -> None:
-        super().update(preds.movedim(1, -1), target)
 
 
 @TASKS.register("language-model")
@@ -39,8 +31,10 @@ class LanguageModelTask(Task):
     default_distill: ClassVar[str] = "kl"
 
     def default_metrics(self) -> dict[str, MetricSpec]:
-        return {"perplexity": MetricSpec(SequencePerplexity, {"ignore_index": IGNORE_INDEX}),
-                "accuracy": MetricSpec(MulticlassAccuracy, {"average": "micro", "ignore_index": IGNORE_INDEX})}
+        return {"perplexity": MetricSpec("compress.tasks.metrics:SequencePerplexity", {"ignore_index": IGNORE_INDEX},
+                                         higher_is_better=False),
+                "accuracy": MetricSpec(MULTICLASS_ACCURACY, {"average": "micro", "ignore_index": IGNORE_INDEX},
+                                       higher_is_better=True)}
 
     def width(self, outputs: Tensor) -> int:
         return int(outputs.shape[-1])

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
 
 from compress.errors import UserError
 from compress.schema import check_choice
@@ -64,8 +63,10 @@ class MultilabelTask(Task):
     def default_metrics(self) -> dict[str, MetricSpec]:
         # micro averages: a tagger or a pitch model has many labels with no positive in a test set,
         # whose macro AP would be 0 whatever the model does
-        return {"f1": MetricSpec(MultilabelF1Score, {"average": "micro"}),
-                "map": MetricSpec(MultilabelAveragePrecision, {"average": "micro"})}
+        return {"f1": MetricSpec("torchmetrics.classification:MultilabelF1Score", {"average": "micro"},
+                                 higher_is_better=True),
+                "map": MetricSpec("torchmetrics.classification:MultilabelAveragePrecision", {"average": "micro"},
+                                  higher_is_better=True)}
 
     def width(self, outputs: Tensor) -> int:
         return int(outputs.shape[1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 from torch import Tensor
-from torchmetrics.regression import MeanAbsoluteError, R2Score
 
 from compress.tasks._registry import TASKS
 from compress.tasks.base import MetricSpec, Task
@@ -26,7 +25,8 @@ class RegressionTask(Task):
     default_distill: ClassVar[str] = "mse"
 
     def default_metrics(self) -> dict[str, MetricSpec]:
-        return {"mae": MetricSpec(MeanAbsoluteError), "r2": MetricSpec(R2Score)}
+        return {"mae": MetricSpec("torchmetrics.regression:MeanAbsoluteError", higher_is_better=False),
+                "r2": MetricSpec("torchmetrics.regression:R2Score", higher_is_better=True)}
 
     def loss_inputs(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         if outputs.dim() == targets.dim() + 1 and outputs.shape[-1] == 1:
