@@ -33,7 +33,7 @@ _API = {
     "write_compressed": "compress.encoding",
     "UserError": "compress.errors", "Registry": "compress.registry",
     "export_onnx": "compress.runtime", "OrtModel": "compress.runtime",
-    "Pipeline": "compress.pipeline", "measure": "compress.pipeline",
+    "Pipeline": "compress.pipeline", "measure": "compress.measurement",
     "load_recipe": "compress.recipe",
     "set_output": "compress.batches", "logits_of": "compress.batches",
 }

@@ -18,7 +18,8 @@ tensors of any of these forms with Lightning's ``apply_to_collection``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,10 +28,21 @@ from torch import Tensor, nn
 
 from compress.errors import UserError
 
-__all__ = ["OUTPUT_ATTR", "call", "logits_of", "forward", "set_output", "output_field", "tensors", "batch_size",
+__all__ = ["OUTPUT_ATTR", "eval_mode", "call", "logits_of", "forward", "set_output", "output_field", "tensors", "batch_size",
            "take", "repeat_to", "to_device", "cat", "first_tensor", "describe_inputs", "is_structured"]
 
 OUTPUT_ATTR = "compress_output"  # the model's attribute naming its logits field (recipe: model.output)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block, and back in the mode it was in after it (also on error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def is_structured(inputs: Any) -> bool:

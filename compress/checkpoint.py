@@ -3,7 +3,8 @@
 Never a pickled module: everything loads with ``torch.load(..., weights_only=True)``, and a
 model is rebuilt by (1) building the architecture from its spec, (2) reshaping layers whose
 channels were removed and giving attention modules their pruned head attributes, (3) re-installing parametrizations (masks, codebooks) and int8 quantisation, (4) loading the
-state_dict strictly.
+state_dict strictly. Steps (2) and (3) are the capabilities' own, registered in
+:mod:`compress.plumbing.restorers` when their modules are imported (below).
 """
 
 from __future__ import annotations
@@ -16,33 +17,18 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+# Imported for their registrations: each capability says how its changes are saved and restored.
+from compress import quant, sharing  # noqa: F401  (registrations)
 from compress.errors import UserError
 from compress.files import atomic_write
 from compress.models import build_model
-from compress.pruning.attention import attention_state, restore_attention
-from compress.pruning.masks import set_mask
-from compress.pruning.structured import restore_structure
-from compress.quant import is_quantized, quant_state, restore_quant
-from compress.registry import Registry
-from compress.sharing.shared import reinstall_shared_weight
+from compress.plumbing.restorers import PARAMETRIZATIONS, restore_saved, saved_states
+from compress.pruning import attention, structured  # noqa: F401  (registrations, as above)
 
 __all__ = ["FORMAT", "PARAMETRIZATIONS", "atomic_write", "save_checkpoint", "read_checkpoint", "load_model",
            "model_from_checkpoint", "describe_parametrizations"]
 
 FORMAT = "compress-checkpoint/1"
-
-# name of a parametrization class -> fn(module, tensor_name, state_dict, prefix) that installs a
-# placeholder of the right shape, so load_state_dict can fill it.
-PARAMETRIZATIONS: Registry[Any] = Registry("parametrization")
-
-
-@PARAMETRIZATIONS.register("Mask")
-def _reinstall_mask(module: nn.Module, tensor: str, state_dict: dict[str, Any], prefix: str) -> None:
-    set_mask(module, torch.ones_like(getattr(module, tensor), dtype=torch.bool), tensor)
-
-
-PARAMETRIZATIONS.register("SharedWeight", reinstall_shared_weight)
-PARAMETRIZATIONS.register("WeightQuantizer", lambda *_: None)  # installed with its input quantizer by restore_quant
 
 
 def describe_parametrizations(model: nn.Module) -> dict[str, dict[str, list[str]]]:
@@ -63,8 +49,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, model_spec: dict[str,
         "model_spec": model_spec,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "parametrizations": describe_parametrizations(model),
-        "attention": attention_state(model),  # {module: {num_heads: ..}}: widths cannot tell heads from head dims
-        "quantization": quant_state(model) if is_quantized(model) else None,
+        **saved_states(model),  # "attention" (head counts: widths cannot tell heads from head dims), "quantization"
         "recipe": recipe or {},
         "stage_index": stage_index,
         "stage_name": stage_name,
@@ -104,8 +89,7 @@ def model_from_checkpoint(data: dict[str, Any], path: str | Path = "checkpoint")
 def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkpoint") -> nn.Module:
     """Load a checkpoint's weights into ``model``, reshaping pruned layers and re-installing parametrizations."""
     state = data["state_dict"]
-    restore_structure(model, state)
-    restore_attention(model, data.get("attention"), path)  # absent in checkpoints older than attention pruning
+    restore_saved(model, data, state, str(path))  # pruned shapes, head counts (absent in older checkpoints)
     for mod_name, tensors in data.get("parametrizations", {}).items():
         try:
             module = model.get_submodule(mod_name)
@@ -114,8 +98,7 @@ def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkp
         for tensor, kinds in tensors.items():
             for kind in kinds:
                 PARAMETRIZATIONS.get(kind)(module, tensor, state, f"{mod_name}.parametrizations.{tensor}.")
-    if data.get("quantization"):  # after masks and codebooks: the quantizer reads the masked weight
-        restore_quant(model, data["quantization"])
+    restore_saved(model, data, state, str(path), after_parametrizations=True)  # int8: reads the masked weight
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,186 +18,21 @@ from omegaconf import OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
 
-from compress.batches import call, describe_inputs, forward, output_field
 from compress.checkpoint import load_into, read_checkpoint, save_checkpoint
-from compress.data import build_datamodule, describe, example_batch, training_inputs
-from compress.encoding import model_storage
+from compress.data import build_datamodule, describe, example_batch
 from compress.errors import UserError
 from compress.files import atomic_write
-from compress.hardware import hardware_metrics
-from compress.metrics import compare_latency, count_layers, evaluate_accuracy, summarize, thread_env
-from compress.models import build_model, model_kwargs
-from compress.pruning.masks import deployed_copy
-from compress.quant import float_copy, int8_storage_bytes, is_quantized
+from compress.measurement import MeasureConfig, measure
+from compress.model_setup import check_outputs, load_weights, model_spec
+from compress.models import build_model
+from compress.plumbing.masks import deployed_copy
 from compress.recipe import Recipe
-from compress.runtime import RUNTIMES, feeds, ort_accuracy
 from compress.stages.base import Context, Stage
 from compress.tracking import CSVSink, HtmlSink, ReportSink, Sink, TerminalSink, WandbSink
 
-__all__ = ["Pipeline", "measure", "model_spec"]
+__all__ = ["Pipeline"]
 
 NOT_COMPRESSION = ("train", "evaluate")
-
-
-def model_spec(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> dict[str, Any]:
-    """What rebuilds the architecture: the zoo name, every constructor argument and the output field."""
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
-              if k not in ("name", "checkpoint", "output")}
-    kwargs = model_kwargs(str(cfg.name), kwargs, input_shape=input_shape, num_classes=num_classes)
-    spec = {"name": str(cfg.name), "kwargs": kwargs}
-    if cfg.get("output") is not None:
-        spec["output"] = cfg.output
-    return spec
-
-
-def measure(model: nn.Module, datamodule: Any, *, baseline: dict[str, Any] | None = None,
-            baseline_model: nn.Module | None = None, hardware: list[str] = (), repeats: int = 30,
-            warmup: int = 10, latency_batch: int | None = None, max_batches: int | None = None,
-            index_bits: int | str = 5, threads: int = 1, runtimes: list[str] = (), calibration_batches: int = 8,
-            runtime_baselines: dict[str, Any] | None = None,
-            ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """Every per-stage metric, from the model in hand: ``(metrics, layer rows, extras)``.
-
-    ``measured_speedup`` (and ``_batch``) time this model's deployed copy and ``baseline_model``
-    (the input model's deployed copy; None: this model against itself, the noise floor) in
-    alternating rounds at ``threads`` intra-op threads (:func:`compress.metrics.compare_latency`),
-    with the spread of the per-round speedups in ``measured_speedup_iqr`` ([q1, q3]) and a note in
-    ``extras["notes"]`` when the machine was busy or the spread wide.
-
-    A quantised model (``quantize``) is stored as int8 (``stored_bytes``: int8 weights, scales, zero
-    points); eager PyTorch runs its float copy (it has no int8 kernels here), while each runtime in
-    ``runtimes`` runs the int8 graph: :func:`runtime_metrics`.
-    """
-    model = model.cpu()
-    x1 = example_batch(datamodule, 1)[0]
-    layers = count_layers(model, x1)
-    metrics: dict[str, Any] = evaluate_accuracy(model, datamodule.test_dataloader(), max_batches)
-    metrics.update(summarize(model, layers))
-    extras: dict[str, Any] = {}
-    # The model as it would be deployed: parametrizations (masks, codebooks) baked in.
-    quantized = is_quantized(model)
-    deployed = (float_copy(model) if quantized else deployed_copy(model)).eval()
-    storage = model_storage(model, index_bits, deployed)
-    metrics["stored_bytes"] = int8_storage_bytes(model) if quantized else storage["total"]["compressed_bytes"]
-    # Deep Compression's ratio: against the network the user brought (stage 0), not this stage's dense size
-    metrics["compression_ratio"] = (baseline or metrics)["dense_bytes"] / max(1, metrics["stored_bytes"])
-    metrics["compressed_bytes"] = metrics["stored_bytes"]
-    metrics["precision"] = "int8" if quantized else "fp32"
-    batch = latency_batch or describe(datamodule)[2]
-    xb = example_batch(datamodule, batch)[0]
-    if threads < 1:
-        raise UserError(f"eval.latency_threads: {threads} must be >= 1")
-    reference = (baseline_model if baseline_model is not None else deployed).cpu().eval()
-    rounds = max(3, -(-repeats // 3))  # about `repeats` samples per model at batch 1, half that at batch
-    with torch.inference_mode():
-        t1 = compare_latency(lambda: call(deployed, x1), lambda: call(reference, x1), rounds=rounds, repeats=3,
-                             warmup=warmup, threads=threads)
-        tb = compare_latency(lambda: call(deployed, xb), lambda: call(reference, xb), rounds=max(3, rounds // 2),
-                             repeats=3, warmup=warmup, threads=threads)
-    metrics["measured_latency_ms"] = t1.candidate_ms
-    metrics["measured_latency_ms_batch"] = tb.candidate_ms
-    metrics["latency_batch_size"] = batch
-    metrics["latency_threads"] = t1.threads
-    base = baseline or metrics
-    metrics["mac_speedup"] = base["macs"] / max(1, metrics["effective_macs"])
-    metrics["measured_speedup"] = t1.speedup
-    metrics["measured_speedup_iqr"] = list(t1.speedup_iqr)
-    metrics["measured_speedup_batch"] = tb.speedup
-    metrics["measured_speedup_batch_iqr"] = list(tb.speedup_iqr)
-    why = [f"machine busy: {t1.busy or tb.busy}"] if t1.busy or tb.busy else []
-    why += [f"wide spread at batch {n}: {t.wide_spread}" for n, t in ((1, t1), (batch, tb)) if t.wide_spread]
-    notes = [f"timing unreliable ({'; '.join(why)}): measured speedups {t1.speedup:.2f}x at batch 1 and "
-             f"{tb.speedup:.2f}x at batch {batch} may be off; rerun on an idle machine to trust them"] if why else []
-    rows = [s.as_dict() for s in layers]
-    for row in rows:  # Deep Compression's per-layer terms (Tables 2-3): bits per weight and index
-        row.update(storage["layers"].get(row["name"], {}))
-    if hardware:
-        with thread_env(threads):  # cpu-local is calibrated at the thread count the timing uses
-            hw, hw_layers, hw_notes = hardware_metrics(model, x1, list(hardware), baseline, deployed,
-                                                       precision=metrics["precision"], xb=xb)
-        notes += hw_notes
-        metrics.update(hw)
-        by_name = {r["name"]: r for r in rows}
-        for name, per_profile in hw_layers.items():
-            if name in by_name:
-                by_name[name]["hardware"] = per_profile
-    if runtimes:
-        rt, rt_notes = runtime_metrics(model, reference, datamodule, list(runtimes), x1=x1, xb=xb, threads=threads,
-                                       warmup=warmup, rounds=rounds, max_batches=max_batches,
-                                       calibration_batches=calibration_batches, baselines=runtime_baselines)
-        metrics.update(rt)
-        notes += rt_notes
-    if notes:
-        extras["notes"] = notes
-    return metrics, rows, extras
-
-
-def runtime_metrics(model: nn.Module, baseline_model: nn.Module, datamodule: Any, runtimes: list[str], *,
-                    x1: Any, xb: Any, threads: int, warmup: int, rounds: int,
-                    max_batches: int | None, calibration_batches: int, baselines: dict[str, Any] | None = None,
-                    ) -> tuple[dict[str, Any], list[str]]:
-    """Speed and accuracy where the model ships: per runtime R, the model deployed there (int8 when
-    quantised) and the input model deployed the same way, timed in alternating rounds at ``threads``.
-
-    Keys: ``runtime_latency_ms/R``, ``runtime_latency_ms_batch/R``, ``runtime_speedup/R``,
-    ``runtime_speedup_batch/R`` (against stage 0 in the same runtime), their ``_iqr``,
-    ``runtime_accuracy/R`` (test accuracy computed by the runtime) and ``runtime_bytes/R`` (the file).
-    ``baselines`` (runtime -> session of ``baseline_model``) is filled on first use and reused after, so
-    the input model is deployed once per run, not once per stage.
-    """
-    baselines = {} if baselines is None else baselines
-    metrics: dict[str, Any] = {}
-    notes: list[str] = []
-    calibration = training_inputs(datamodule, calibration_batches) if is_quantized(model) else None
-    a1, ab = feeds(x1), feeds(xb)
-    with tempfile.TemporaryDirectory(prefix="compress-runtime-") as tmp:
-        for r in runtimes:
-            deploy = RUNTIMES.get(r, "eval.runtimes")
-            path = Path(tmp) / f"{r}.onnx"
-            session = deploy(model, path, x1, calibration=calibration, threads=threads)
-            if r not in baselines:  # a session holds its graph in memory: the file may go with tmp
-                baselines[r] = deploy(baseline_model, Path(tmp) / f"{r}-baseline.onnx", x1, threads=threads)
-            base = baselines[r]
-            t1 = compare_latency(lambda s=session: s.run(a1), lambda b=base: b.run(a1), rounds=rounds, repeats=3,
-                                 warmup=warmup, threads=threads)
-            tb = compare_latency(lambda s=session: s.run(ab), lambda b=base: b.run(ab), rounds=max(3, rounds // 2),
-                                 repeats=3, warmup=warmup, threads=threads)
-            metrics[f"runtime_latency_ms/{r}"] = t1.candidate_ms
-            metrics[f"runtime_latency_ms_batch/{r}"] = tb.candidate_ms
-            metrics[f"runtime_speedup/{r}"] = t1.speedup
-            metrics[f"runtime_speedup_iqr/{r}"] = list(t1.speedup_iqr)
-            metrics[f"runtime_speedup_batch/{r}"] = tb.speedup
-            metrics[f"runtime_speedup_batch_iqr/{r}"] = list(tb.speedup_iqr)
-            metrics[f"runtime_accuracy/{r}"] = ort_accuracy(session, datamodule.test_dataloader(), max_batches)
-            metrics[f"runtime_bytes/{r}"] = path.stat().st_size
-            if t1.busy or t1.wide_spread or tb.wide_spread:
-                notes.append(f"{r}: timing unreliable ({t1.busy or t1.wide_spread or tb.wide_spread}): runtime "
-                             f"speedups {t1.speedup:.2f}x / {tb.speedup:.2f}x may be off")
-    return metrics, notes
-
-
-def _check_outputs(model: nn.Module, x: Any, num_classes: int | None) -> None:
-    """One forward before any work: the inputs fit, the logits are found (``model.output``), the
-    classes agree with the data's (a one-line UserError otherwise)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = forward(model, x)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise UserError(f"model: it does not run on the data's inputs {describe_inputs(x)} "
-                        f"({str(e).strip().splitlines()[0][:200]})") from None
-    finally:
-        model.train(was_training)
-    if logits.dim() != 2:
-        raise UserError(f"model.output: the logits have shape {tuple(logits.shape)}; expected (batch, classes) "
-                        "(set model.output to the field holding them)")
-    field = output_field(model)
-    if num_classes is not None and logits.shape[1] != num_classes:
-        where = "" if field is None else f" (model.output {field!r})"
-        also = "" if field is None else ", or model.output to the field that holds the logits"
-        raise UserError(f"model: it predicts {logits.shape[1]} classes{where}, the data has {num_classes}; set "
-                        f"model.num_classes: {num_classes} (or the model's own argument for it){also}")
 
 
 class Pipeline:
@@ -226,19 +60,17 @@ class Pipeline:
         dm = build_datamodule(cfg.data, seed=cfg.seed)
         dm.setup("fit")
         dm.setup("test")  # a user's LightningDataModule may build its test split only here
+        # num_classes None (a data module that does not say, or a task without classes): the model's own width stands
         input_shape, num_classes, batch_size = describe(dm)
-        if num_classes is None and "num_classes" not in cfg.model:
-            raise UserError(f"model.num_classes: the data module {cfg.data.name} does not say how many classes it "
-                            "has (no num_classes attribute); set model.num_classes")
         self.spec = model_spec(cfg.model, input_shape, num_classes)
         model = build_model(self.spec["name"], key="model", output=self.spec.get("output"), **self.spec["kwargs"])
         if cfg.model.get("checkpoint"):
             load_weights(model, Path(cfg.model.checkpoint))
-        _check_outputs(model, example_batch(dm, 2)[0], num_classes)
+        check_outputs(model, example_batch(dm, 2)[0], num_classes, self.recipe.task)
         self.plans = {stage.name: stage.plan(model) for stage in self.recipe.stages}
         ctx = Context(dm, out_dir=self.out_dir, trainer=OmegaConf.to_container(cfg.trainer), seed=cfg.seed,
                       teachers_dir=cfg.teachers_dir, latency_batch=cfg.eval.latency_batch_size or batch_size,
-                      latency_threads=cfg.eval.latency_threads)
+                      latency_threads=cfg.eval.latency_threads, task=self.recipe.task)
         return model, ctx
 
     OWN_FILES = ("recipe.yaml", "report.json", "report.md", "metrics.csv", "run.json")
@@ -351,25 +183,16 @@ class Pipeline:
         self.model = model
         return self.records
 
-    def _calibration_batches(self) -> int:
-        """The quantize stage's calibration size, so a runtime's int8 graph sees the same batches."""
-        return next((int(s.config.calibration_batches) for s in self.recipe.stages if s.type_name == "quantize"), 8)
-
     def _ckpt_name(self, index: int, name: str) -> str:
         return f"stage-{index}-{name.replace('/', '_')}.ckpt"
 
     def _finish_stage(self, index: int, name: str, type_: str, model: nn.Module, ctx: Context,
                       baseline: dict[str, Any] | None, t0: float, info: dict[str, Any]) -> dict[str, Any]:
         wall = time.perf_counter() - t0
-        e = self.cfg.eval
         if index == 0:
             self.baseline_model = deployed_copy(model.cpu()).eval()
-        metrics, layers, extras = measure(model, ctx.datamodule, baseline=baseline, hardware=list(self.cfg.hardware),
-                                          repeats=e.latency_repeats, warmup=e.latency_warmup,
-                                          latency_batch=e.latency_batch_size, max_batches=e.max_batches,
-                                          index_bits=self.cfg.encoding.index_bits,
-                                          baseline_model=self.baseline_model, threads=e.latency_threads,
-                                          runtimes=list(e.runtimes), calibration_batches=self._calibration_batches(),
+        metrics, layers, extras = measure(model, ctx.datamodule, MeasureConfig.from_recipe(self.recipe),
+                                          baseline=baseline, baseline_model=self.baseline_model,
                                           runtime_baselines=self.runtime_baselines)
         metrics["wall_s"] = wall
         record = {"index": index, "name": name, "type": type_, "metrics": metrics, "layers": layers,
@@ -387,18 +210,6 @@ class Pipeline:
 
                 shutil.rmtree(lightning_dir, ignore_errors=True)
         return metrics
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    """``model.checkpoint``: a compress checkpoint, or a plain state_dict (both weights_only)."""
-    try:
-        data = read_checkpoint(path)
-    except UserError as e:
-        if "not a compress checkpoint" not in str(e):
-            raise
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        data = {"state_dict": state.get("state_dict", state) if isinstance(state, dict) else state}
-    load_into(model, data, path)
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str | None:

@@ -22,8 +22,8 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from compress.errors import UserError
+from compress.plumbing.masks import deployed_copy, prunable_layers
 from compress.pruning.attention import plan_heads
-from compress.pruning.masks import deployed_copy, prunable_layers
 from compress.pruning.structured import count_macs, output_layers, resolve_importance, trace_logits
 from compress.schema import match_layers
 

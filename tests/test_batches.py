@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from compress.batches import batch_size, call, cat, forward, logits_of, repeat_to, set_output, take
+from compress.batches import batch_size, call, cat, eval_mode, forward, logits_of, repeat_to, set_output, take
 from compress.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,3 +340,16 @@ def test_hugging_face_bert_quantised_int8_runs_in_onnxruntime(tmp_path):
     assert q["precision"] == "int8" and q["stored_bytes"] < trained["stored_bytes"] / 2
     assert q["runtime_accuracy/onnxruntime"] >= trained["runtime_accuracy/onnxruntime"] - 0.05
     assert q["runtime_bytes/onnxruntime"] < trained["runtime_bytes/onnxruntime"] / 2  # int8 weights in the file
+
+
+def test_eval_mode_puts_back_the_mode_the_model_was_in_also_after_an_error():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    for start in (True, False):
+        model.train(start)
+        with eval_mode(model) as inside:
+            assert inside is model and not model.training and not model[1].training
+        assert model.training is start and model[1].training is start
+    model.train()
+    with pytest.raises(ValueError, match="inside"), eval_mode(model):
+        raise ValueError("inside")
+    assert model.training and model[1].training

@@ -106,3 +106,28 @@ def test_atomic_writes_get_the_usual_permissions_not_mkstemps_private_ones(tmp_p
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_capability_registers_what_a_checkpoint_saves_and_when_it_is_restored(tmp_path, monkeypatch):
+    """The checkpoint knows no capability: a restorer registered from outside saves its data under its
+    name and gets it back on load, before the parametrizations (shapes) or after them."""
+    from torch.nn.utils import parametrize
+
+    from compress.plumbing.restorers import RESTORERS, Restorer
+
+    seen = []
+
+    def restore(phase):
+        def run(model, saved, state_dict, where):
+            seen.append((phase, saved, parametrize.is_parametrized(model.features[0]), "features.0.bias" in state_dict,
+                         where))
+        return run
+
+    monkeypatch.setitem(RESTORERS._items, "test-before", Restorer(restore("before"), state=lambda m: {"tag": 7}))
+    monkeypatch.setitem(RESTORERS._items, "test-after", Restorer(restore("after"), after_parametrizations=True))
+    path = tmp_path / "m.ckpt"
+    save_checkpoint(path, masked_lenet(), model_spec=SPEC)
+    data = read_checkpoint(path)
+    assert data["test-before"] == {"tag": 7} and "test-after" not in data  # only what a restorer saves
+    load_model(path)
+    assert seen == [("before", {"tag": 7}, False, True, str(path)), ("after", None, True, True, str(path))]

@@ -79,3 +79,28 @@ def test_no_schedule_keeps_the_lr():
     system = _system(5, "none", {"name": "adamw", "lr": 0.3})
     opt = system.configure_optimizers()
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 0.3
+
+
+def test_finetune_trains_on_the_objective_it_is_handed(synthetic_dm):
+    """The caller builds the loss and hands it to fit (a task's loss later): it is what the steps minimise."""
+    from compress.stages import Context
+
+    class Shrink(torch.nn.Module):  # loss = mean squared logit: drives every output towards 0
+        calls = 0
+
+        def forward(self, model, x, y):
+            self.calls += 1
+            logits = model(x)
+            loss = logits.pow(2).mean()
+            return loss, logits, {"shrink": loss.detach()}
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    x = synthetic_dm.test_tensors[0]
+    before = float(model(x).pow(2).mean())
+    objective = Shrink()
+    cfg = OmegaConf.merge(OmegaConf.structured(FinetuneConfig), {"epochs": 1, "optimizer": {"lr": 0.1}})
+    metrics = Context(synthetic_dm, trainer={"progress_bar": False}).finetune(model, cfg, objective=objective)
+    assert objective.calls == 256 // 32  # every training batch went through it, none through cross-entropy
+    assert "finetune/loss_shrink_epoch" in metrics
+    assert float(model(x).pow(2).mean()) < 0.5 * before

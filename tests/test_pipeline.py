@@ -70,7 +70,7 @@ def test_checkpoints_load_weights_only_and_reproduce_the_model(quick_run):
 
 def test_mac_speedup_after_structured_pruning_is_against_the_input_models_macs():
     from compress.data import build_datamodule
-    from compress.pipeline import measure
+    from compress.measurement import MeasureConfig, measure
     from compress.pruning.structured import prune_model
 
     torch.manual_seed(0)
@@ -80,14 +80,28 @@ def test_mac_speedup_after_structured_pruning_is_against_the_input_models_macs()
     dm = build_datamodule({"name": "digits"})  # 1 x 8 x 8 images
     # by hand, a MAC per weight per output position: 8*1*9*64 + 8*8*9*64 + 512*10
     dense_macs = 8 * 9 * 64 + 8 * 8 * 9 * 64 + 512 * 10
-    base, _, _ = measure(net, dm, repeats=3, warmup=1)
+    quick = MeasureConfig(repeats=3, warmup=1)
+    base, _, _ = measure(net, dm, quick)
     assert base["macs"] == dense_macs == 46592 and base["mac_speedup"] == 1.0
     prune_model(net, torch.randn(1, 1, 8, 8), importance="l1", ratio=0.5)
     assert (net[0].out_channels, net[2].out_channels, net[5].in_features) == (4, 4, 256)
     pruned_macs = 4 * 9 * 64 + 4 * 4 * 9 * 64 + 256 * 10
-    after, _, _ = measure(net, dm, baseline=base, repeats=3, warmup=1)
+    after, _, _ = measure(net, dm, quick, baseline=base)
     assert after["macs"] == after["effective_macs"] == pruned_macs == 14080
     assert after["mac_speedup"] == pytest.approx(dense_macs / pruned_macs)  # 3.31x: against stage 0
+
+
+def test_measure_config_gathers_eval_hardware_index_bits_and_the_quantize_calibration(tmp_path):
+    from compress.measurement import MeasureConfig
+
+    recipe = quick_recipe(tmp_path, hardware=["jetson-tx2"], encoding={"index_bits": 4},
+                          eval={"latency_repeats": 7, "latency_warmup": 2, "latency_batch_size": 16,
+                                "latency_threads": 2, "max_batches": 3, "runtimes": ["onnxruntime"]})
+    assert MeasureConfig.from_recipe(load_recipe(recipe)) == MeasureConfig(
+        repeats=7, warmup=2, latency_batch=16, threads=2, max_batches=3, runtimes=("onnxruntime",),
+        hardware=("jetson-tx2",), index_bits=4, calibration_batches=8)  # no quantize stage: the default
+    recipe["stages"].append({"type": "quantize", "calibration_batches": 5})
+    assert MeasureConfig.from_recipe(load_recipe(recipe)).calibration_batches == 5
 
 
 def test_csv_and_wandb_offline_run_hold_per_stage_metrics(quick_run):

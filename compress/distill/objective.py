@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from compress.batches import describe_inputs, first_tensor, forward, to_device
+from compress.batches import describe_inputs, eval_mode, first_tensor, forward, to_device
 from compress.config import FeaturePairConfig
 from compress.distill.hooks import capture_outputs, find_module
 from compress.distill.losses import FEATURE_LOSSES, KD_LOSSES
@@ -129,9 +129,8 @@ class DistillationObjective(nn.Module):
         device = next((p.device for p in student.parameters()), first_tensor(x).device)
         x = to_device(x, device)
         teacher = self._teacher_on(device)
-        was_training = student.training
-        student.eval()  # no BatchNorm statistics updated by this look-ahead
-        try:
+        # eval: no BatchNorm statistics updated by this look-ahead
+        with eval_mode(student):
             with capture_outputs(student, self.student_paths, role="student") as s_feats, \
                     capture_outputs(teacher, self.teacher_paths, role="teacher") as t_feats:
                 s_logits = forward(student, x)
@@ -148,8 +147,6 @@ class DistillationObjective(nn.Module):
                     loss = factory(tuple(s_feats[pair.student].shape), tuple(t_feats[pair.teacher].shape),
                                    f"{self.key}.features[{i}]")
                     self.feature_losses.append(loss.to(device))
-        finally:
-            student.train(was_training)
 
     def forward(self, model: nn.Module, x: Any, y: Any) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         teacher = self._teacher_on(first_tensor(x).device)

@@ -30,8 +30,8 @@ from compress.encoding.huffman import code_lengths, decode_packed, encode
 from compress.errors import UserError
 from compress.files import atomic_write
 from compress.models import build_model
+from compress.plumbing.masks import deployed_copy, prunable_layers
 from compress.pruning.attention import attention_state, restore_attention
-from compress.pruning.masks import deployed_copy, prunable_layers
 from compress.pruning.structured import restore_structure
 from compress.sharing.shared import get_shared
 

@@ -96,7 +96,7 @@ def decode_packed(data: np.ndarray | bytes, lengths: np.ndarray, count: int, bit
     codeword it is walked again until it lands on a marked position (a Huffman code falls into step
     within a few symbols: Klein & Wiseman 2003) or leaves the lane, which gives each lane's end for
     each possible start; (3) chaining those ends from the stream's start gives every lane's true
-    start, and (4) one last walk from the true starts yields the symbols.
+    start, and (4) one last walk from the true starts yields the symbols (:func:`_decode_lanes`).
     """
     data = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) else np.asarray(data, np.uint8)
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -106,40 +106,68 @@ def decode_packed(data: np.ndarray | bytes, lengths: np.ndarray, count: int, bit
     width = int(lengths.max())
     if len(used) == 0 or width > 56:
         raise ValueError("no code, or a code longer than 56 bits")
-    codes = canonical_codes(lengths)
-    table = np.full(1 << width, -1, dtype=np.int32)  # every `width`-bit window -> the symbol it starts with
-    for sym in used:
-        shift = width - int(lengths[sym])
-        table[int(codes[sym]) << shift:(int(codes[sym]) + 1) << shift] = sym
-    table_len = np.where(table >= 0, lengths[np.maximum(table, 0)], 1)
     first_byte = bit_offset // 8  # work on the bytes this stream can occupy only
     end = bit_offset + (nbits if nbits is not None else count * width)
     data = data[first_byte:min(len(data), -(-min(end, bit_offset + count * width) // 8))]
     start = bit_offset - 8 * first_byte
     end = min(8 * len(data), start + count * width, end - 8 * first_byte)
-    words = np.zeros(len(data) + 1, dtype=np.uint64)  # the 8 bytes from each byte on, big-endian
-    padded = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
-    for k in range(8):
-        words |= padded[k:k + len(words)].astype(np.uint64) << np.uint64(56 - 8 * k)
-    mask = np.uint64((1 << width) - 1)
-    visited = np.zeros(8 * len(data) + 64, dtype=bool)
+    windows = _Windows(data, lengths, used, width)
 
-    def step(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(np.unique(lengths[used])) == 1:  # a fixed-length code: every boundary is known, no lanes needed
+        if start + count * width > end:
+            raise ValueError("bit stream ended early")
+        total, chunk = count * width, width << 22  # 4M symbols per look-up
+        symbols = np.concatenate([windows.step(np.arange(start + i, start + min(i + chunk, total), width,
+                                                         dtype=np.int64))[0]
+                                  for i in range(0, total, chunk)])
+        if (symbols < 0).any():  # a window that is no codeword (a one-symbol code has one unused 1-bit word)
+            raise ValueError("bit stream ended early")
+        return symbols.astype(np.int64), total
+
+    symbols = _decode_lanes(windows, start, end)[:count]
+    if len(symbols) < count or (symbols < 0).any():
+        raise ValueError("bit stream ended early")
+    bits = int(lengths[symbols].sum())
+    if start + bits > end:  # the last codeword ran past the stream, into padding or past the data
+        raise ValueError("bit stream ended early")
+    return symbols, bits
+
+
+class _Windows:
+    """The codeword at any bit position of a byte stream: one table look-up of the next ``width`` bits."""
+
+    def __init__(self, data: np.ndarray, lengths: np.ndarray, used: np.ndarray, width: int):
+        codes = canonical_codes(lengths)
+        table = np.full(1 << width, -1, dtype=np.int32)  # every `width`-bit window -> the symbol it starts with
+        for sym in used:
+            shift = width - int(lengths[sym])
+            table[int(codes[sym]) << shift:(int(codes[sym]) + 1) << shift] = sym
+        self.table, self.table_len = table, np.where(table >= 0, lengths[np.maximum(table, 0)], 1)
+        words = np.zeros(len(data) + 1, dtype=np.uint64)  # the 8 bytes from each byte on, big-endian
+        padded = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
+        for k in range(8):
+            words |= padded[k:k + len(words)].astype(np.uint64) << np.uint64(56 - 8 * k)
+        self.words, self.width, self.data_bits = words, width, 8 * len(data)
+        self.mask = np.uint64((1 << width) - 1)
+        self.visited = np.zeros(8 * len(data) + 64, dtype=bool)
+
+    def step(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(symbol, its length) of the codeword at each bit position."""
-        p = np.minimum(pos, 8 * len(data))
-        w = ((words[p >> 3] >> (np.uint64(64 - width) - (p & 7).astype(np.uint64))) & mask).astype(np.int64)
-        return table[w], table_len[w]
+        p = np.minimum(pos, self.data_bits)
+        w = ((self.words[p >> 3] >> (np.uint64(64 - self.width) - (p & 7).astype(np.uint64))) & self.mask).astype(np.int64)
+        return self.table[w], self.table_len[w]
 
-    def walk(starts: np.ndarray, stops: np.ndarray, *, mark: bool = False, until_marked: bool = False,
+    def walk(self, starts: np.ndarray, stops: np.ndarray, *, mark: bool = False, until_marked: bool = False,
              keep: list[tuple[np.ndarray, np.ndarray]] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Advance lanes from ``starts`` until they pass ``stops``: (end positions, landed on a mark)."""
+        visited = self.visited
         pos, merged = starts.copy(), np.zeros(len(starts), dtype=bool)
         live = np.flatnonzero(pos < stops)
         while live.size:
             p = pos[live]
             if mark:
                 visited[p] = True
-            sym, n = step(p)
+            sym, n = self.step(p)
             if keep is not None:
                 keep.append((live, sym))
             p = p + n
@@ -152,16 +180,11 @@ def decode_packed(data: np.ndarray | bytes, lengths: np.ndarray, count: int, bit
             live = live[~done]
         return pos, merged
 
-    if len(np.unique(lengths[used])) == 1:  # a fixed-length code: every boundary is known, no lanes needed
-        if start + count * width > end:
-            raise ValueError("bit stream ended early")
-        total, chunk = count * width, width << 22  # 4M symbols per look-up
-        symbols = np.concatenate([step(np.arange(start + i, start + min(i + chunk, total), width, dtype=np.int64))[0]
-                                  for i in range(0, total, chunk)])
-        if (symbols < 0).any():  # a window that is no codeword (a one-symbol code has one unused 1-bit word)
-            raise ValueError("bit stream ended early")
-        return symbols.astype(np.int64), total
 
+def _decode_lanes(windows: _Windows, start: int, end: int) -> np.ndarray:
+    """Every symbol between bits ``start`` and ``end`` of a variable-length code, steps (1)-(4) of
+    :func:`decode_packed` (a symbol past the stream's end may follow; the caller checks)."""
+    width, visited, walk = windows.width, windows.visited, windows.walk
     lanes = np.arange(start, max(end, start + 1), LANE_BITS, dtype=np.int64)
     stops = np.append(lanes[1:], end)
     ends0, _ = walk(lanes, stops, mark=True)  # (1)
@@ -186,10 +209,4 @@ def decode_packed(data: np.ndarray | bytes, lengths: np.ndarray, count: int, bit
     out = np.empty(int(per_lane.sum()), dtype=np.int64)
     for k, (live, sym) in enumerate(steps):  # a lane's k-th symbol comes from step k
         out[offsets[live] + k] = sym
-    symbols = out[:count]
-    if len(symbols) < count or (symbols < 0).any():
-        raise ValueError("bit stream ended early")
-    bits = int(lengths[symbols].sum())
-    if start + bits > end:  # the last codeword ran past the stream, into padding or past the data
-        raise ValueError("bit stream ended early")
-    return symbols, bits
+    return out

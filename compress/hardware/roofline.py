@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from compress.hardware.profiles import HardwareProfile
 from compress.hardware.trace import Op, Trace
-from compress.pruning.masks import deployed_copy, prunable_layers
+from compress.plumbing.masks import deployed_copy, prunable_layers
 from compress.sharing.shared import shared_bits
 
 __all__ = ["WeightInfo", "weight_infos", "OpCost", "Simulation", "simulate", "nm_compliant", "FUSIBLE"]

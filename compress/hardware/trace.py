@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from compress.batches import call
-from compress.pruning.masks import prunable_layers
+from compress.batches import call, eval_mode
+from compress.plumbing.masks import prunable_layers
 
 __all__ = ["Op", "Trace", "trace_ops", "op_kind"]
 
@@ -226,19 +226,16 @@ def trace_ops(model: nn.Module, example: Any) -> Trace:
 
         handles.append(m.register_forward_pre_hook(pre))
         handles.append(m.register_forward_hook(post))
-    was_training = model.training
-    model.eval()
     recorder = _Recorder(params, stack)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the values are not what is measured: keep the trace off the other cores
     try:
-        with recorder:
+        with eval_mode(model), recorder:
             out = call(model, example)
     finally:
         torch.set_num_threads(threads)
         for h in handles:
             h.remove()
-        model.train(was_training)
     outputs = {recorder.current.get(t.untyped_storage().data_ptr(), -1)
                for t in tree_leaves(out) if isinstance(t, Tensor)}
     return Trace(recorder.ops, calls[0], recorder.external, outputs, weights)

@@ -15,11 +15,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from compress.config import FinetuneConfig
-from compress.distill import build_objective
 from compress.files import atomic_write
 from compress.lit.system import ClassificationSystem
 
-__all__ = ["fit", "make_trainer", "as_callback", "AtomicCheckpointIO"]
+__all__ = ["fit", "begin_fit", "make_trainer", "as_callback", "AtomicCheckpointIO"]
 
 # ``ctx`` below is a :class:`compress.stages.Context` or anything with its attributes (datamodule,
 # trainer, loggers, out_dir, seed, stage_index, fits, stage_checkpoint_dir()): this layer sits
@@ -65,19 +64,22 @@ def make_trainer(ctx: TrainingContext, epochs: int, callbacks: Sequence[Any] = (
     return pl.Trainer(**kwargs)
 
 
-def fit(model: nn.Module, ctx: TrainingContext, cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
-        tag: str = "finetune") -> dict[str, float]:
-    """Train ``model`` in place for ``cfg.epochs``; returns the last logged metrics.
-
-    With ``cfg.distill`` set, the loss is the distillation objective (teacher resolved from
-    the context); its adapters train with the student and are dropped afterwards.
-    """
+def begin_fit(ctx: TrainingContext) -> None:
+    """Count one more fine-tuning run of the stage and seed it (before its objective is built, so a
+    distillation objective's adapters start from the same draw in a resumed run)."""
     ctx.fits += 1
     pl.seed_everything(ctx.seed + 1000 * ctx.stage_index + ctx.fits, workers=True, verbose=False)
-    objective = None
-    if cfg.distill is not None:
-        objective = build_objective(model, cfg.distill, ctx)
-    system = ClassificationSystem(model, cfg, objective, tag=tag)
+
+
+def fit(model: nn.Module, ctx: TrainingContext, cfg: FinetuneConfig, objective: nn.Module | None = None,
+        callbacks: Sequence[Any] = (), tag: str = "finetune") -> dict[str, float]:
+    """Train ``model`` in place for ``cfg.epochs`` on ``objective``; returns the last logged metrics.
+
+    The caller builds the objective (``objective(model, x, y) -> (loss, logits, parts)``; None:
+    the loss of ``ctx.task``, cross-entropy without one) after :func:`begin_fit`; one with parameters (a distillation objective's
+    adapters) trains them with the student, and they are dropped afterwards.
+    """
+    system = ClassificationSystem(model, cfg, objective, tag=tag, task=getattr(ctx, "task", None))
     callbacks = [as_callback(c) for c in callbacks]
     resume_from = None
     stage_dir = ctx.stage_checkpoint_dir()

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from compress.batches import call, take
-from compress.pruning.masks import prunable_layers
+from compress.batches import call, eval_mode, take
+from compress.plumbing.masks import prunable_layers
 
 __all__ = ["LayerStats", "count_layers", "summarize"]
 
@@ -42,15 +42,12 @@ def _output_positions(model: nn.Module, layers: dict[str, nn.Module], example: T
             out_ch = mod.out_channels if hasattr(mod, "out_channels") else mod.out_features
             positions[name] = out.numel() // out_ch  # the model runs on one sample: all of it is that sample's
         handles.append(m.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             call(model, take(example, 1))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return positions
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.batches import call
+from compress.batches import call, eval_mode
 
 __all__ = ["Timing", "compare_latency", "latency_ms", "measure_latency_ms", "thread_env", "machine_busy",
            "runnable_tasks", "usable_cores", "MIN_SAMPLE_S", "WIDE_SPREAD"]
@@ -274,9 +274,5 @@ def measure_latency_ms(model: nn.Module, x: Any, repeats: int = 20, warmup: int 
         warmup: untimed forwards first.
         threads: torch intra-op threads during the timing (None: as they are), restored after.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return latency_ms(lambda: call(model, x), repeats=repeats, warmup=warmup, threads=threads)
-    finally:
-        model.train(was_training)

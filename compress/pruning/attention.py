@@ -33,6 +33,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compress.errors import UserError
+from compress.plumbing.restorers import RESTORERS, Restorer
 from compress.registry import Registry
 
 __all__ = ["HEAD_MODES", "ATTENTION_KINDS", "AttentionKind", "FusedQKV", "SeparateQKV", "TorchMHA", "Attention",
@@ -483,3 +484,8 @@ def restore_attention(model: nn.Module, state: Mapping[str, Mapping[str, Any]] |
             raise UserError(f"{where}: checkpoint is of another architecture (no attention module '{name}')") from None
         for attr, value in values.items():
             setattr(module, attr, value)
+
+
+# A checkpoint keeps the head attributes under "attention" and gives them back to a fresh model.
+RESTORERS.register("attention", Restorer(restore=lambda model, saved, _state, where: restore_attention(model, saved, where),
+                                         state=attention_state))

@@ -1,90 +1,15 @@
-"""Pruning masks as ``torch.nn.utils.parametrize`` parametrizations.
+"""The masks' old import path: they live in :mod:`compress.plumbing.masks` (below every capability)."""
 
-``module.weight`` becomes ``original * mask`` on every access, so a pruned weight stays exactly
-zero through any training loop (Lightning, DDP, a user's own), through ``deepcopy`` and later
-stages, with no callback to remember. The mask is a buffer, so it is in the ``state_dict`` and
-checkpoints carry it; :func:`make_permanent` bakes it in for export.
-"""
+from compress.plumbing.masks import (
+    PRUNABLE,
+    Mask,
+    deployed_copy,
+    get_mask,
+    make_permanent,
+    masked_modules,
+    prunable_layers,
+    set_mask,
+)
 
-from __future__ import annotations
-
-import copy
-
-import torch
-from torch import Tensor, nn
-from torch.nn.utils import parametrize
-
-__all__ = ["Mask", "set_mask", "get_mask", "masked_modules", "make_permanent", "deployed_copy", "prunable_layers"]
-
-
-class Mask(nn.Module):
-    """Parametrization ``w -> w * mask``."""
-
-    def __init__(self, mask: Tensor):
-        super().__init__()
-        self.register_buffer("mask", mask.to(torch.bool))
-
-    def forward(self, w: Tensor) -> Tensor:
-        return w * self.mask
-
-
-def _mask_param(module: nn.Module, name: str = "weight") -> Mask | None:
-    if not parametrize.is_parametrized(module, name):
-        return None
-    for p in module.parametrizations[name]:
-        if isinstance(p, Mask):
-            return p
-    return None
-
-
-def get_mask(module: nn.Module, name: str = "weight") -> Tensor | None:
-    p = _mask_param(module, name)
-    return None if p is None else p.mask
-
-
-def set_mask(module: nn.Module, mask: Tensor, name: str = "weight") -> None:
-    """Install or replace the mask of ``module.<name>``; the masked-out values become zero at once."""
-    mask = mask.to(device=getattr(module, name).device, dtype=torch.bool)
-    p = _mask_param(module, name)
-    if p is None:
-        parametrize.register_parametrization(module, name, Mask(mask))
-    else:
-        p.mask = mask
-    with torch.no_grad():  # zero the stored values too, so removing the mask later keeps them zero
-        module.parametrizations[name].original.mul_(mask)
-
-
-def masked_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if _mask_param(m) is not None}
-
-
-def make_permanent(model: nn.Module) -> nn.Module:
-    """Remove every parametrization, keeping the current (masked, shared) values. In place.
-
-    Not ``parametrize.remove_parametrizations``: that deletes the property from the generated
-    ``Parametrized<Class>``, a class ``copy.deepcopy`` shares between a model and its copies, and
-    so would break every copy (a ``teacher: self``, a reference model). Here only this module's
-    ``__class__`` is swapped back.
-    """
-    for m in list(model.modules()):
-        if parametrize.is_parametrized(m):
-            with torch.no_grad():
-                values = {n: getattr(m, n).detach().clone() for n in m.parametrizations.keys()}
-            m.__class__ = m.__class__.__bases__[0]  # the class parametrize subclassed
-            del m._modules["parametrizations"]
-            for n, v in values.items():
-                m.register_parameter(n, nn.Parameter(v))
-    return model
-
-
-def deployed_copy(model: nn.Module) -> nn.Module:
-    """A copy with masks and codebooks baked in, as it would be deployed; ``model`` is untouched."""
-    return make_permanent(copy.deepcopy(model))
-
-
-PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
-
-
-def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Layers whose ``weight`` the pruning and sharing stages act on, by qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+__all__ = ["Mask", "PRUNABLE", "set_mask", "get_mask", "masked_modules", "make_permanent", "deployed_copy",
+           "prunable_layers"]

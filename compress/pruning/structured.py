@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from compress.batches import call, forward, take
 from compress.errors import UserError
+from compress.plumbing.restorers import RESTORERS, Restorer
 from compress.pruning.attention import HeadPlan, HeadPruner, plan_heads
 from compress.pruning.masks import get_mask, make_permanent, masked_modules, prunable_layers, set_mask
 from compress.registry import Registry
@@ -535,6 +536,10 @@ def restore_structure(model: nn.Module, state_dict: Mapping[str, Tensor]) -> lis
             if _weight_shape_of(module) != tuple(w.shape):
                 _fix_shape_attrs(module, _shape_attrs(module), {"weight": w}, "")
     return changed
+
+
+# A checkpoint's removed channels come back from the stored tensor shapes (nothing saved beside them).
+RESTORERS.register("structure", Restorer(restore=lambda model, _saved, state, _where: restore_structure(model, state)))
 
 
 def _weight_shape_of(module: nn.Module) -> tuple[int, ...] | None:

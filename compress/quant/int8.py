@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from compress.batches import call, to_device
+from compress.batches import call, eval_mode, to_device
 from compress.errors import UserError
-from compress.pruning.masks import make_permanent
+from compress.plumbing.masks import make_permanent
+from compress.plumbing.restorers import PARAMETRIZATIONS, RESTORERS, Restorer
 from compress.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = [
@@ -98,19 +99,17 @@ def _quantizers(model: nn.Module) -> list[ActivationQuantizer]:
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Any], max_batches: int | None = None) -> nn.Module:
     """Run ``batches`` (tensors, or ``(inputs, targets)`` pairs) through the model to set activation ranges."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     seen = 0
-    for batch in batches:
-        if max_batches is not None and seen >= max_batches:
-            break
-        x = batch[0] if isinstance(batch, list | tuple) else batch
-        call(model, to_device(x, device))
-        seen += 1
+    with eval_mode(model):
+        for batch in batches:
+            if max_batches is not None and seen >= max_batches:
+                break
+            x = batch[0] if isinstance(batch, list | tuple) else batch
+            call(model, to_device(x, device))
+            seen += 1
     if seen == 0:
         raise UserError("quantize: no calibration batches")
-    model.train(was_training)
     return model
 
 
@@ -216,6 +215,15 @@ def restore_quant(model: nn.Module, state: dict[str, Any], state_dict: dict[str,
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model
+
+
+# A checkpoint keeps the quantisation under "quantization" (None for a float model) and re-installs it
+# after masks and codebooks, since the weight quantizer reads the masked weight; the quantizer
+# parametrization itself comes back with it, so the parametrization replay skips it.
+RESTORERS.register("quantization", Restorer(
+    restore=lambda model, saved, _state, _where: restore_quant(model, saved) if saved else None,
+    state=lambda model: quant_state(model) if is_quantized(model) else None, after_parametrizations=True))
+PARAMETRIZATIONS.register("WeightQuantizer", lambda *_: None)
 
 
 def int8_storage_bytes(model: nn.Module) -> int:

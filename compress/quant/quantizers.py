@@ -31,7 +31,7 @@ class WeightQuantizer(nn.Module):
 
     Stateless: the scales are recomputed from the current weight on every access, so they follow
     the weight through QAT and need nothing in the ``state_dict``. Registered after a pruning
-    :class:`~compress.pruning.masks.Mask`, a pruned weight stays exactly zero.
+    :class:`~compress.plumbing.masks.Mask`, a pruned weight stays exactly zero.
     """
 
     def forward(self, w: Tensor) -> Tensor:

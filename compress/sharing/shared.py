@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from compress.pruning.masks import make_permanent
+from compress.plumbing.masks import make_permanent
+from compress.plumbing.restorers import PARAMETRIZATIONS
 from compress.sharing.kmeans import kmeans_1d
 
 __all__ = ["SharedWeight", "share_layer", "shared_bits", "get_shared", "reinstall_shared_weight"]
@@ -77,10 +78,11 @@ def share_layer(module: nn.Module, bits: int, init: str = "linear") -> SharedWei
     return shared
 
 
+@PARAMETRIZATIONS.register("SharedWeight")
 def reinstall_shared_weight(module: nn.Module, tensor: str, state_dict: dict, prefix: str) -> None:
     """Checkpoint replay: a placeholder of the stored shapes, filled by ``load_state_dict``.
 
-    Registered by :mod:`compress.checkpoint` under the parametrization's class name.
+    Registered under the parametrization's class name (what a checkpoint lists).
     """
     centroids = state_dict[prefix + "0.centroids"]
     indices = state_dict[prefix + "0.indices"]

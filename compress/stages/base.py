@@ -17,6 +17,7 @@ from compress.config import (
     OptimizerConfig,
     validate_finetune,
 )
+from compress.distill import build_objective
 from compress.errors import UserError
 from compress.registry import Registry
 from compress.schema import match_layers, merge_structured
@@ -85,17 +86,25 @@ class Context:
         return self._data("training data").training_inputs(self.datamodule, batches)
 
     def finetune(self, model: nn.Module, cfg: FinetuneConfig, callbacks: Sequence[Any] = (),
-                 tag: str = "finetune") -> dict[str, float]:
-        """Train ``model`` in place by ``cfg`` (Lightning); a no-op when ``cfg.epochs`` is 0."""
+                 tag: str = "finetune", objective: nn.Module | None = None) -> dict[str, float]:
+        """Train ``model`` in place by ``cfg`` (Lightning); a no-op when ``cfg.epochs`` is 0.
+
+        The loss is ``objective`` when given, else the distillation objective of ``cfg.distill``
+        (teacher resolved from this context), else the loss of the context's task.
+        """
         if cfg.epochs <= 0:
             return {}
         if self.datamodule is None:
             raise UserError("finetune.epochs > 0 needs data: pass Context(datamodule=...)")
-        from compress.lit.fit import (
-            fit,  # Lightning loads only when a stage trains (fast --help, recipe errors)
+        from compress.lit.fit import (  # Lightning loads only when a stage trains (fast --help, recipe errors)
+            begin_fit,
+            fit,
         )
 
-        return fit(model, self, cfg, callbacks=callbacks, tag=tag)
+        begin_fit(self)
+        if objective is None and cfg.distill is not None:
+            objective = build_objective(model, cfg.distill, self)
+        return fit(model, self, cfg, objective, callbacks=callbacks, tag=tag)
 
 
 STAGES: Registry[type[Stage]] = Registry("stage type")

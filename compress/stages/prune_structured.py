@@ -54,9 +54,9 @@ from torch import Tensor, nn
 from compress.batches import repeat_to, take
 from compress.config import FinetuneConfig
 from compress.errors import UserError
+from compress.plumbing.masks import prunable_layers
 from compress.pruning.attention import HEAD_MODES, TorchMHA, find_attention, plan_heads
 from compress.pruning.latency import check_latency_target, latency_backend, prune_to_latency, resolve_round_to
-from compress.pruning.masks import prunable_layers
 from compress.pruning.structured import (
     IMPORTANCES,
     SparsityRegularizer,

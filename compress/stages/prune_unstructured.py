@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from compress.config import FinetuneConfig
 from compress.errors import UserError
-from compress.pruning.masks import get_mask, prunable_layers, set_mask
+from compress.plumbing.masks import get_mask, prunable_layers, set_mask
 from compress.schema import check_choice, check_range, match_layers
 from compress.stages.base import STAGES, Context, Stage, StageResult
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from compress.config import FinetuneConfig
 from compress.errors import UserError
-from compress.pruning.masks import prunable_layers
+from compress.plumbing.masks import prunable_layers
 from compress.schema import check_choice, match_layers
 from compress.sharing import share_layer
 from compress.stages.base import STAGES, Context, Stage, StageResult

@@ -16,13 +16,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from compress.distill.losses import kd_loss
 from compress.tasks._registry import DISTILL_FORMS, LOSSES
 
-__all__ = ["IGNORE_INDEX", "cross_entropy", "bce", "mse", "l1", "smooth_l1", "soft_kl", "soft_bce", "soft_mse",
+__all__ = ["IGNORE_INDEX", "kd_loss", "cross_entropy", "bce", "mse", "l1", "smooth_l1", "soft_kl", "soft_bce", "soft_mse",
            "soft_none"]
 
 IGNORE_INDEX = -100  # the target id no loss or metric counts (PyTorch's and Hugging Face's convention)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
+    """Soft-target loss of Hinton et al. (2015), section 2: ``T^2 * KL(p_T || q_T)``.
+
+    ``p_T = softmax(teacher_logits / T)``, ``q_T = softmax(student_logits / T)``, KL averaged over
+    the batch. The ``T^2`` factor keeps the gradient magnitude independent of ``T`` (the soft
+    gradients scale as ``1/T^2``), so the mix with the hard loss need not be re-tuned per ``T``.
+    """
+    log_q = F.log_softmax(student_logits / T, dim=1)  # (B, K)
+    p = F.softmax(teacher_logits.detach() / T, dim=1)  # (B, K)
+    return F.kl_div(log_q, p, reduction="batchmean") * (T * T)
 
 
 @LOSSES.register("cross_entropy")
