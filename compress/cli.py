@@ -177,6 +177,7 @@ def _export_onnx(model, data: dict, source: str, out) -> int:
     from compress.data import build_datamodule, example_batch, training_inputs
     from compress.quant import is_quantized
     from compress.runtime import OrtModel, export_onnx
+    from compress.tasks import build_task
 
     recipe = data.get("recipe") or {}
     if "data" not in recipe:
@@ -184,10 +185,12 @@ def _export_onnx(model, data: dict, source: str, out) -> int:
     dm = build_datamodule(recipe["data"], seed=int(recipe.get("seed", 0)))
     dm.setup("fit")
     quantized = is_quantized(model)
-    calibration = next((s.get("calibration_batches", 8) for s in recipe.get("stages", []) if s.get("type") == "quantize"), 8)
-    test = example_batch(dm, 256)[0]
+    quantize = next((s for s in recipe.get("stages", []) if s.get("type") == "quantize"), {})
+    calibration = quantize.get("calibration_batches", 8)
+    max_drop = next((quantize[k] for k in ("max_accuracy_drop", "max_metric_drop") if quantize.get(k) is not None), None)
+    test, targets = example_batch(dm, 256)
     export_onnx(model, out, take(test, 1), calibration=training_inputs(dm, calibration) if quantized else None,
-                check_inputs=test)
+                check_inputs=test, check_targets=targets, task=build_task(recipe.get("task")), max_drop=max_drop)
     print(f"{out}: {out.stat().st_size:,} bytes, {'int8 (QDQ)' if quantized else 'fp32'} ONNX from {source}, "
           f"checked against PyTorch on {batch_size(test)} test inputs; runs in ONNX Runtime "
           f"({OrtModel(out).session.get_providers()[0]})")

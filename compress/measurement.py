@@ -43,6 +43,7 @@ class MeasureConfig:
         index_bits: relative-index width of the stored size (``encoding.index_bits``).
         calibration_batches: the int8 calibration size of a runtime's graph (the ``quantize`` stage's).
         task: what judges the outputs (the recipe's ``task``; None: classification).
+        int8_max_drop: the quantize stage's ``max_accuracy_drop``: how far below float an int8 graph may be.
     """
 
     repeats: int = 30
@@ -55,17 +56,20 @@ class MeasureConfig:
     index_bits: int | str = 5
     calibration_batches: int = 8
     task: Task | None = None
+    int8_max_drop: float | None = None
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> MeasureConfig:
         """The settings a validated :class:`compress.recipe.Recipe` gives."""
         cfg, e = recipe.cfg, recipe.cfg.eval
         # the quantize stage's calibration size, so a runtime's int8 graph sees the same batches
-        calibration = next((int(s.config.calibration_batches) for s in recipe.stages if s.type_name == "quantize"), 8)
+        quantize = next((s for s in recipe.stages if s.type_name == "quantize"), None)
+        calibration = int(quantize.config.calibration_batches) if quantize is not None else 8
         return cls(repeats=e.latency_repeats, warmup=e.latency_warmup, latency_batch=e.latency_batch_size,
                    threads=e.latency_threads, max_batches=e.max_batches, runtimes=tuple(e.runtimes),
                    hardware=tuple(cfg.hardware), index_bits=cfg.encoding.index_bits,
-                   calibration_batches=calibration, task=recipe.task)
+                   calibration_batches=calibration, task=recipe.task,
+                   int8_max_drop=quantize.max_drop if quantize is not None else None)
 
 
 def measure(model: nn.Module, datamodule: Any, config: MeasureConfig = MeasureConfig(), *,
@@ -172,11 +176,15 @@ def runtime_metrics(model: nn.Module, baseline_model: nn.Module, datamodule: Any
     notes: list[str] = []
     calibration = training_inputs(datamodule, c.calibration_batches) if is_quantized(model) else None
     a1, ab = feeds(x1), feeds(xb)
+    # the int8 graph is judged by the task on labelled test inputs (a deploy function takes these keywords)
+    check_x, check_y = example_batch(datamodule, 256)
+    check = {"check_inputs": check_x, "check_targets": check_y, "task": c.task or build_task(None),
+             "max_drop": c.int8_max_drop} if calibration is not None else {}
     with tempfile.TemporaryDirectory(prefix="compress-runtime-") as tmp:
         for r in c.runtimes:
             deploy = RUNTIMES.get(r, "eval.runtimes")
             path = Path(tmp) / f"{r}.onnx"
-            session = deploy(model, path, x1, calibration=calibration, threads=c.threads)
+            session = deploy(model, path, x1, calibration=calibration, threads=c.threads, **check)
             if r not in baselines:  # a session holds its graph in memory: the file may go with tmp
                 baselines[r] = deploy(baseline_model, Path(tmp) / f"{r}-baseline.onnx", x1, threads=c.threads)
             base = baselines[r]

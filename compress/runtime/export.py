@@ -178,6 +178,28 @@ def _check_fp32(reference: nn.Module, path: Path, inputs: Any) -> None:
                         f"the graph is not faithful, file not written")
 
 
+def _check_int8_metric(reference: nn.Module, float_model: nn.Module, path: Path, inputs: Any, targets: Any,
+                       task: Any, max_drop: float | None = None) -> float:
+    """The int8 graph judged by the task, on labelled check inputs: its primary metric is within
+    ``max_drop`` of the float model's (the recipe's ``max_accuracy_drop``), or within
+    ``(1 - INT8_AGREEMENT) * max(1, |metric|)`` (1 point of an accuracy) of the PyTorch quantised
+    model's, or no further from the float model's than the PyTorch quantised model is, plus that.
+    A sigmoid or regression model's top-1 agreement says nothing of its quality; its metric does."""
+    with torch.no_grad():
+        outputs = {"quantised": forward(reference, inputs), "float": forward(float_model, inputs)}
+    outputs["int8"] = OrtModel(path)(inputs)
+    score = {k: task.evaluate(lambda _x, out=out: out, [(inputs, targets)])["metric"] for k, out in outputs.items()}
+    q, f, o = score["quantised"], score["float"], score["int8"]
+    tol = (1 - INT8_AGREEMENT) * max(1.0, abs(q))
+    within_recipe = max_drop is not None and task.drop(f, o) <= max_drop
+    if not within_recipe and task.drop(q, o) > tol and task.drop(f, o) > task.drop(f, q) + tol:
+        allowed = "" if max_drop is None else f" and more than max_accuracy_drop {max_drop:g} below float"
+        raise UserError(f"export: int8 ONNX Runtime {task.primary} is {o:.4g} on {batch_size(inputs)} check inputs, "
+                        f"the PyTorch quantised model's {q:.4g} (float: {f:.4g}): more than {tol:.3g} worse{allowed}; "
+                        "file not written")
+    return o
+
+
 def _check_int8(reference: nn.Module, float_model: nn.Module, path: Path, inputs: Any) -> float:
     """Top-1 agreement of the int8 graph with the PyTorch quantised model, which must be at least
     ``INT8_AGREEMENT``; where quantisation itself moves predictions (low-margin models: a small ViT),
@@ -198,7 +220,8 @@ def _check_int8(reference: nn.Module, float_model: nn.Module, path: Path, inputs
 
 def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tuple[Tensor, ...], *,
                 int8: bool | None = None, calibration: Iterable[Any] | None = None,
-                check_inputs: Tensor | None = None, check: bool = True, opset: int = OPSET) -> Path:
+                check_inputs: Tensor | None = None, check: bool = True, opset: int = OPSET,
+                check_targets: Any = None, task: Any = None, max_drop: float | None = None) -> Path:
     """Write ``model`` as an ONNX file ONNX Runtime runs, with a dynamic batch axis; atomic.
 
     Masks and codebooks are baked in and pruned shapes are the real ones. ``model`` is not modified.
@@ -216,7 +239,13 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
         check_inputs: the batch the checks run on; default ``example_inputs`` (int8: with the
             calibration batches).
         check: fp32: ORT logits equal PyTorch's within ``FP32_TOLERANCE`` (relative to the logit scale
-            above 1); int8: top-1 agrees with the torch quantised model on >= 99% of the check inputs.
+            above 1); int8: top-1 agrees with the torch quantised model on >= 99% of the check inputs,
+            or, given ``task`` and ``check_targets`` (the labels of ``check_inputs``), the task's primary
+            metric of the graph is within 1% (1 point of an accuracy) of the torch quantised model's.
+        check_targets: the targets of ``check_inputs`` (needs ``check_inputs``).
+        task: a :class:`compress.tasks.Task` that judges the int8 check (with ``check_targets``).
+        max_drop: with ``task``: the int8 graph passes too when its primary metric is within this of
+            the float model's (the recipe's ``max_accuracy_drop``).
 
     Returns:
         The path written.
@@ -259,7 +288,11 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
         int8_path = Path(tmp) / "int8.onnx"
         _quantize_graph(fp32, int8_path, batches, exclude)
         _shorten_tensor_names(int8_path)
-        if check:
+        if check and task is not None and check_targets is not None:
+            if check_inputs is None:
+                raise ValueError("check_targets needs the check_inputs they label")
+            _check_int8_metric(reference, deployed, int8_path, _as_batch(check_inputs), check_targets, task, max_drop)
+        elif check:
             inputs = _as_batch(check_inputs) if check_inputs is not None else cat([example, *batches])
             _check_int8(reference, deployed, int8_path, inputs)
         os.replace(int8_path, path)

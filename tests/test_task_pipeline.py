@@ -1,0 +1,263 @@
+"""Tasks end to end (issue 24): each built-in task and a user's task through train, prune.structured
+with distillation from ``teacher: self``, quantize (ptq, ``max_accuracy_drop``) and export, every
+reported figure recomputed here with torchmetrics from the stage's checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MultilabelAveragePrecision, MultilabelF1Score
+
+from compress.checkpoint import load_model
+from compress.cli import main
+from compress.errors import UserError
+from compress.pipeline import Pipeline
+from compress.recipe import load_recipe
+from compress.runtime import OrtModel
+from compress.tasks import Task, label_targets
+from compress.tasks.base import MetricSpec
+
+BINS = 12
+
+
+def _features(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Inputs (n, 16) and a pitch-like target: a fractional bin in [0, BINS - 1] read off the inputs."""
+    x = torch.randn(n, 16, generator=torch.Generator().manual_seed(seed))
+    w = torch.randn(16, generator=torch.Generator().manual_seed(0))  # one rule for both splits
+    y = torch.sigmoid(x @ w / 2) * (BINS - 1)
+    return x, y
+
+
+class PitchData(pl.LightningDataModule):
+    """Fractional-bin targets, no ``num_classes``: the model's 12 outputs say how many labels there are."""
+
+    def __init__(self, train: int = 768, test: int = 256, batch_size: int = 32):
+        super().__init__()
+        self.train_xy, self.test_xy = _features(train, 1), _features(test, 2)
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.train_xy), batch_size=self.batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(0))
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(*self.test_xy), batch_size=128)
+
+
+class RegressionData(PitchData):
+    """The same inputs with real-valued targets (N,)."""
+
+
+class SigmoidTagger(nn.Module):
+    """Ends in a sigmoid, as CREPE does: outputs are probabilities, one per bin."""
+
+    def __init__(self, hidden: int = 64, bins: int = BINS):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, bins)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.head(self.body(x)))
+
+
+class Regressor(nn.Module):
+    def __init__(self, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class WithinOneBin(torchmetrics.Metric):
+    """A user's metric: the peak bin within one bin of the true (fractional) bin (RPA-style)."""
+
+    higher_is_better = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("hits", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        self.hits += int(((preds.argmax(1).float() - target).abs() <= 1.0).sum())
+        self.total += len(target)
+
+    def compute(self) -> Tensor:
+        return self.hits.float() / self.total
+
+
+def bin_bce(outputs: Tensor, targets: Tensor) -> Tensor:
+    """A user's loss: BCE of probabilities against Gaussian-blurred bin targets."""
+    return nn.functional.binary_cross_entropy(outputs.clamp(1e-6, 1 - 1e-6), label_targets(targets, BINS, 1.0))
+
+
+class PitchTask(Task):
+    """A user's task: its own loss and metric, softened-sigmoid distillation."""
+
+    default_loss = "import:tests.test_task_pipeline:bin_bce"
+    default_primary = "within1"
+    default_distill = "bce"
+
+    def default_metrics(self) -> dict[str, MetricSpec]:
+        return {"within1": MetricSpec(WithinOneBin)}
+
+    def width(self, outputs: Tensor) -> int:
+        return int(outputs.shape[1])
+
+    def distill_rows(self, outputs: Tensor) -> Tensor:
+        return torch.logit(outputs.clamp(1e-6, 1 - 1e-6))
+
+
+def recipe_for(tmp_path: Path, task: dict, model: dict, data: dict, stages: list[dict], **over) -> dict:
+    recipe = {"name": "task", "seed": 0, "out_dir": str(tmp_path / "run"), "model": model, "data": data, "task": task,
+              "trainer": {"progress_bar": False}, "logger": {"wandb": {"mode": "disabled"}},
+              "eval": {"latency_repeats": 3, "latency_warmup": 1, "runtimes": ["onnxruntime"]}, "hardware": [],
+              "stages": stages}
+    recipe.update(over)
+    return recipe
+
+
+def compress_stages(lr: float, epochs: int = 6, optimizer: str = "adam", drop: float = 0.05) -> list[dict]:
+    opt = {"name": optimizer, "lr": lr}
+    return [{"type": "train", "epochs": epochs, "optimizer": opt, "lr_schedule": "none"},
+            {"type": "prune.structured", "ratio": 0.5,
+             "finetune": {"epochs": 2, "optimizer": {**opt, "lr": lr / 2}, "lr_schedule": "none",
+                          "distill": {"teacher": "self", "T": 2.0, "alpha": 0.5}}},
+            {"type": "quantize", "mode": "ptq", "calibration_batches": 4, "max_accuracy_drop": drop}]
+
+
+def run(recipe: dict) -> tuple[list[dict], Path]:
+    records = Pipeline(load_recipe(recipe), quiet=True).run()
+    return records, Path(recipe["out_dir"])
+
+
+def stage_outputs(out: Path, index: int, name: str, loader: DataLoader) -> tuple[Tensor, Tensor]:
+    model = load_model(out / f"stage-{index}-{name}.ckpt").eval()
+    with torch.no_grad():
+        pairs = [(model(x), y) for x, y in loader]
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+STAGE_NAMES = ["input", "train", "prune.structured", "quantize"]
+
+
+# -- multilabel: sigmoid outputs, fractional-bin targets, a data module without num_classes ---------------
+
+@pytest.fixture(scope="module")
+def multilabel_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multilabel")
+    recipe = recipe_for(tmp, {"name": "multilabel", "outputs": "probabilities", "label_smoothing_sigma": 1.0},
+                        {"name": "import:tests.test_task_pipeline:SigmoidTagger"},
+                        {"name": "import:tests.test_task_pipeline:PitchData"}, compress_stages(lr=0.01))
+    return run(recipe)
+
+
+def test_multilabel_figures_are_torchmetrics_on_the_stage_models(multilabel_run):
+    records, out = multilabel_run
+    loader = PitchData().test_dataloader()
+    for i, name in enumerate(STAGE_NAMES[:3]):
+        probs, y = stage_outputs(out, i, name, loader)
+        hot = label_targets(y, BINS).long()
+        m = records[i]["metrics"]
+        want_map = MultilabelAveragePrecision(num_labels=BINS, average="micro")(probs, hot).item()
+        assert m["metric"] == m["metrics/map"] == pytest.approx(want_map, abs=1e-6), name
+        assert m["metrics/f1"] == pytest.approx(MultilabelF1Score(num_labels=BINS, average="micro")(probs, hot).item(),
+                                                abs=1e-6)
+        want_loss = nn.functional.binary_cross_entropy(probs.clamp(1e-6, 1 - 1e-6), label_targets(y, BINS, 1.0))
+        assert m["loss"] == pytest.approx(want_loss.item(), rel=1e-4)
+        assert "accuracy" not in m and m["runtime_metric/onnxruntime"] == pytest.approx(m["metric"], abs=1e-4)
+    assert records[1]["metrics"]["metric"] > 0.5  # learnt: chance is ~1/12
+    control = records[3]["info"]["accuracy_control"]
+    assert control["metric"] == "map" and control["met"]
+    assert records[3]["metrics"]["precision"] == "int8"
+    assert records[0]["metrics"]["metric"] - records[3]["metrics"]["runtime_metric/onnxruntime"] < 0.5
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["task"]["name"] == "multilabel"
+
+
+def test_multilabel_run_exports_an_int8_graph_scored_by_the_task(multilabel_run, capsys):
+    records, out = multilabel_run
+    main(["export", str(out), "--format", "onnx", "--out", str(out / "int8.onnx")])
+    assert "int8 (QDQ)" in capsys.readouterr().out
+    x, y = PitchData().test_xy
+    probs = OrtModel(out / "int8.onnx")(x)
+    hot = label_targets(y, BINS).long()
+    got = MultilabelAveragePrecision(num_labels=BINS, average="micro")(probs, hot).item()
+    assert got == pytest.approx(records[3]["metrics"]["runtime_metric/onnxruntime"], abs=0.02)
+
+
+# -- regression ---------------------------------------------------------------------------------------
+
+def test_regression_through_every_stage(tmp_path):
+    recipe = recipe_for(tmp_path, {"name": "regression"}, {"name": "import:tests.test_task_pipeline:Regressor"},
+                        {"name": "import:tests.test_task_pipeline:RegressionData"},
+                        compress_stages(lr=0.003, drop=0.2))
+    records, out = run(recipe)
+    loader = RegressionData().test_dataloader()
+    for i, name in enumerate(STAGE_NAMES[:3]):
+        pred, y = stage_outputs(out, i, name, loader)
+        m = records[i]["metrics"]
+        assert m["metric"] == m["metrics/mae"] == pytest.approx((pred[:, 0] - y).abs().mean().item(), rel=1e-5)
+        assert m["metrics/r2"] == pytest.approx(torchmetrics.R2Score()(pred[:, 0], y).item(), abs=1e-5)
+    assert records[1]["metrics"]["metric"] < 0.5 * records[0]["metrics"]["metric"]  # lower is better: it learnt
+    control = records[3]["info"]["accuracy_control"]
+    assert control["metric"] == "mae" and control["higher_is_better"] is False and control["met"]
+    int8 = records[3]["metrics"]["runtime_metric/onnxruntime"]
+    assert int8 - control["float_runtime_metric"] <= 0.2
+    assert records[3]["metrics"]["runtime_metrics/onnxruntime/r2"] > 0.5
+
+
+# -- a user's task by import ----------------------------------------------------------------------------
+
+def test_a_user_task_by_import_with_its_own_loss_and_metric(tmp_path):
+    recipe = recipe_for(tmp_path, {"name": "import:tests.test_task_pipeline:PitchTask"},
+                        {"name": "import:tests.test_task_pipeline:SigmoidTagger"},
+                        {"name": "import:tests.test_task_pipeline:PitchData"},
+                        compress_stages(lr=0.01)[:2], eval={"latency_repeats": 3, "latency_warmup": 1})
+    records, out = run(recipe)
+    loader = PitchData().test_dataloader()
+    for i, name in enumerate(STAGE_NAMES[:3]):
+        probs, y = stage_outputs(out, i, name, loader)
+        m = records[i]["metrics"]
+        assert m["metric"] == m["metrics/within1"] == pytest.approx(WithinOneBin()(probs, y).item())
+        assert m["loss"] == pytest.approx(bin_bce(probs, y).item(), rel=1e-4)
+    assert records[1]["metrics"]["metric"] > 0.8 > records[0]["metrics"]["metric"]
+
+
+# -- distillation from sigmoid outputs --------------------------------------------------------------------
+
+def test_sigmoid_distillation_recovers_a_pruning_drop(tmp_path):
+    """Prune 3/4 of the channels of a trained sigmoid model (no fine-tuning): its mAP drops; a distill
+    stage with alpha 1 (the teacher's softened sigmoids alone, no label) recovers most of the drop."""
+    stages = [{"type": "train", "epochs": 8, "optimizer": {"name": "adam", "lr": 0.003}, "lr_schedule": "none"},
+              {"type": "prune.structured", "ratio": 0.75, "importance": "random"},
+              {"type": "distill", "distill": {"teacher": "self", "T": 1.0, "alpha": 1.0},
+               "finetune": {"epochs": 6, "optimizer": {"name": "adam", "lr": 0.003}, "lr_schedule": "none"}}]
+    recipe = recipe_for(tmp_path, {"name": "multilabel", "outputs": "probabilities", "label_smoothing_sigma": 1.0},
+                        {"name": "import:tests.test_task_pipeline:SigmoidTagger"},
+                        {"name": "import:tests.test_task_pipeline:PitchData"}, stages,
+                        eval={"latency_repeats": 3, "latency_warmup": 1})
+    records, _ = run(recipe)
+    teacher, pruned, distilled = (records[i]["metrics"]["metric"] for i in (1, 2, 3))
+    assert teacher - pruned > 0.1, (teacher, pruned)
+    assert distilled - pruned > 0.6 * (teacher - pruned), (teacher, pruned, distilled)
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+def test_class_count_is_checked_only_where_the_task_has_classes(tmp_path):
+    base = recipe_for(tmp_path, {"name": "regression"}, {"name": "lenet300"}, {"name": "digits"},
+                      [{"type": "train", "epochs": 0}], eval={"latency_repeats": 3, "latency_warmup": 1})
+    Pipeline(load_recipe(base), quiet=True).prepare()  # 10 outputs against scalar targets: the task's business
+    wrong = {**base, "task": {"name": "multilabel"}, "model": {"name": "lenet300", "num_classes": 7}}
+    with pytest.raises(UserError, match="model: it predicts 7 classes, the data has 10"):
+        Pipeline(load_recipe(wrong), quiet=True).prepare()
