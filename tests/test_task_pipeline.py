@@ -249,7 +249,7 @@ def test_sigmoid_distillation_recovers_a_pruning_drop(tmp_path):
     records, _ = run(recipe)
     teacher, pruned, distilled = (records[i]["metrics"]["metric"] for i in (1, 2, 3))
     assert teacher - pruned > 0.1, (teacher, pruned)
-    assert distilled - pruned > 0.6 * (teacher - pruned), (teacher, pruned, distilled)
+    assert distilled - pruned > 0.5 * (teacher - pruned), (teacher, pruned, distilled)  # measured: 65%
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -261,3 +261,56 @@ def test_class_count_is_checked_only_where_the_task_has_classes(tmp_path):
     wrong = {**base, "task": {"name": "multilabel"}, "model": {"name": "lenet300", "num_classes": 7}}
     with pytest.raises(UserError, match="model: it predicts 7 classes, the data has 10"):
         Pipeline(load_recipe(wrong), quiet=True).prepare()
+
+
+# -- language model: byte-level text, a GPT-2-style transformers model ------------------------------------
+
+GPT_NEO = {"name": "transformers", "task": "causal-lm",
+           "config": {"model_type": "gpt_neo", "vocab_size": 256, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                      "attention_types": [[["global"], 2]], "max_position_embeddings": 32, "intermediate_size": 64,
+                      "bos_token_id": 0, "eos_token_id": 0}}
+
+
+def write_corpus(path: Path, words: int = 1200) -> Path:
+    vocab = "the quick brown fox jumps over the lazy dog while a small cat sleeps on the warm mat".split()
+    g = torch.Generator().manual_seed(0)
+    path.write_text(" ".join(vocab[int(i)] for i in torch.randint(0, len(vocab), (words,), generator=g)))
+    return path
+
+
+def test_language_model_through_every_stage_with_perplexity_per_stage(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    stages = [{"type": "train", "epochs": 2, "optimizer": {"name": "adamw", "lr": 0.01}, "lr_schedule": "none"},
+              {"type": "prune.structured", "ratio": 0.5, "heads": "prune",
+               "finetune": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 0.005}, "lr_schedule": "none",
+                            "distill": {"teacher": "self", "T": 1.0, "alpha": 0.5}}},
+              {"type": "quantize", "mode": "ptq", "calibration_batches": 2, "max_metric_drop": 1.0}]
+    data = {"name": "text", "files": [str(corpus)], "seq_len": 16, "batch_size": 32}
+    recipe = recipe_for(tmp_path, {"name": "language-model"}, GPT_NEO, data, stages,
+                        eval={"latency_repeats": 3, "latency_warmup": 1})
+    records, out = run(recipe)
+    from compress.data import build_datamodule
+    from compress.tasks.metrics import SequencePerplexity
+
+    loader = build_datamodule(data).test_dataloader()
+    for i, name in enumerate(STAGE_NAMES[:3]):
+        model = load_model(out / f"stage-{i}-{name}.ckpt").eval()
+        ppl = torchmetrics.text.Perplexity()
+        with torch.no_grad():
+            for x, y in loader:
+                ppl.update(model(x).logits[:, :-1], y[:, 1:])
+        m = records[i]["metrics"]
+        assert m["metric"] == m["metrics/perplexity"] == pytest.approx(ppl.compute().item(), rel=1e-4), name
+    perplexity = [r["metrics"]["metrics/perplexity"] for r in records]
+    assert perplexity[1] < 0.2 * perplexity[0]  # it learnt the corpus: ~256 (uniform bytes) -> ~20
+    assert records[2]["info"]["heads"] and records[2]["metrics"]["mac_speedup"] > 1.5
+    control = records[3]["info"]["accuracy_control"]
+    assert control["metric"] == "perplexity" and control["met"] and "float_runtime_accuracy" not in control
+    assert control["steps"][-1]["runtime_metric"] - control["float_runtime_metric"] <= 1.0
+    main(["export", str(out), "--format", "onnx", "--out", str(out / "lm.onnx")])
+    assert "int8 (QDQ)" in capsys.readouterr().out
+    x, y = next(iter(loader))
+    ppl = SequencePerplexity()
+    ppl.update(OrtModel(out / "lm.onnx")(x)[:, :-1].movedim(-1, 1), y[:, 1:])
+    assert ppl.compute().item() == pytest.approx(perplexity[3], rel=0.1)
