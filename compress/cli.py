@@ -80,16 +80,16 @@ def _sensitivity(argv: Sequence[str]) -> int:
                    "recipe's leading train stages)")
     p.add_argument("--ratios", type=float, nargs="+", default=None)
     p.add_argument("--importance", default="l1")
-    p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop allowed per layer (fraction)")
+    p.add_argument("--max-drop", type=float, default=0.01, help="drop of the task's primary metric allowed per layer (accuracy: a fraction)")
     args = p.parse_intermixed_args(list(argv))
     import json
     from pathlib import Path
 
     from compress.checkpoint import load_into, read_checkpoint
-    from compress.metrics import evaluate_accuracy
     from compress.pipeline import NOT_COMPRESSION, Pipeline
     from compress.recipe import load_recipe
     from compress.sensitivity import DEFAULT_RATIOS, run_sensitivity
+    from compress.tasks import evaluate_model
 
     recipe = load_recipe(args.recipe, args.overrides)
     pipeline = Pipeline(recipe)
@@ -103,10 +103,13 @@ def _sensitivity(argv: Sequence[str]) -> int:
             model = stage.apply(model, ctx).model
     out_dir = Path(recipe.cfg.out_dir) / "sensitivity"
     loader = ctx.datamodule.test_dataloader()
-    result = run_sensitivity(model, lambda m: evaluate_accuracy(m, loader)["accuracy"], ctx.example_inputs(),
+    task = recipe.task  # its primary metric, signed so that higher is better (a perplexity is negated)
+    sign = 1.0 if task.higher_is_better else -1.0
+    result = run_sensitivity(model, lambda m: sign * evaluate_model(task, m, loader)["metric"], ctx.example_inputs(),
                              out_dir, ratios=args.ratios or DEFAULT_RATIOS, importance=args.importance,
                              max_drop=args.max_drop)
-    print(f"baseline accuracy {result['baseline']:.4f}; per layer, the largest ratio losing at most {args.max_drop}:")
+    print(f"baseline {task.primary} {sign * result['baseline']:.4f}; per layer, the largest ratio losing at most "
+          f"{args.max_drop}:")
     print("layer_ratios:")
     for name, ratio in result["suggested"].items():
         print(f"  {name}: {ratio}")

@@ -158,10 +158,11 @@ class Recipe:
     def __init__(self, cfg: DictConfig, path: Path | None = None):
         self.path = path
         self.stages = build_stages(cfg.stages)
-        self.task = build_task(cfg.task, "task")
+        self.task = build_task(cfg.get("task"), "task")
         # The resolved recipe shows every stage, and the task, with its defaults filled in.
         full = OmegaConf.to_container(cfg, resolve=True)
-        full["task"] = OmegaConf.to_container(self.task.config, resolve=True)
+        if "task" in full:  # a Recipe made directly from a config without one keeps its sections as given
+            full["task"] = OmegaConf.to_container(self.task.config, resolve=True)
         full["stages"] = [{"type": s.type_name, "name": s.name, **OmegaConf.to_container(s.config, resolve=True)}
                           for s in self.stages]
         self.cfg = OmegaConf.create(full)

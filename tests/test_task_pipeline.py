@@ -197,7 +197,7 @@ def test_multilabel_run_exports_an_int8_graph_scored_by_the_task(multilabel_run,
 
 # -- regression ---------------------------------------------------------------------------------------
 
-def test_regression_through_every_stage(tmp_path):
+def test_regression_through_every_stage(tmp_path, capsys):
     recipe = recipe_for(tmp_path, {"name": "regression"}, {"name": "import:tests.test_task_pipeline:Regressor"},
                         {"name": "import:tests.test_task_pipeline:RegressionData"},
                         compress_stages(lr=0.003, drop=0.2))
@@ -214,6 +214,10 @@ def test_regression_through_every_stage(tmp_path):
     int8 = records[3]["metrics"]["runtime_metric/onnxruntime"]
     assert int8 - control["float_runtime_metric"] <= 0.2
     assert records[3]["metrics"]["runtime_metrics/onnxruntime/r2"] > 0.5
+    main(["export", str(out), "--format", "onnx", "--out", str(out / "int8.onnx")])
+    x, y = RegressionData().test_xy
+    mae = (OrtModel(out / "int8.onnx")(x)[:, 0] - y).abs().mean().item()
+    assert mae == pytest.approx(int8, rel=0.05)
 
 
 # -- a user's task by import ----------------------------------------------------------------------------
@@ -314,3 +318,39 @@ def test_language_model_through_every_stage_with_perplexity_per_stage(tmp_path, 
     ppl = SequencePerplexity()
     ppl.update(OrtModel(out / "lm.onnx")(x)[:, :-1].movedim(-1, 1), y[:, 1:])
     assert ppl.compute().item() == pytest.approx(perplexity[3], rel=0.1)
+
+
+# -- reports: the primary metric and its direction ----------------------------------------------------
+
+def _records(values: list[tuple[float, float]]) -> list[dict]:
+    return [{"index": i, "name": f"s{i}", "type": "prune.structured" if i else "input",
+             "metrics": {"metric": m, "runtime_metric/onnxruntime": m, "stored_bytes": b}}
+            for i, (m, b) in enumerate(values)]
+
+
+def test_compare_front_follows_the_metric_direction():
+    from compress.report.html import compare_figures, stage_figures
+    from compress.report.table import table_columns, terminal_columns
+
+    runs = {"a": _records([(10.0, 4096), (12.0, 2048), (30.0, 1024)]), "b": _records([(10.0, 4096), (11.0, 1024)])}
+    lower = compare_figures(runs, ("perplexity", False))["pareto_stored_bytes"]
+    front = lower.data[-1]
+    assert lower.layout.title.text == "Perplexity vs compressed size" and list(front.y) == [11.0, 10.0]
+    higher = compare_figures(runs, ("map", True))["pareto_stored_bytes"].data[-1]
+    assert list(higher.y) == [30.0]  # the smallest run is also the "best" when higher is better
+    chart = stage_figures(runs["a"])["accuracy"]
+    assert chart.layout.title.text == "Primary metric per stage" and [t.name for t in chart.data] == \
+        ["PyTorch", "runtime onnxruntime"]
+    assert table_columns(runs["a"])[2] == ("metric", "metric", "{:.4g}")
+    assert terminal_columns(runs["a"][1])[0][2].key == "metric"
+
+
+def test_compare_refuses_runs_of_different_tasks(tmp_path):
+    from compress.report.compare import Run, check_comparable
+
+    recipe = {"model": {"name": "m"}, "data": {"name": "d"}}
+    runs = {"a": Run(tmp_path, {**recipe, "task": {"name": "regression"}}, []),
+            "b": Run(tmp_path, recipe, [])}
+    with pytest.raises(UserError, match=r"the runs differ in task \(a: regression \(default metric\), "
+                                        r"b: classification \(default metric\)\)"):
+        check_comparable(runs)

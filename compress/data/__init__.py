@@ -12,7 +12,7 @@ from typing import Any
 from torch import Tensor
 
 from compress.batches import batch_size, describe_inputs, repeat_to
-from compress.data import cifar10, digits, mnist, synthetic, text, tokens  # noqa: F401  (imported for their registrations)
+from compress.data import cifar10, digits, mnist, synthetic, text, tokens, tones  # noqa: F401  (imported for their registrations)
 from compress.data._registry import DATAMODULES
 from compress.data.base import TensorDataModule
 from compress.data.imagefolder import ImageFolderDataModule

@@ -261,7 +261,7 @@ class StructuredPruningStage(Stage):
                                       round_to=c.round_to if c.round_to in ("auto", None) else int(c.round_to),
                                       ignore=ignore,
                                       max_layer_ratio=c.max_layer_ratio, tolerance=c.latency_tolerance,
-                                      on_step=on_step, gradient_batches=gradient_batches, key=key)
+                                      on_step=on_step, gradient_batches=gradient_batches, loss_fn=ctx.task.loss, key=key)
         else:
             result = prune_model(model, x, importance=importance, ratio=c.ratio,
                                  layer_ratios=dict(c.layer_ratios) or None, mac_speedup=c.mac_speedup,
@@ -269,7 +269,7 @@ class StructuredPruningStage(Stage):
                                  round_to=resolve_round_to(c.round_to, None), ignore=ignore,
                                  max_layer_ratio=c.max_layer_ratio, heads=c.heads, head_ratio=c.head_ratio,
                                  on_step=on_step, gradient_batches=gradient_batches, search_steps=c.search_steps,
-                                 key=key)
+                                 loss_fn=ctx.task.loss, key=key)  # taylor: the gradients of the task's own loss
         info = result.as_dict()
         info.update(importance=c.importance if self.importance_obj is None else type(self.importance_obj).__name__,
                     output_layers=outputs)
