@@ -283,10 +283,11 @@ def write_corpus(path: Path, words: int = 1200) -> Path:
 
 
 def test_language_model_through_every_stage_with_perplexity_per_stage(tmp_path, capsys):
+    """Heads, MLP width and a whole block pruned (drop_layers), distilled from self; int8; exported."""
     pytest.importorskip("transformers")
     corpus = write_corpus(tmp_path / "corpus.txt")
     stages = [{"type": "train", "epochs": 2, "optimizer": {"name": "adamw", "lr": 0.01}, "lr_schedule": "none"},
-              {"type": "prune.structured", "ratio": 0.5, "heads": "prune",
+              {"type": "prune.structured", "ratio": 0.5, "heads": "prune", "drop_layers": ["transformer.h.1"],
                "finetune": {"epochs": 1, "optimizer": {"name": "adamw", "lr": 0.005}, "lr_schedule": "none",
                             "distill": {"teacher": "self", "T": 1.0, "alpha": 0.5}}},
               {"type": "quantize", "mode": "ptq", "calibration_batches": 2, "max_metric_drop": 1.0}]
@@ -309,6 +310,9 @@ def test_language_model_through_every_stage_with_perplexity_per_stage(tmp_path, 
     perplexity = [r["metrics"]["metrics/perplexity"] for r in records]
     assert perplexity[1] < 0.2 * perplexity[0]  # it learnt the corpus: ~256 (uniform bytes) -> ~20
     assert records[2]["info"]["heads"] and records[2]["metrics"]["mac_speedup"] > 1.5
+    assert records[2]["info"]["dropped_layers"] == ["transformer.h.1"]
+    reloaded = load_model(out / "stage-3-quantize.ckpt")
+    assert len(reloaded.transformer.h) == 1 and reloaded.config.num_layers == 1
     control = records[3]["info"]["accuracy_control"]
     assert control["metric"] == "perplexity" and control["met"] and "float_runtime_accuracy" not in control
     assert control["steps"][-1]["runtime_metric"] - control["float_runtime_metric"] <= 1.0
@@ -354,3 +358,45 @@ def test_compare_refuses_runs_of_different_tasks(tmp_path):
     with pytest.raises(UserError, match=r"the runs differ in task \(a: regression \(default metric\), "
                                         r"b: classification \(default metric\)\)"):
         check_comparable(runs)
+
+
+# -- whole layers dropped ---------------------------------------------------------------------------------
+
+class Blocks(nn.Module):
+    def __init__(self, n: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(n))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def test_drop_layers_removes_blocks_and_a_fresh_model_is_cut_the_same_way():
+    from compress.pruning.layers import drop_layers, layer_counts, restore_layer_counts
+
+    torch.manual_seed(0)
+    model = Blocks()
+    kept = [model.blocks[0], model.blocks[2]]
+    assert drop_layers(model, ["blocks.1"], "k") == ["blocks.1"] and list(model.blocks) == kept
+    fresh = Blocks()
+    restore_layer_counts(fresh, layer_counts(model), model.state_dict())
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(2, 4)
+    assert torch.equal(fresh(x), model(x))
+    with pytest.raises(UserError, match=r"k\[0\]: 'blocks.5' is not an item of an nn.ModuleList \(items of blocks\)"):
+        drop_layers(model, ["blocks.5"], "k")
+    with pytest.raises(UserError, match=r"k\[0\]: 'fc.0' is not an item of an nn.ModuleList \(the model has no"):
+        drop_layers(nn.Sequential(nn.Linear(2, 2)), ["fc.0"], "k")
+    with pytest.raises(UserError, match="k: every item of 'blocks' would go; keep at least one"):
+        drop_layers(model, ["blocks.0", "blocks.1"], "k")
+    with pytest.raises(UserError, match="ckpt: checkpoint is of another architecture \\(no layer list 'layers'\\)"):
+        restore_layer_counts(fresh, {"layers": 1}, {}, "ckpt")
+
+
+def test_drop_layers_is_refused_at_plan_time_in_a_recipe(tmp_path):
+    recipe = recipe_for(tmp_path, {"name": "classification"}, {"name": "lenet300"}, {"name": "digits"},
+                        [{"type": "prune.structured", "ratio": 0.5, "drop_layers": ["fc.0"]}])
+    with pytest.raises(UserError, match=r"stages\[0\]\.drop_layers\[0\]: 'fc.0' is not an item"):
+        Pipeline(load_recipe(recipe), quiet=True).prepare()

@@ -57,6 +57,7 @@ from compress.errors import UserError
 from compress.plumbing.masks import prunable_layers
 from compress.pruning.attention import HEAD_MODES, TorchMHA, find_attention, plan_heads
 from compress.pruning.latency import check_latency_target, latency_backend, prune_to_latency, resolve_round_to
+from compress.pruning.layers import check_drop_layers, drop_layers
 from compress.pruning.structured import (
     IMPORTANCES,
     SparsityRegularizer,
@@ -95,6 +96,7 @@ class StructuredConfig:
     ignore: list[str] = field(default_factory=list)  # layers (names/globs) whose outputs are kept
     max_layer_ratio: float = 0.9  # no layer loses more than this fraction of its channels
     heads: str = "prune"  # attention: prune (whole heads) | dims (dims of every head) | keep (neither)
+    drop_layers: list[str] = field(default_factory=list)  # whole blocks removed first: items of a ModuleList
     head_ratio: float | None = None  # heads: prune: fraction of each module's heads removed (default: its ratio)
     taylor_batches: int = 4  # training batches whose gradients the taylor importance uses
     search_steps: int = 200  # resolution of the mac_speedup search (fine pruning steps)
@@ -205,6 +207,7 @@ class StructuredPruningStage(Stage):
         Without example inputs the output layer is taken to be the last conv/linear defined. What the
         attention modules cannot take is refused here, before the pipeline runs any stage.
         """
+        dropped = check_drop_layers(model, list(self.config.drop_layers), f"{self.key}.drop_layers")
         layers = prunable_layers(model)
         names = list(layers)
         outputs = output_layers(model, self.example) if self.example is not None else names[-1:]
@@ -219,6 +222,7 @@ class StructuredPruningStage(Stage):
                        max_layer_ratio=c.max_layer_ratio, global_pruning=c.global_pruning, key=self.key)
         by_pattern = {n: c.layer_ratios[p] for p in c.layer_ratios for n in touched if n == p or fnmatchcase(n, p)}
         heads = [f"{a.name} -> heads: {c.heads} ({a.kind.label})" for a in find_attention(model)]
+        heads += [f"{parent}.{i} -> dropped" for parent, indices in dropped.items() for i in indices]
         if c.mac_speedup is not None:
             return [f"{n} -> until {c.mac_speedup:g}x MACs" for n in touched] + heads
         if c.latency_speedup is not None:
@@ -229,6 +233,7 @@ class StructuredPruningStage(Stage):
     def apply(self, model: nn.Module, ctx: Context | None = None) -> StageResult:
         ctx = ctx or Context()
         c, key = self.config, self.key
+        dropped = drop_layers(model, list(c.drop_layers), f"{key}.drop_layers")  # whole blocks first
         x = self.example if self.example is not None else ctx.example_inputs(batch_size=2)
         outputs = output_layers(model, x)
         ignored, _ = self._check_layers(model, outputs)
@@ -272,7 +277,7 @@ class StructuredPruningStage(Stage):
                                  loss_fn=ctx.task.loss, key=key)  # taylor: the gradients of the task's own loss
         info = result.as_dict()
         info.update(importance=c.importance if self.importance_obj is None else type(self.importance_obj).__name__,
-                    output_layers=outputs)
+                    output_layers=outputs, dropped_layers=dropped)
         return StageResult(model, info)
 
     def _attention_kept(self, model: nn.Module) -> list[str]:
