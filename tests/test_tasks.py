@@ -368,3 +368,27 @@ def test_building_a_task_does_not_import_torchmetrics():
             "print('torchmetrics' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# -- tones data -----------------------------------------------------------------------------------
+
+def test_tones_are_pure_tones_at_their_fractional_bins():
+    from compress.data.tones import bin_to_hz
+
+    dm = build_datamodule({"name": "tones", "train_size": 16, "test_size": 4, "frame": 4096})
+    x, y = dm.train_tensors
+    assert x.shape == (16, 4096) and y.dtype == torch.float32 and dm.num_classes == 360
+    assert ((40 <= y) & (y <= 300)).all() and (y != y.round()).all()  # exact pitches, between bins
+    assert torch.allclose(x.mean(1), torch.zeros(16), atol=1e-5) and torch.allclose(x.std(1), torch.ones(16))
+    peak_hz = torch.fft.rfft(x.double(), n=16 * 4096).abs().argmax(1) * 16000 / (16 * 4096)
+    assert torch.allclose(peak_hz.float(), bin_to_hz(y), rtol=2e-3)
+    assert bin_to_hz(torch.tensor(0.0)).item() == pytest.approx(31.70, abs=0.01)
+
+
+@pytest.mark.parametrize(("cfg", "match"), [
+    ({"min_bin": 300, "max_bin": 40}, r"data.min_bin, data.max_bin: 300, 40; need 0 <= min_bin < max_bin <= 359"),
+    ({"max_bin": 359, "sample_rate": 2000}, r"data.max_bin: 359 is above the Nyquist frequency"),
+])
+def test_tones_errors(cfg, match):
+    with pytest.raises(UserError, match=match):
+        build_datamodule({"name": "tones", "train_size": 4, "test_size": 2, **cfg}).setup()

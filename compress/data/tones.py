@@ -4,7 +4,7 @@ Each sample is one frame of ``frame`` samples at ``sample_rate`` Hz of ``sin(2 p
 random amplitude, plus white noise at ``noise`` (relative to the amplitude), normalised to zero mean
 and unit variance per frame as CREPE does. The pitch is drawn uniformly in cents between bins
 ``min_bin`` and ``max_bin``; the target is its exact, fractional bin: ``(cents - 1997.38) / 20``
-(CREPE's bins are 20 cents wide from 32.70 Hz, Kim et al. 2018; torchcrepe's ``convert``). A
+(CREPE's bins are 20 cents wide from 31.70 Hz, Kim et al. 2018; torchcrepe's ``convert``). A
 ``multilabel`` task with ``label_smoothing_sigma: 1.25`` trains on CREPE's Gaussian targets.
 """
 
@@ -22,7 +22,7 @@ from compress.errors import UserError
 
 __all__ = ["TonesConfig", "TonesDataModule", "CENTS_OFFSET", "CENTS_PER_BIN", "bin_to_hz"]
 
-CENTS_OFFSET = 1997.3794084376191  # cents (re 10 Hz) of bin 0: 32.70 Hz
+CENTS_OFFSET = 1997.3794084376191  # cents (re 10 Hz) of bin 0: 31.70 Hz
 CENTS_PER_BIN = 20.0
 BINS = 360
 
@@ -36,8 +36,8 @@ def bin_to_hz(bins: Tensor) -> Tensor:
 class TonesConfig(DataConfig):
     sample_rate: int = 16000
     frame: int = 1024
-    min_bin: int = 40  # 82 Hz
-    max_bin: int = 300  # 1042 Hz
+    min_bin: int = 40  # 50.3 Hz
+    max_bin: int = 300  # 1014 Hz
     noise: float = 0.0
     train_size: int = 2048
     test_size: int = 512
