@@ -400,3 +400,43 @@ def test_drop_layers_is_refused_at_plan_time_in_a_recipe(tmp_path):
                         [{"type": "prune.structured", "ratio": 0.5, "drop_layers": ["fc.0"]}])
     with pytest.raises(UserError, match=r"stages\[0\]\.drop_layers\[0\]: 'fc.0' is not an item"):
         Pipeline(load_recipe(recipe), quiet=True).prepare()
+
+
+# -- the int8 gate and the runtime judged by the task -----------------------------------------------------
+
+def test_the_int8_check_by_the_task_refuses_a_graph_worse_than_the_recipe_allows(tmp_path):
+    from compress.runtime import export_onnx, ort_evaluate
+    from compress.runtime.export import _check_int8_metric
+    from compress.tasks import build_task
+
+    torch.manual_seed(0)
+    good, other = Regressor(), Regressor()
+    x = torch.randn(64, 16)
+    path = export_onnx(other.eval(), tmp_path / "other.onnx", x[:1])  # the graph computes another function
+    with torch.no_grad():
+        targets = good.eval()(x)[:, 0]
+    task = build_task({"name": "regression"})
+    with pytest.raises(UserError, match=r"export: int8 ONNX Runtime mae is .* on 64 check inputs, the PyTorch quantised "
+                                        r"model's 0 \(float: 0\): more than 0.01 worse and more than max_accuracy_drop "
+                                        r"0.001 below float; file not written"):
+        _check_int8_metric(good, good, path, x, targets, task, max_drop=0.001)
+    assert _check_int8_metric(good, good, path, x, targets, task, max_drop=100.0) > 0  # within what the recipe allows
+    with pytest.raises(ValueError, match="check_targets needs the check_inputs"):
+        from compress.quant import quantize_ptq
+
+        quantized = Regressor()
+        quantize_ptq(quantized, [x])
+        export_onnx(quantized, tmp_path / "q.onnx", x[:1], check_targets=targets, task=task)
+    with pytest.raises(UserError, match="runtime metrics: data: the test data loader yielded no batches"):
+        ort_evaluate(path, [], task)
+
+
+def test_a_task_with_classes_needs_a_class_dimension():
+    from compress.model_setup import check_outputs
+    from compress.tasks import build_task
+
+    flat = nn.Sequential(nn.Linear(16, 1), nn.Flatten(0))  # (N,) outputs
+    with pytest.raises(UserError, match=r"model.output: the logits have shape \(2,\); expected \(batch, classes, "
+                                        r"...\) for task multilabel"):
+        check_outputs(flat, torch.randn(2, 16), None, build_task({"name": "multilabel"}))
+    check_outputs(flat, torch.randn(2, 16), None, build_task({"name": "regression"}))  # no classes: any shape
