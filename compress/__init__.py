@@ -36,6 +36,8 @@ _API = {
     "Pipeline": "compress.pipeline", "measure": "compress.measurement",
     "load_recipe": "compress.recipe",
     "set_output": "compress.calls", "logits_of": "compress.calls",
+    "Task": "compress.tasks", "TASKS": "compress.tasks", "build_task": "compress.tasks",
+    "evaluate_model": "compress.tasks",
 }
 
 __all__ = sorted(_API)

@@ -25,7 +25,7 @@ from compress.errors import UserError
 from compress.files import atomic_write
 from compress.models import build_from_spec
 from compress.plumbing.restorers import PARAMETRIZATIONS, restore_saved, saved_states
-from compress.pruning import attention, structured  # noqa: F401  (registrations, as above)
+from compress.pruning import attention, layers, structured  # noqa: F401  (registrations, as above)
 from compress.pruning.selfcheck import TOLERANCE, outputs_error
 
 __all__ = ["FORMAT", "PARAMETRIZATIONS", "atomic_write", "save_checkpoint", "read_checkpoint", "load_model",

@@ -108,16 +108,16 @@ def _sensitivity(argv: Sequence[str]) -> int:
                    "recipe's leading train stages)")
     p.add_argument("--ratios", type=float, nargs="+", default=None)
     p.add_argument("--importance", default="l1")
-    p.add_argument("--max-drop", type=float, default=0.01, help="accuracy drop allowed per layer (fraction)")
+    p.add_argument("--max-drop", type=float, default=0.01, help="drop of the task's primary metric allowed per layer (accuracy: a fraction)")
     args = p.parse_intermixed_args(list(argv))
     from pathlib import Path
 
     from compress.checkpoint import load_into, read_checkpoint
     from compress.files import finite
-    from compress.metrics import evaluate_accuracy
     from compress.pipeline import NOT_COMPRESSION, Pipeline
     from compress.recipe import load_recipe
     from compress.sensitivity import DEFAULT_RATIOS, run_sensitivity
+    from compress.tasks import evaluate_model
 
     recipe = load_recipe(args.recipe, args.overrides)
     pipeline = Pipeline(recipe)
@@ -131,10 +131,13 @@ def _sensitivity(argv: Sequence[str]) -> int:
             model = stage.apply(model, ctx).model
     out_dir = Path(recipe.cfg.out_dir) / "sensitivity"
     loader = ctx.datamodule.test_dataloader()
-    result = run_sensitivity(model, lambda m: evaluate_accuracy(m, loader)["accuracy"], ctx.example_inputs(),
+    task = recipe.task  # its primary metric, signed so that higher is better (a perplexity is negated)
+    sign = 1.0 if task.higher_is_better else -1.0
+    result = run_sensitivity(model, lambda m: sign * evaluate_model(task, m, loader)["metric"], ctx.example_inputs(),
                              out_dir, ratios=args.ratios or DEFAULT_RATIOS, importance=args.importance,
                              max_drop=args.max_drop)
-    print(f"baseline accuracy {result['baseline']:.4f}; per layer, the largest ratio losing at most {args.max_drop}:")
+    print(f"baseline {task.primary} {sign * result['baseline']:.4f}; per layer, the largest ratio losing at most "
+          f"{args.max_drop}:")
     print("layer_ratios:")
     for name, ratio in result["suggested"].items():
         print(f"  {name}: {ratio}")
@@ -212,10 +215,11 @@ def _export(argv: Sequence[str]) -> int:
 def _export_onnx(model, data: dict, source: str, out, max_drop: float | None = None) -> int:
     """The ONNX half of ``export``: inputs, calibration batches and the int8 gate's test split come from
     the run's own data; the gate's tolerance is the run's ``max_accuracy_drop`` unless given."""
-    from compress.batches import batch_size, take
+    from compress.calls import batch_size, take
     from compress.data import build_datamodule, example_batch, training_inputs
     from compress.quant import is_quantized
     from compress.runtime import DEFAULT_MAX_ACCURACY_DROP, OrtModel, export_onnx
+    from compress.tasks import build_task
 
     recipe = data.get("recipe") or {}
     if "data" not in recipe:
@@ -226,14 +230,16 @@ def _export_onnx(model, data: dict, source: str, out, max_drop: float | None = N
     quantize = next((s for s in recipe.get("stages", []) if s.get("type") == "quantize"), {})
     calibration = quantize.get("calibration_batches", 8)
     if max_drop is None:
-        max_drop = quantize.get("max_accuracy_drop")
+        max_drop = next((quantize[k] for k in ("max_accuracy_drop", "max_metric_drop") if quantize.get(k) is not None),
+                        None)
     max_drop = DEFAULT_MAX_ACCURACY_DROP if max_drop is None else max_drop
     if not 0 <= max_drop < 1:
         raise UserError(f"--max-accuracy-drop: {max_drop} must be in [0, 1) (a fraction: 0.005 is half a point)")
     dm.setup("test")
     test = example_batch(dm, 256)[0]
     export_onnx(model, out, take(test, 1), calibration=training_inputs(dm, calibration) if quantized else None,
-                check_inputs=test, test=dm.test_dataloader() if quantized else None, max_accuracy_drop=max_drop)
+                check_inputs=test, test=dm.test_dataloader() if quantized else None, max_accuracy_drop=max_drop,
+                task=build_task(recipe.get("task")))
     print(f"{out}: {out.stat().st_size:,} bytes, {'int8 (QDQ)' if quantized else 'fp32'} ONNX from {source}, "
           f"checked against PyTorch on {batch_size(test)} test inputs; runs in ONNX Runtime "
           f"({OrtModel(out).session.get_providers()[0]})")

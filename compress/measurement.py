@@ -19,10 +19,11 @@ from compress.data import describe, example_batch, training_inputs
 from compress.encoding import model_storage
 from compress.errors import UserError
 from compress.hardware import hardware_metrics
-from compress.metrics import compare_latency, count_layers, evaluate_accuracy, summarize, thread_env
+from compress.metrics import compare_latency, count_layers, summarize, thread_env
 from compress.plumbing.masks import deployed_copy
 from compress.quant import float_copy, int8_storage_bytes, is_quantized
-from compress.runtime import RUNTIMES, feeds, ort_accuracy
+from compress.runtime import RUNTIMES, feeds, ort_evaluate
+from compress.tasks import Task, build_task, evaluate_model
 
 __all__ = ["MeasureConfig", "measure", "runtime_metrics"]
 
@@ -41,6 +42,8 @@ class MeasureConfig:
         hardware: simulated hardware profiles (``hardware``).
         index_bits: relative-index width of the stored size (``encoding.index_bits``).
         calibration_batches: the int8 calibration size of a runtime's graph (the ``quantize`` stage's).
+        task: what judges the outputs (the recipe's ``task``; None: classification).
+        int8_max_drop: the quantize stage's ``max_accuracy_drop``: how far below float an int8 graph may be.
     """
 
     repeats: int = 30
@@ -52,17 +55,21 @@ class MeasureConfig:
     hardware: tuple[str, ...] = ()
     index_bits: int | str = 5
     calibration_batches: int = 8
+    task: Task | None = None
+    int8_max_drop: float | None = None
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> MeasureConfig:
         """The settings a validated :class:`compress.recipe.Recipe` gives."""
         cfg, e = recipe.cfg, recipe.cfg.eval
         # the quantize stage's calibration size, so a runtime's int8 graph sees the same batches
-        calibration = next((int(s.config.calibration_batches) for s in recipe.stages if s.type_name == "quantize"), 8)
+        quantize = next((s for s in recipe.stages if s.type_name == "quantize"), None)
+        calibration = int(quantize.config.calibration_batches) if quantize is not None else 8
         return cls(repeats=e.latency_repeats, warmup=e.latency_warmup, latency_batch=e.latency_batch_size,
                    threads=e.latency_threads, max_batches=e.max_batches, runtimes=tuple(e.runtimes),
                    hardware=tuple(cfg.hardware), index_bits=cfg.encoding.index_bits,
-                   calibration_batches=calibration)
+                   calibration_batches=calibration, task=recipe.task,
+                   int8_max_drop=quantize.max_drop if quantize is not None else None)
 
 
 def measure(model: nn.Module, datamodule: Any, config: MeasureConfig = MeasureConfig(), *,
@@ -91,7 +98,9 @@ def measure(model: nn.Module, datamodule: Any, config: MeasureConfig = MeasureCo
     model = model.cpu()
     x1 = example_batch(datamodule, 1)[0]
     layers = count_layers(model, x1)
-    metrics: dict[str, Any] = evaluate_accuracy(model, datamodule.test_dataloader(), c.max_batches)
+    task = c.task if c.task is not None else build_task(None)
+    # metric (the primary), metrics/<name>, loss; accuracy too for classification
+    metrics: dict[str, Any] = evaluate_model(task, model, datamodule.test_dataloader(), c.max_batches)
     nonfinite = metrics.pop("nonfinite", None)
     metrics.update(summarize(model, layers))
     extras: dict[str, Any] = {}
@@ -166,7 +175,9 @@ def runtime_metrics(model: nn.Module, baseline_model: nn.Module, datamodule: Any
 
     Keys: ``runtime_latency_ms/R``, ``runtime_latency_ms_batch/R``, ``runtime_speedup/R``,
     ``runtime_speedup_batch/R`` (against stage 0 in the same runtime), their ``_iqr``,
-    ``runtime_accuracy/R`` (test accuracy computed by the runtime) and ``runtime_bytes/R`` (the file).
+    ``runtime_metric/R`` (the task's primary metric computed by the runtime on its outputs),
+    ``runtime_metrics/R/<name>`` (each of the task's metrics), ``runtime_accuracy/R`` (classification:
+    test accuracy) and ``runtime_bytes/R`` (the file).
     ``baselines`` (runtime -> session of ``baseline_model``) is filled on first use and reused after, so
     the input model is deployed once per run, not once per stage.
     """
@@ -176,11 +187,15 @@ def runtime_metrics(model: nn.Module, baseline_model: nn.Module, datamodule: Any
     notes: list[str] = []
     calibration = training_inputs(datamodule, c.calibration_batches) if is_quantized(model) else None
     a1, ab = feeds(x1), feeds(xb)
+    # the int8 graph is judged by the task on labelled test inputs (a deploy function takes these keywords)
+    check_x, check_y = example_batch(datamodule, 256)
+    check = {"check_inputs": check_x, "check_targets": check_y, "task": c.task or build_task(None),
+             "max_drop": c.int8_max_drop} if calibration is not None else {}
     with tempfile.TemporaryDirectory(prefix="compress-runtime-") as tmp:
         for r in c.runtimes:
             deploy = RUNTIMES.get(r, "eval.runtimes")
             path = Path(tmp) / f"{r}.onnx"
-            session = deploy(model, path, x1, calibration=calibration, threads=c.threads)
+            session = deploy(model, path, x1, calibration=calibration, threads=c.threads, **check)
             if r not in baselines:  # a session holds its graph in memory: the file may go with tmp
                 baselines[r] = deploy(baseline_model, Path(tmp) / f"{r}-baseline.onnx", x1, threads=c.threads)
             base = baselines[r]
@@ -194,7 +209,12 @@ def runtime_metrics(model: nn.Module, baseline_model: nn.Module, datamodule: Any
             metrics[f"runtime_speedup_iqr/{r}"] = list(t1.speedup_iqr)
             metrics[f"runtime_speedup_batch/{r}"] = tb.speedup
             metrics[f"runtime_speedup_batch_iqr/{r}"] = list(tb.speedup_iqr)
-            metrics[f"runtime_accuracy/{r}"] = ort_accuracy(session, datamodule.test_dataloader(), c.max_batches)
+            scores = ort_evaluate(session, datamodule.test_dataloader(), c.task or build_task(None), c.max_batches)
+            metrics[f"runtime_metric/{r}"] = scores["metric"]
+            metrics.update({f"runtime_metrics/{r}/{k[len('metrics/'):]}": v for k, v in scores.items()
+                            if k.startswith("metrics/")})
+            if "accuracy" in scores:
+                metrics[f"runtime_accuracy/{r}"] = scores["accuracy"]
             metrics[f"runtime_bytes/{r}"] = path.stat().st_size
             if t1.busy or t1.wide_spread or tb.wide_spread:
                 notes.append(f"{r}: timing unreliable ({t1.busy or t1.wide_spread or tb.wide_spread}): runtime "

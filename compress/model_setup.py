@@ -13,6 +13,7 @@ from compress.calls import describe_inputs, eval_mode, forward, output_field
 from compress.checkpoint import load_into, read_checkpoint
 from compress.errors import UserError
 from compress.models import model_kwargs
+from compress.tasks import Task, build_task
 
 __all__ = ["model_spec", "load_weights", "check_outputs"]
 
@@ -28,23 +29,28 @@ def model_spec(cfg: Any, input_shape: tuple[int, ...], num_classes: int) -> dict
     return spec
 
 
-def check_outputs(model: nn.Module, x: Any, num_classes: int | None) -> None:
-    """One forward before any work: the inputs fit, the logits are found (``model.output``), the
-    classes agree with the data's (a one-line UserError otherwise)."""
+def check_outputs(model: nn.Module, x: Any, num_classes: int | None, task: Task | None = None) -> None:
+    """One forward before any work: the inputs fit, the outputs are found (``model.output``), and where
+    the task has classes and the data says how many, the model's output width agrees (a one-line
+    UserError otherwise). Without a task: classification."""
+    task = task if task is not None else build_task(None)
     try:
         with eval_mode(model), torch.no_grad():
             logits = forward(model, x)
     except (RuntimeError, TypeError, ValueError) as e:
         raise UserError(f"model: it does not run on the data's inputs {describe_inputs(x)} "
                         f"({str(e).strip().splitlines()[0][:200]})") from None
-    if logits.dim() != 2:
-        raise UserError(f"model.output: the logits have shape {tuple(logits.shape)}; expected (batch, classes) "
-                        "(set model.output to the field holding them)")
+    if not task.has_classes:
+        return
+    if logits.dim() < 2:
+        raise UserError(f"model.output: the logits have shape {tuple(logits.shape)}; expected (batch, classes, ...) "
+                        f"for task {task.name} (set model.output to the field holding them)")
     field = output_field(model)
-    if num_classes is not None and logits.shape[1] != num_classes:
+    width = task.width(logits)
+    if num_classes is not None and width != num_classes:
         where = "" if field is None else f" (model.output {field!r})"
         also = "" if field is None else ", or model.output to the field that holds the logits"
-        raise UserError(f"model: it predicts {logits.shape[1]} classes{where}, the data has {num_classes}; set "
+        raise UserError(f"model: it predicts {width} classes{where}, the data has {num_classes}; set "
                         f"model.num_classes: {num_classes} (or the model's own argument for it){also}")
 
 

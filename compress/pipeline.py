@@ -65,21 +65,19 @@ class Pipeline:
         dm = build_datamodule(cfg.data, seed=cfg.seed)
         dm.setup("fit")
         dm.setup("test")  # a user's LightningDataModule may build its test split only here
+        # num_classes None (a data module that does not say, or a task without classes): the model's own width stands
         input_shape, num_classes, batch_size = describe(dm)
-        if num_classes is None and "num_classes" not in cfg.model:
-            raise UserError(f"model.num_classes: the data module {cfg.data.name} does not say how many classes it "
-                            "has (no num_classes attribute); set model.num_classes")
         self.spec = model_spec(cfg.model, input_shape, num_classes)
         model = build_model(self.spec["name"], key="model", output=self.spec.get("output"), **self.spec["kwargs"])
         if cfg.model.get("checkpoint"):
             load_weights(model, Path(cfg.model.checkpoint))
         x = example_batch(dm, 2)[0]
-        check_outputs(model, x, num_classes)
+        check_outputs(model, x, num_classes, self.recipe.task)
         self.plans = {stage.name: stage.plan(model, x) for stage in self.recipe.stages}
         ctx = Context(dm, out_dir=self.out_dir, trainer=OmegaConf.to_container(cfg.trainer), seed=cfg.seed,
                       teachers_dir=cfg.teachers_dir, latency_batch=cfg.eval.latency_batch_size or batch_size,
                       latency_threads=cfg.eval.latency_threads, model_spec=self.spec,
-                      trust_model_code=self.trust_model_code)
+                      trust_model_code=self.trust_model_code, task=self.recipe.task)
         return model, ctx
 
     def _check_out_dir(self) -> None:

@@ -98,6 +98,7 @@ class RecipeConfig:
     out_dir: str = "runs/${name}"
     model: dict[str, Any] = field(default_factory=lambda: {"name": "lenet300"})
     data: dict[str, Any] = field(default_factory=lambda: {"name": "digits"})
+    task: dict[str, Any] = field(default_factory=lambda: {"name": "classification"})  # compress.tasks: what judges
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -165,8 +166,11 @@ class Recipe:
     def __init__(self, cfg: DictConfig, path: Path | None = None, stages: list[Any] | None = None):
         self.path = path
         self.stages = build_stages(cfg.stages) if stages is None else stages
-        # The resolved recipe shows every stage with its defaults filled in.
+        self.task = _names().build_recipe_task(cfg)
+        # The resolved recipe shows every stage, and the task, with its defaults filled in.
         full = OmegaConf.to_container(cfg, resolve=True)
+        if "task" in full:  # a Recipe made directly from a config without one keeps its sections as given
+            full["task"] = OmegaConf.to_container(self.task.config, resolve=True)
         full["stages"] = [{"type": s.type_name, "name": s.name, **OmegaConf.to_container(s.config, resolve=True)}
                           for s in self.stages]
         if full.get("search") is None:  # only a search recipe shows the section
@@ -246,13 +250,18 @@ def build_stages(blocks: Any) -> list[Any]:
     return _stage_objects(check_stage_blocks(blocks))
 
 
-def _stage_objects(blocks: list[StageBlock], cfg: DictConfig | None = None) -> list[Any]:
-    """Stage objects for checked blocks; with ``cfg``, the recipe's other names are looked up too."""
-    from compress.recipe_names import (
-        build_stage_objects,  # the stage classes and the registries bring torch: after keys, types and ranges
+def _names() -> Any:
+    """:mod:`compress.recipe_names`, loaded when first needed."""
+    from compress import (
+        recipe_names,  # the stage classes, tasks and registries bring torch: after keys, types, ranges
     )
 
-    return build_stage_objects(blocks, cfg)
+    return recipe_names
+
+
+def _stage_objects(blocks: list[StageBlock], cfg: DictConfig | None = None) -> list[Any]:
+    """Stage objects for checked blocks; with ``cfg``, the recipe's other names are looked up too."""
+    return _names().build_stage_objects(blocks, cfg)
 
 
 def load_recipe(source: str | Path | dict[str, Any] | DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -16,8 +16,9 @@ from compress.hardware import check_profiles
 from compress.models import model_class
 from compress.runtime import check_runtimes
 from compress.stages import STAGES
+from compress.tasks import Task, build_task
 
-__all__ = ["check_names", "check_data", "build_stage_objects"]
+__all__ = ["check_names", "check_data", "build_stage_objects", "build_recipe_task"]
 
 
 def check_names(cfg: DictConfig) -> None:
@@ -48,3 +49,8 @@ def build_stage_objects(blocks: list[Any], cfg: DictConfig | None = None) -> lis
     if cfg is not None:
         check_data(cfg)
     return stages
+
+
+def build_recipe_task(cfg: DictConfig) -> Task:
+    """The task a recipe's ``task:`` section names (``classification`` when it has none)."""
+    return build_task(cfg.get("task"), "task")

@@ -135,6 +135,7 @@ class StructuredConfig:
     ignore: list[str] = field(default_factory=list)  # layers (names/globs) whose outputs are kept
     max_layer_ratio: float = 0.9  # no layer loses more than this fraction of its channels
     heads: str = "prune"  # attention: prune (whole heads) | dims (dims of every head) | keep (neither)
+    drop_layers: list[str] = field(default_factory=list)  # whole blocks removed first: items of a ModuleList
     head_ratio: float | None = None  # heads: prune: fraction of each module's heads removed (default: its ratio)
     taylor_batches: int = 4  # training batches whose gradients the taylor importance uses
     search_steps: int = 200  # resolution of the mac_speedup search (fine pruning steps)
@@ -229,7 +230,8 @@ class QuantizeConfig:
     bits: int = 8
     calibration_batches: int = 8  # training batches that set activation ranges
     ignore: list[str] = field(default_factory=list)  # layers kept in float (names/globs)
-    max_accuracy_drop: float | None = None  # fraction; layers go back to float until the runtime accuracy is within it
+    max_accuracy_drop: float | None = None  # layers go back to float until the runtime primary metric is within it
+    max_metric_drop: float | None = None  # the same, by the name that fits a task whose metric is not accuracy
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @staticmethod
@@ -242,5 +244,9 @@ class QuantizeConfig:
                             "quantisation: set finetune.epochs >= 1, or use mode: ptq")
         if c.mode == "ptq" and c.finetune.epochs > 0:
             raise UserError(f"{key}.finetune.epochs: mode ptq does not train; use mode: qat to fine-tune")
+        if c.max_accuracy_drop is not None and c.max_metric_drop is not None:
+            raise UserError(f"{key}.max_metric_drop: also given as max_accuracy_drop (its alias); keep one")
         if c.max_accuracy_drop is not None:
             check_range(c.max_accuracy_drop, f"{key}.max_accuracy_drop", 0.0, 1.0)
+        if c.max_metric_drop is not None and c.max_metric_drop < 0:
+            raise UserError(f"{key}.max_metric_drop: {c.max_metric_drop} must be >= 0 (a drop of the task's primary metric)")

@@ -198,7 +198,7 @@ print('torch' in sys.modules)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
         "typo_key: unknown key 'typo_key'; valid: data, encoding, eval, hardware, logger, model, name, out_dir, "
-        "search, seed, stages, teachers_dir, trainer",
+        "search, seed, stages, task, teachers_dir, trainer",
         "eval.latency_repeats: 0 must be >= 1",
         "stages[0].epochs: Value 'ten' of type 'str' could not be converted to Integer",
         "stages[1].ratio: 1.5 is outside [0, 1)",

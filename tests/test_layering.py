@@ -23,6 +23,7 @@ LAYERS = {
     "compress.files": 1, "compress.calls": 1, "compress.batches": 1,
     "compress.plumbing": 2.1,
     "compress.models": 2.2, "compress.data": 2.2, "compress.lit": 2.2,
+    "compress.tasks": 2.15,
     "compress.quant": 2.3, "compress.sharing": 2.3,
     "compress.metrics": 2.4, "compress.hardware": 2.4, "compress.runtime": 2.4,
     "compress.pruning": 2.5,
@@ -37,6 +38,7 @@ LAYERS = {
 LAYER_NAMES = {1: "foundation", 2: "capabilities", 3: "stages", 4: "orchestration", 5: "entry points"}
 CAPABILITY_SUBLAYERS = {
     2.1: "model plumbing",  # masks and other parametrizations, deployed copies, the restorer registries
+    2.15: "tasks",  # what judges a model's outputs: loss, metrics, distillation form (the loop and runtimes ask)
     2.2: "models, data, training loop",  # leaves: none imports another capability
     2.3: "weight formats",  # int8 quantisation, shared-weight codebooks
     2.4: "measurement",  # counting and timing, simulated hardware, runtimes: they read the formats

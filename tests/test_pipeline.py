@@ -95,11 +95,14 @@ def test_measure_config_gathers_eval_hardware_index_bits_and_the_quantize_calibr
     recipe = quick_recipe(tmp_path, hardware=["jetson-tx2"], encoding={"index_bits": 4},
                           eval={"latency_repeats": 7, "latency_warmup": 2, "latency_batch_size": 16,
                                 "latency_threads": 2, "max_batches": 3, "runtimes": ["onnxruntime"]})
-    assert MeasureConfig.from_recipe(load_recipe(recipe)) == MeasureConfig(
+    loaded = load_recipe(recipe)
+    assert MeasureConfig.from_recipe(loaded) == MeasureConfig(
         repeats=7, warmup=2, latency_batch=16, threads=2, max_batches=3, runtimes=("onnxruntime",),
-        hardware=("jetson-tx2",), index_bits=4, calibration_batches=8)  # no quantize stage: the default
-    recipe["stages"].append({"type": "quantize", "calibration_batches": 5})
+        hardware=("jetson-tx2",), index_bits=4, calibration_batches=8,  # no quantize stage: the default
+        task=loaded.task)
+    recipe["stages"].append({"type": "quantize", "calibration_batches": 5, "max_accuracy_drop": 0.02})
     assert MeasureConfig.from_recipe(load_recipe(recipe)).calibration_batches == 5
+    assert MeasureConfig.from_recipe(load_recipe(recipe)).int8_max_drop == 0.02
 
 
 def test_csv_and_wandb_offline_run_hold_per_stage_metrics(quick_run):

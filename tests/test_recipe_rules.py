@@ -28,7 +28,7 @@ from compress.schema import (
 )
 
 STAGE_TYPES = "distill, evaluate, prune.structured, prune.unstructured, quantize, share, train"
-TOP_KEYS = "data, encoding, eval, hardware, logger, model, name, out_dir, search, seed, stages, teachers_dir, trainer"
+TOP_KEYS = "data, encoding, eval, hardware, logger, model, name, out_dir, search, seed, stages, task, teachers_dir, trainer"
 
 
 def minimal(**over) -> dict:
@@ -65,7 +65,9 @@ def test_a_recipe_file_loads_by_str_or_path_and_defaults_fill_every_section(tmp_
                              "log_model": True}, "csv": True},
         "eval": {"latency_repeats": 30, "latency_warmup": 10, "latency_batch_size": None, "latency_threads": 1,
                  "max_batches": None, "runtimes": []},
-        "encoding": {"index_bits": 5}, "hardware": [], "teachers_dir": "teachers", "stages": []}
+        "encoding": {"index_bits": 5}, "hardware": [], "teachers_dir": "teachers", "stages": [],
+        "task": {"name": "classification", "loss": None, "metrics": None, "primary": None, "higher_is_better": None,
+                 "distill": None}}
     assert recipe.stages == []
 
 
@@ -286,7 +288,7 @@ def test_values_at_the_accepted_edges_load(key, value):
     ({"eval": {"runtimes": ["onnx"]}}, "eval.runtimes[0]: unknown runtime 'onnx'; valid: onnxruntime "
                                        "(did you mean 'onnxruntime'?)"),
     ({"data": {"name": "mnsit"}}, "data.name: unknown dataset 'mnsit'; valid: cifar10, digits, imagefolder, mnist, "
-                                  "synthetic, tokens (did you mean 'mnist'?)"),
+                                  "synthetic, text, tokens, tones (did you mean 'mnist'?)"),
 ])
 def test_values_past_the_edges_are_one_exact_line(top, message):
     assert error_of(minimal(**top)) == message

@@ -12,14 +12,15 @@ from typing import Any
 from torch import Tensor
 
 from compress.calls import batch_size, describe_inputs, repeat_to
-from compress.data import cifar10, digits, mnist, synthetic, tokens  # noqa: F401  (imported for their registrations)
+from compress.data import cifar10, digits, mnist, synthetic, text, tokens, tones  # noqa: F401  (imported for their registrations)
 from compress.data._registry import DATAMODULES
 from compress.data.base import TensorDataModule
 from compress.data.imagefolder import ImageFolderDataModule
+from compress.data.text import TextDataModule
 from compress.data.tokens import TokenDataModule
 from compress.errors import UserError
 
-__all__ = ["DATAMODULES", "ImageFolderDataModule", "TensorDataModule", "TokenDataModule", "build_datamodule", "describe", "example_batch",
+__all__ = ["DATAMODULES", "ImageFolderDataModule", "TensorDataModule", "TextDataModule", "TokenDataModule", "build_datamodule", "describe", "example_batch",
            "training_inputs"]
 
 
@@ -36,7 +37,7 @@ def build_datamodule(cfg: dict[str, Any] | Any, seed: int = 0, key: str = "data"
     cfg = dict(cfg)
     name = str(cfg.pop("name", ""))
     cls = DATAMODULES.get(name, f"{key}.name")
-    if isinstance(cls, type) and issubclass(cls, TensorDataModule | ImageFolderDataModule | TokenDataModule):
+    if isinstance(cls, type) and issubclass(cls, TensorDataModule | ImageFolderDataModule | TokenDataModule | TextDataModule):
         return cls(cls.make_config(cfg, key), seed=seed)
     try:
         dm = cls(**cfg)

@@ -51,6 +51,7 @@ class TensorDataModule(pl.LightningDataModule):
 
     Config: ClassVar[type] = DataConfig
     num_classes: int = 10
+    target_dtype: ClassVar[torch.dtype | None] = torch.long  # None: targets as load() gives them
 
     def __init__(self, config: Any = None, /, seed: int = 0, **kwargs: Any):
         super().__init__()
@@ -77,7 +78,8 @@ class TensorDataModule(pl.LightningDataModule):
                 tx, ty = tx[: c.limit_train], ty[: c.limit_train]
             if c.limit_test:
                 vx, vy = vx[: c.limit_test], vy[: c.limit_test]
-            self._tensors = (tx.contiguous(), ty.long(), vx.contiguous(), vy.long())
+            dtype = self.target_dtype  # class ids by default; float targets (regression, pitch) kept as they are
+            self._tensors = (tx.contiguous(), ty.to(dtype) if dtype else ty, vx.contiguous(), vy.to(dtype) if dtype else vy)
         return self._tensors
 
     def _shape(self, x: Tensor) -> Tensor:

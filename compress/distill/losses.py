@@ -33,23 +33,12 @@ from torch import Tensor, nn
 from compress.distill.adapters import make_adapter, resize_spatial
 from compress.errors import UserError
 from compress.registry import Registry
+from compress.tasks.losses import kd_loss
 
 __all__ = ["KD_LOSSES", "FEATURE_LOSSES", "kd_loss", "KDLoss", "HintLoss", "AttentionLoss", "attention_map"]
 
 KD_LOSSES: Registry[type[nn.Module]] = Registry("distillation loss")
 FEATURE_LOSSES: Registry[type[nn.Module]] = Registry("feature distillation kind")
-
-
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
-    """Soft-target loss of Hinton et al. (2015), section 2: ``T^2 * KL(p_T || q_T)``.
-
-    ``p_T = softmax(teacher_logits / T)``, ``q_T = softmax(student_logits / T)``, KL averaged over
-    the batch. The ``T^2`` factor keeps the gradient magnitude independent of ``T`` (the soft
-    gradients scale as ``1/T^2``), so the mix with the hard loss need not be re-tuned per ``T``.
-    """
-    log_q = F.log_softmax(student_logits / T, dim=1)  # (B, K)
-    p = F.softmax(teacher_logits.detach() / T, dim=1)  # (B, K)
-    return F.kl_div(log_q, p, reduction="batchmean") * (T * T)
 
 
 @KD_LOSSES.register("kd")

@@ -148,8 +148,8 @@ class DistillationObjective(nn.Module):
                                    f"{self.key}.features[{i}]")
                     self.feature_losses.append(loss.to(device))
 
-    def forward(self, model: nn.Module, x: Any, y: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        teacher = self._teacher_on(y.device)
+    def forward(self, model: nn.Module, x: Any, y: Any) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        teacher = self._teacher_on(first_tensor(x).device)
         with torch.no_grad(), capture_outputs(teacher, self.teacher_paths, role="teacher") as t_feats:
             t_logits = forward(teacher, x)
             t_feats = dict(t_feats)  # this step's features only: dropped when forward returns
@@ -181,9 +181,14 @@ def build_objective(student: nn.Module, cfg: Any, ctx: Any, key: str | None = No
 
     Resolves ``cfg.teacher`` (``self`` -> ``ctx.reference_model``, a name under
     ``ctx.teachers_dir``, a checkpoint path) and runs the dry forward on ``ctx.example_inputs()``.
+    The output term is the task's (``ctx.task``: softmax KL for classes, softened sigmoids for
+    labels, token-level KL for a language model, MSE for values); Hinton et al.'s KD without one.
     """
     key = key or default_key(ctx)
     teacher = resolve_teacher(cfg.teacher, ctx, f"{key}.teacher")
     example = ctx.example_inputs(8) if getattr(ctx, "datamodule", None) is not None else None
+    task = getattr(ctx, "task", None)
+    logit_loss = task.distill_loss(float(cfg.T), float(cfg.alpha)) if task is not None else "kd"
     return DistillationObjective(student, teacher, T=float(cfg.T), alpha=float(cfg.alpha),
-                                 features=list(cfg.features or ()), example_inputs=example, key=key)
+                                 features=list(cfg.features or ()), example_inputs=example, key=key,
+                                 logit_loss=logit_loss)

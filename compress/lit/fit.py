@@ -75,11 +75,11 @@ def fit(model: nn.Module, ctx: TrainingContext, cfg: FinetuneConfig, objective: 
         callbacks: Sequence[Any] = (), tag: str = "finetune") -> dict[str, float]:
     """Train ``model`` in place for ``cfg.epochs`` on ``objective``; returns the last logged metrics.
 
-    The caller builds the objective (``objective(model, x, y) -> (loss, logits, parts)``; None:
-    cross-entropy) after :func:`begin_fit`; one with parameters (a distillation objective's
-    adapters) trains them with the student, and they are dropped afterwards.
+    The caller builds the objective (``objective(model, x, y) -> (loss, logits, parts)``; None: the
+    loss of ``ctx.task``, cross-entropy without one) after :func:`begin_fit`; one with parameters (a
+    distillation objective's adapters) trains them with the student, and they are dropped afterwards.
     """
-    system = ClassificationSystem(model, cfg, objective, tag=tag)
+    system = ClassificationSystem(model, cfg, objective, tag=tag, task=getattr(ctx, "task", None))
     callbacks = [as_callback(c) for c in callbacks]
     resume_from = None
     stage_dir = ctx.stage_checkpoint_dir()

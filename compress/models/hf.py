@@ -4,8 +4,11 @@
     model: {name: transformers, config: {model_type: bert, hidden_size: 128,       # from scratch
             num_hidden_layers: 2, num_attention_heads: 4, intermediate_size: 256, vocab_size: 64}}
     model: {name: transformers, task: image-classification, config: {model_type: vit, ...}}
+    model: {name: transformers, task: causal-lm, config: {model_type: gpt_neo, vocab_size: 256, ...}}
 
-``num_classes`` (from the data) becomes ``num_labels``. The model returns a ``ModelOutput``; its
+``num_classes`` (from the data) becomes ``num_labels`` (a causal LM predicts its vocabulary instead).
+For ``causal-lm`` pick a GPT-2-style family whose projections are ``nn.Linear`` (``gpt_neo``,
+``llama``, ...): GPT-2's own ``Conv1D`` layers are not traced by Torch-Pruning. The model returns a ``ModelOutput``; its
 ``logits`` are what every stage and metric reads (:mod:`compress.calls`), and a text model takes
 the data's ``{"input_ids", "attention_mask"}`` as keyword arguments. ``transformers`` is imported
 only here, when such a model is built (``pip install transformers``; it needs no torchvision).
@@ -28,7 +31,8 @@ from compress.models._registry import MODELS
 __all__ = ["TASKS", "transformers_model"]
 
 TASKS = {"sequence-classification": "AutoModelForSequenceClassification",
-         "image-classification": "AutoModelForImageClassification"}
+         "image-classification": "AutoModelForImageClassification",
+         "causal-lm": "AutoModelForCausalLM"}
 
 
 @MODELS.register("transformers")
@@ -38,7 +42,7 @@ def transformers_model(task: str = "sequence-classification", pretrained: str | 
     """A ``transformers`` Auto model for ``task``.
 
     Args:
-        task: ``sequence-classification`` (text) or ``image-classification``.
+        task: ``sequence-classification`` (text), ``image-classification`` or ``causal-lm`` (next token).
         pretrained: a folder written by ``save_pretrained`` (or a hub id, with a network).
         config: instead of ``pretrained``: ``model_type`` plus that config's keys (random weights).
         num_classes: the number of labels (filled from the data).
@@ -55,7 +59,7 @@ def transformers_model(task: str = "sequence-classification", pretrained: str | 
     except ImportError:
         raise UserError("model.name: transformers is not installed; pip install transformers") from None
     auto = getattr(transformers, TASKS[task])
-    labels = {} if num_classes is None else {"num_labels": int(num_classes)}
+    labels = {} if num_classes is None or task == "causal-lm" else {"num_labels": int(num_classes)}
     if pretrained is not None:
         try:
             return auto.from_pretrained(str(pretrained), attn_implementation=attn_implementation, **labels)

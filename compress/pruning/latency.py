@@ -42,14 +42,14 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from compress.batches import batch_size, call, take
+from compress.calls import batch_size, call, take
 from compress.errors import UserError
 from compress.files import write_json
 from compress.hardware import aligned_channels, load_profile, priced_at, simulate_model
 from compress.hardware.calibrate import cache_root, cpu_model, simd_lanes_fp32
 from compress.metrics.latency import compare_latency, latency_ms
+from compress.plumbing.masks import deployed_copy, make_permanent, masked_modules, prunable_layers
 from compress.pruning.attention import plan_heads
-from compress.pruning.masks import deployed_copy, make_permanent, masked_modules, prunable_layers
 from compress.pruning.selfcheck import StepCheck, check_batches
 from compress.pruning.structured import (
     PruneResult,

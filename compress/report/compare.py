@@ -12,6 +12,7 @@ from compress.files import atomic_write
 from compress.report.html import compare_page
 from compress.report.table import TextTable, terminal_columns
 from compress.schema import read_yaml
+from compress.tasks import build_task
 
 __all__ = ["Run", "load_run", "run_names", "check_comparable", "compare_runs"]
 
@@ -31,6 +32,12 @@ class Run:
     @property
     def data(self) -> str:
         return str((self.recipe.get("data") or {}).get("name", "?"))
+
+    @property
+    def task(self) -> str:
+        """The task's name and primary metric: runs judged by different metrics share no front."""
+        task = self.recipe.get("task") or {}
+        return f"{task.get('name', 'classification')} ({task.get('primary') or 'default metric'})"
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -76,7 +83,7 @@ def run_names(paths: list[Path]) -> list[str]:
 
 def check_comparable(runs: dict[str, Run]) -> None:
     """Raise UserError (one line) when the runs differ in model or data set."""
-    for what in ("model", "data"):
+    for what in ("model", "data", "task"):
         values = {name: getattr(run, what) for name, run in runs.items()}
         if len(set(values.values())) > 1:
             listed = ", ".join(f"{name}: {value}" for name, value in values.items())
@@ -99,8 +106,9 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path, force: bool = Fals
     runs = dict(zip(run_names([r.path for r in loaded]), loaded, strict=True))
     if not force:
         check_comparable(runs)
+    task = build_task(next(iter(runs.values())).recipe.get("task"))  # one task: check_comparable says so
     page = compare_page({name: run.records for name, run in runs.items()},
-                        {name: run.recipe for name, run in runs.items()})
+                        {name: run.recipe for name, run in runs.items()}, (task.primary, task.higher_is_better))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))

@@ -60,6 +60,11 @@ def _is_accuracy(base: str) -> bool:
     return base == "accuracy" or base.endswith("_accuracy")
 
 
+def _is_metric(base: str) -> bool:
+    """The task's primary metric: ``metric`` (PyTorch) and ``runtime_metric/<runtime>``."""
+    return base in ("metric", "runtime_metric")
+
+
 def _is_latency(base: str) -> bool:
     return "latency_ms" in base
 
@@ -68,9 +73,9 @@ def series_label(key: str) -> str:
     """A legend label: ``mac_speedup`` -> ``MACs``, ``sim_speedup/jetson-tx2`` -> ``sim jetson-tx2``."""
     base, _, variant = key.partition("/")
     words = base
-    for kind in ("_speedup", "_latency_ms", "_accuracy"):
+    for kind in ("_speedup", "_latency_ms", "_accuracy", "_metric"):
         words = words.replace(kind, "")
-    words = {"mac": "MACs", "accuracy": "PyTorch"}.get(
+    words = {"mac": "MACs", "accuracy": "PyTorch", "metric": "PyTorch"}.get(
         words, words).replace("_", " ").strip()
     return f"{words} {variant}".strip() or key
 
@@ -122,6 +127,13 @@ def stage_figures(records: list[dict[str, Any]]) -> dict[str, Any]:
                                  text=[f"{v:.2f}" if v is not None else "" for v in metric(k, 100)],
                                  textposition="top center", cliponaxis=False))
     figs["accuracy"] = fig
+    if not fig.data:  # a task judged by another metric: its primary metric instead, in its own units
+        fig = _figure("Primary metric per stage", "", "metric")
+        for k in series_keys(records, _is_metric):
+            fig.add_trace(go.Scatter(x=x, y=metric(k), name=series_label(k), mode="lines+markers+text",
+                                     text=[f"{v:.4g}" if v is not None else "" for v in metric(k)],
+                                     textposition="top center", cliponaxis=False))
+        figs["accuracy"] = fig
 
     fig = _figure("Stored size per stage", "", "KB")
     fig.add_trace(go.Bar(x=x, y=metric("stored_bytes", 1 / 1024), name="stored (compressed)",
@@ -225,27 +237,35 @@ def _trained_from(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return records[start:]
 
 
-def compare_figures(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def compare_figures(runs: dict[str, list[dict[str, Any]]], metric: tuple[str, bool] | None = None) -> dict[str, Any]:
     """Runs side by side: accuracy against stored size and against each latency (Pareto charts),
-    and the final stage's speedups."""
+    and the final stage's speedups.
+
+    ``metric`` is the task's ``(primary metric, higher_is_better)`` for runs whose records hold no
+    ``accuracy``: the charts plot ``metric`` (``runtime_metric/R``) and the front follows its direction.
+    """
     import plotly.graph_objects as go
 
     all_records = [r for records in runs.values() for r in records]
     figs: dict[str, Any] = {}
+    by_accuracy = metric is None or any("accuracy" in r["metrics"] for r in all_records)
+    name, higher = ("accuracy", True) if by_accuracy else metric
+    scale_y = 100 if by_accuracy else 1
     xkeys = [("stored_bytes", "compressed size", "stored KB", 1 / 1024)]
     xkeys += [(k, f"{series_label(k)} latency", "ms per sample", 1.0) for k in series_keys(all_records, _is_latency)]
     for xkey, what, xtitle, scale in xkeys:
         base, sep, variant = xkey.partition("/")
-        ykey = f"runtime_accuracy/{variant}" if base.startswith("runtime_") else "accuracy"
-        fig = _figure(f"Accuracy vs {what}", xtitle, "accuracy %")
+        top = "accuracy" if by_accuracy else "metric"
+        ykey = f"runtime_{top}/{variant}" if base.startswith("runtime_") else top
+        fig = _figure(f"{name.capitalize()} vs {what}", xtitle, "accuracy %" if by_accuracy else name)
         points: list[tuple[float, float, str]] = []
         for i, (run, records) in enumerate(runs.items()):
             shown = [r for r in _trained_from(records) if _number(r["metrics"].get(xkey))
-                     and _number(r["metrics"].get(ykey, r["metrics"].get("accuracy")))]
+                     and _number(r["metrics"].get(ykey, r["metrics"].get(top)))]
             if not shown:
                 continue
             xs = [r["metrics"][xkey] * scale for r in shown]
-            ys = [100 * r["metrics"].get(ykey, r["metrics"]["accuracy"]) for r in shown]
+            ys = [scale_y * r["metrics"].get(ykey, r["metrics"][top]) for r in shown]
             labels = [f"{run}: {r['index']} {r['name']}" for r in shown]
             points += list(zip(xs, ys, labels, strict=True))
             fig.add_trace(go.Scatter(x=xs, y=ys, name=run, mode="lines+markers", text=labels, hoverinfo="text+x+y",
@@ -254,8 +274,9 @@ def compare_figures(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         if not points:
             continue
         front: list[tuple[float, float, str]] = []
-        for p in sorted(points, key=lambda p: (p[0], -p[1])):  # smaller and more accurate than all before
-            if not front or p[1] > front[-1][1]:
+        sign = 1 if higher else -1  # the front keeps what is better in the metric's own direction
+        for p in sorted(points, key=lambda p: (p[0], -sign * p[1])):  # smaller and better than all before
+            if not front or sign * p[1] > sign * front[-1][1]:
                 front.append(p)
         fig.add_trace(go.Scatter(x=[p[0] for p in front], y=[p[1] for p in front], name="Pareto front",
                                  mode="lines", line={"shape": "hv", "dash": "dash", "color": "#888"},
@@ -361,7 +382,8 @@ def final_table(runs: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[
     return ["metric", *runs], rows
 
 
-def compare_page(runs: dict[str, list[dict[str, Any]]], recipes: dict[str, dict[str, Any]]) -> str:
+def compare_page(runs: dict[str, list[dict[str, Any]]], recipes: dict[str, dict[str, Any]],
+                 metric: tuple[str, bool] | None = None) -> str:
     """``compare.html``: Pareto charts across runs and the final metrics of each run in one table."""
     header, rows = final_table(runs)
     described = [f"<li><b>{html.escape(run)}</b>: model {html.escape(str((r.get('model') or {}).get('name', '?')))}"
@@ -370,6 +392,6 @@ def compare_page(runs: dict[str, list[dict[str, Any]]], recipes: dict[str, dict[
                                          for s in r.get("stages", []))) + "</li>"
                  for run, r in recipes.items()]
     body = ["<h1>Runs compared</h1>", "<ul>" + "".join(described) + "</ul>",
-            "<h2>Trade-offs</h2>", _charts(compare_figures(runs), "compare"),
+            "<h2>Trade-offs</h2>", _charts(compare_figures(runs, metric), "compare"),
             "<h2>Final metrics</h2>", _table(header, rows)]
     return _page("compare: " + ", ".join(runs), "\n".join(body))

@@ -165,6 +165,7 @@ class WandbSink(Sink):
             payload.update({f"report/{name}": wandb.Plotly(fig) for name, fig in run_figures(records).items()})
         self.run.log(payload)
         self.run.summary[f"{record['name']}/accuracy"] = record["metrics"].get("accuracy")
+        self.run.summary[f"{record['name']}/metric"] = record["metrics"].get("metric")  # the task's primary
 
     def close(self, records: list[dict[str, Any]], final_checkpoint: Path | None = None) -> None:
         import wandb

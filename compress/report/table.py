@@ -55,6 +55,8 @@ def table_columns(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
             elif base == "runtime_speedup" and variant and variant not in runtimes:
                 runtimes.append(variant)
     cols = list(TABLE_COLUMNS)
+    if not any("accuracy" in r["metrics"] for r in records) and any("metric" in r["metrics"] for r in records):
+        cols[2] = ("metric", "metric", "{:.4g}")  # a task judged by another metric (perplexity, mAP, MAE)
     at = next(i for i, (_, key, _) in enumerate(cols) if key == "sim_speedup") + 1
     cols[at:at] = [(f"sim {p}", f"sim_speedup/{p}", "{:.2f}x") for p in sims[1:]] + \
                   [(rt, f"runtime_speedup/{rt}", "{:.2f}x") for rt in runtimes]
@@ -106,7 +108,8 @@ def terminal_columns(record: dict[str, Any], width: int = 120, name_header: str 
     """
     metrics = record["metrics"]
     cols = [Column("", "#", "index", "{}", 2), Column("", name_header, "name", "{}", name_width, left=True),
-            Column("", "acc %", "accuracy", "{:.2f}", 6), Column("sparsity", "%", "sparsity", "{:.1f}"),
+            Column("", "acc %", "accuracy", "{:.2f}", 6) if "accuracy" in metrics else
+            Column("", "metric", "metric", "{:.4g}", 7), Column("sparsity", "%", "sparsity", "{:.1f}"),
             Column("stored", "KB", "stored_bytes", "{:.1f}", 6), Column("ratio", "", "compression_ratio", "{:.1f}x", 6),
             Column("MACs", "speedup", "mac_speedup", "{:.2f}x", 6), Column("", "measured", "measured_speedup", "{:.2f}x")]
     for k in metrics:

@@ -13,8 +13,8 @@ from compress.runtime.export import (
     export_onnx,
     int8_accuracy_gate,
 )
-from compress.runtime.ort import OrtModel, feeds, ort_accuracy, require
+from compress.runtime.ort import OrtModel, feeds, ort_accuracy, ort_evaluate, require
 from compress.runtime.runtimes import RUNTIMES, check_runtimes
 
-__all__ = ["DEFAULT_MAX_ACCURACY_DROP", "FP32_TOLERANCE", "INT8_AGREEMENT", "int8_accuracy_gate", "OrtModel", "RUNTIMES", "check_runtimes", "export_onnx", "feeds",
-           "ort_accuracy", "require"]
+__all__ = ["DEFAULT_MAX_ACCURACY_DROP", "FP32_TOLERANCE", "INT8_AGREEMENT", "int8_accuracy_gate", "OrtModel",
+           "RUNTIMES", "check_runtimes", "export_onnx", "feeds", "ort_accuracy", "ort_evaluate", "require"]

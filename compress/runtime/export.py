@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from compress.calls import batch_size, call, cat, forward
 from compress.errors import UserError
 from compress.quant import QUANTIZABLE, float_copy, is_quantized, quantized_layers
-from compress.runtime.ort import OrtModel, feeds, ort_accuracy, require
+from compress.runtime.ort import OrtModel, feeds, ort_evaluate, require
+from compress.tasks import build_task
 
 __all__ = ["export_onnx", "FP32_TOLERANCE", "INT8_AGREEMENT", "OPSET"]
 
@@ -179,6 +180,28 @@ def _check_fp32(reference: nn.Module, path: Path, inputs: Any) -> None:
                         f"the graph is not faithful, file not written")
 
 
+def _check_int8_metric(reference: nn.Module, float_model: nn.Module, path: Path, inputs: Any, targets: Any,
+                       task: Any, max_drop: float | None = None) -> float:
+    """The int8 graph judged by the task, on labelled check inputs: its primary metric is within
+    ``max_drop`` of the float model's (the recipe's ``max_accuracy_drop``), or within
+    ``(1 - INT8_AGREEMENT) * max(1, |metric|)`` (1 point of an accuracy) of the PyTorch quantised
+    model's, or no further from the float model's than the PyTorch quantised model is, plus that.
+    A sigmoid or regression model's top-1 agreement says nothing of its quality; its metric does."""
+    with torch.no_grad():
+        outputs = {"quantised": forward(reference, inputs), "float": forward(float_model, inputs)}
+    outputs["int8"] = OrtModel(path)(inputs)
+    score = {k: task.evaluate(lambda _x, out=out: out, [(inputs, targets)])["metric"] for k, out in outputs.items()}
+    q, f, o = score["quantised"], score["float"], score["int8"]
+    tol = (1 - INT8_AGREEMENT) * max(1.0, abs(q))
+    within_recipe = max_drop is not None and task.drop(f, o) <= max_drop
+    if not within_recipe and task.drop(q, o) > tol and task.drop(f, o) > task.drop(f, q) + tol:
+        allowed = "" if max_drop is None else f" and more than max_accuracy_drop {max_drop:g} below float"
+        raise UserError(f"export: int8 ONNX Runtime {task.primary} is {o:.4g} on {batch_size(inputs)} check inputs, "
+                        f"the PyTorch quantised model's {q:.4g} (float: {f:.4g}): more than {tol:.3g} worse{allowed}; "
+                        "file not written")
+    return o
+
+
 def _check_int8(reference: nn.Module, float_model: nn.Module, path: Path, inputs: Any) -> float:
     """Top-1 agreement of the int8 graph with the PyTorch quantised model, which must be at least
     ``INT8_AGREEMENT``; where quantisation itself moves predictions (low-margin models: a small ViT),
@@ -197,20 +220,26 @@ def _check_int8(reference: nn.Module, float_model: nn.Module, path: Path, inputs
     return agreement
 
 
-def int8_accuracy_gate(int8_graph: str | Path | OrtModel, test: Iterable[Any], float_accuracy: float,
-                       max_drop: float) -> dict[str, Any]:
+def int8_accuracy_gate(int8_graph: str | Path | OrtModel, test: Iterable[Any], float_metric: float,
+                       max_drop: float, task: Any = None) -> dict[str, Any]:
     """The one int8 quality rule, for the ``quantize`` stage and for ``export`` alike: the int8 graph's
-    accuracy in ONNX Runtime on the test split is at most ``max_drop`` below the float model's."""
-    accuracy = ort_accuracy(int8_graph, test)
-    drop = float_accuracy - accuracy
-    return {"runtime_accuracy": accuracy, "float_runtime_accuracy": float_accuracy, "drop": drop,
-            "max_drop": max_drop, "met": drop <= max_drop + 1e-12}
+    primary metric of ``task`` (default: classification's accuracy) in ONNX Runtime on the test split
+    is at most ``max_drop`` worse than the float model's ``float_metric``, in the metric's direction."""
+    task = task if task is not None else build_task(None)
+    metric = ort_evaluate(int8_graph, test, task)["metric"]
+    drop = task.drop(float_metric, metric)
+    out = {"runtime_metric": metric, "float_runtime_metric": float_metric, "drop": drop, "max_drop": max_drop,
+           "met": drop <= max_drop + 1e-12}
+    if task.name == "classification":  # the keys this result has always had, the metric being accuracy
+        out.update(runtime_accuracy=metric, float_runtime_accuracy=float_metric)
+    return out
 
 
 def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tuple[Tensor, ...], *,
                 int8: bool | None = None, calibration: Iterable[Any] | None = None,
                 check_inputs: Tensor | None = None, check: bool = True, opset: int = OPSET,
-                test: Iterable[Any] | None = None, max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP) -> Path:
+                test: Iterable[Any] | None = None, max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+                check_targets: Any = None, task: Any = None, max_drop: float | None = None) -> Path:
     """Write ``model`` as an ONNX file ONNX Runtime runs, with a dynamic batch axis; atomic.
 
     Masks and codebooks are baked in and pruned shapes are the real ones. ``model`` is not modified.
@@ -229,10 +258,16 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
             calibration batches).
         check: fp32: ORT logits equal PyTorch's within ``FP32_TOLERANCE`` (relative to the logit scale
             above 1); int8 with ``test``: :func:`int8_accuracy_gate` (the rule the quantize stage
-            applies); int8 without labels: top-1 agrees with the torch quantised model on >= 99% of the
-            check inputs.
+            applies), by ``task``'s primary metric; without ``test``, given ``task`` and ``check_targets``
+            (the labels of ``check_inputs``): the task's primary metric of the graph is within 1% (1
+            point of an accuracy) of the torch quantised model's, or within ``max_drop`` of the float
+            model's; with neither: top-1 agrees with the torch quantised model on >= 99% of the check inputs.
         test: labelled ``(inputs, targets)`` batches (the test split) for the int8 gate.
-        max_accuracy_drop: the gate's tolerance (the run's ``max_accuracy_drop``).
+        max_accuracy_drop: the gate's tolerance (the run's ``max_accuracy_drop``), in the task's metric.
+        check_targets: the targets of ``check_inputs`` (needs ``check_inputs``).
+        task: a :class:`compress.tasks.Task` that judges the int8 graph (default: classification).
+        max_drop: with ``task`` and ``check_targets``: the int8 graph passes too when its primary metric
+            is within this of the float model's (the recipe's ``max_accuracy_drop``).
 
     Returns:
         The path written.
@@ -276,11 +311,18 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
         _quantize_graph(fp32, int8_path, batches, exclude)
         _shorten_tensor_names(int8_path)
         if check and test is not None:
-            gate = int8_accuracy_gate(int8_path, test, ort_accuracy(fp32, test), max_accuracy_drop)
+            gate = int8_accuracy_gate(int8_path, test, ort_evaluate(fp32, test, task or build_task(None))["metric"],
+                                      max_accuracy_drop, task)
             if not gate["met"]:
-                raise UserError(f"export: int8 accuracy in ONNX Runtime {gate['runtime_accuracy']:.4f} is "
-                                f"{gate['drop']:.4f} below the float model's {gate['float_runtime_accuracy']:.4f} on "
-                                f"the test split (max_accuracy_drop {max_accuracy_drop:g}); file not written")
+                name = (task or build_task(None)).primary
+                raise UserError(f"export: int8 {name} in ONNX Runtime {gate['runtime_metric']:.4f} is "
+                                f"{gate['drop']:.4f} worse than the float model's {gate['float_runtime_metric']:.4f} on "
+                                f"the test split (max_accuracy_drop {max_accuracy_drop:g}; export --max-accuracy-drop "
+                                "or the quantize stage's max_accuracy_drop sets it); file not written")
+        elif check and task is not None and check_targets is not None:
+            if check_inputs is None:
+                raise ValueError("check_targets needs the check_inputs they label")
+            _check_int8_metric(reference, deployed, int8_path, _as_batch(check_inputs), check_targets, task, max_drop)
         elif check:
             inputs = _as_batch(check_inputs) if check_inputs is not None else cat([example, *batches])
             _check_int8(reference, deployed, int8_path, inputs)

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: a callable model and test accuracy measured by the runtime."""
+"""ONNX Runtime sessions: a callable model, and a task's test metrics measured by the runtime."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from compress.errors import UserError
+from compress.tasks import Task, build_task
 
-__all__ = ["require", "OrtModel", "ort_accuracy"]
+__all__ = ["require", "OrtModel", "ort_accuracy", "ort_evaluate"]
 
 
 def require(name: str) -> ModuleType:
@@ -65,12 +66,13 @@ class OrtModel:
 
 def feeds(x: Any, name: str = "input") -> dict[str, np.ndarray]:
     """ONNX Runtime's input feed for a batch: ``{name: float32 array}`` for a tensor, ``{key: array}``
-    for a mapping of tensors (integer token ids stay integers)."""
+    for a mapping of tensors (integer token ids stay integers, in a mapping or alone)."""
     if isinstance(x, list | tuple):
         x = x[0]
     if isinstance(x, Mapping):
         return {str(k): _array(v) for k, v in x.items()}
-    return {name: np.ascontiguousarray(_array(x), dtype=np.float32)}
+    array = _array(x)
+    return {name: np.ascontiguousarray(array, dtype=np.float32 if array.dtype.kind == "f" else array.dtype)}
 
 
 def _array(t: Any) -> np.ndarray:
@@ -80,17 +82,19 @@ def _array(t: Any) -> np.ndarray:
     return np.asarray(t)
 
 
+def ort_evaluate(model_or_path: OrtModel | str | Path, dataloader: Iterable[Any], task: Task,
+                 max_batches: int | None = None, threads: int = 1) -> dict[str, float]:
+    """``task``'s scores (:meth:`compress.tasks.Task.evaluate`) of the outputs ONNX Runtime computes
+    over ``(inputs, targets)`` batches: the judge of the eager model judges the deployed graph."""
+    model = model_or_path if isinstance(model_or_path, OrtModel) else OrtModel(model_or_path, threads)
+    try:
+        return task.evaluate(lambda x: model(x if isinstance(x, Mapping) else torch.as_tensor(x)), dataloader,
+                             max_batches)
+    except UserError as e:
+        raise UserError(f"runtime metrics: {e}") from None
+
+
 def ort_accuracy(model_or_path: OrtModel | str | Path, dataloader: Iterable[Any], max_batches: int | None = None,
                  threads: int = 1) -> float:
-    """Top-1 accuracy computed by ONNX Runtime over ``(inputs, targets)`` batches."""
-    model = model_or_path if isinstance(model_or_path, OrtModel) else OrtModel(model_or_path, threads)
-    correct = total = 0
-    for i, (x, y) in enumerate(dataloader):
-        if max_batches is not None and i >= max_batches:
-            break
-        pred = model(x if isinstance(x, Mapping) else torch.as_tensor(x)).argmax(1)
-        correct += int((pred == torch.as_tensor(y).cpu()).sum())
-        total += len(y)
-    if total == 0:
-        raise UserError("runtime accuracy: the data loader yielded no batches")
-    return correct / total
+    """Top-1 accuracy computed by ONNX Runtime over ``(inputs, targets)`` batches (the classification task's)."""
+    return ort_evaluate(model_or_path, dataloader, build_task(None), max_batches, threads)["accuracy"]

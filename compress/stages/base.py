@@ -23,6 +23,7 @@ from compress.metrics.counting import untouched_share
 from compress.registry import Registry
 from compress.schema import match_layers
 from compress.stage_configs import make_stage_config
+from compress.tasks import Task, build_task
 
 __all__ = ["OptimizerConfig", "FinetuneConfig", "DistillConfig", "FeaturePairConfig", "Stage", "StageResult",
            "Context", "STAGES", "MISSING", "match_layers", "validate_finetune", "untouched_notes"]
@@ -47,8 +48,9 @@ class Context:
                  loggers: Sequence[Any] = (), stage_index: int = 0, stage_name: str = "stage",
                  teachers_dir: str | Path = "teachers", latency_batch: int | None = None,
                  latency_threads: int = 1, model_spec: dict[str, Any] | None = None,
-                 trust_model_code: bool = False):
+                 trust_model_code: bool = False, task: Task | None = None):
         self.datamodule = datamodule
+        self.task = task if task is not None else build_task(None)  # judges the model: loss, metrics, distillation
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.trainer = dict(trainer or {})
         self.seed = seed
@@ -93,7 +95,7 @@ class Context:
         """Train ``model`` in place by ``cfg`` (Lightning); a no-op when ``cfg.epochs`` is 0.
 
         The loss is ``objective`` when given, else the distillation objective of ``cfg.distill``
-        (teacher resolved from this context), else cross-entropy.
+        (teacher resolved from this context), else the loss of the context's task.
         """
         if cfg.epochs <= 0:
             return {}

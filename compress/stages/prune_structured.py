@@ -55,6 +55,7 @@ from compress.plumbing.masks import prunable_layers
 from compress.pruning.attention import HEAD_MODES, TorchMHA, find_attention, plan_heads
 from compress.pruning.batchnorm import frozen_batchnorms, reestimate_batchnorm
 from compress.pruning.latency import check_latency_target, latency_backend, prune_to_latency, resolve_round_to
+from compress.pruning.layers import check_drop_layers, drop_layers
 from compress.pruning.structured import (
     IMPORTANCES,
     SparsityRegularizer,
@@ -130,6 +131,7 @@ class StructuredPruningStage(Stage):
         Torch-Pruning would map wrongly are listed (the self-check leaves them out).
         """
         x = example_inputs if example_inputs is not None else self.example
+        dropped = check_drop_layers(model, list(self.config.drop_layers), f"{self.key}.drop_layers")
         layers = prunable_layers(model)
         names = list(layers)
         outputs = output_layers(model, x) if x is not None else names[-1:]
@@ -146,12 +148,13 @@ class StructuredPruningStage(Stage):
                                max_layer_ratio=c.max_layer_ratio, global_pruning=c.global_pruning, key=self.key)
         notes = faulty_groups(model, x, skip=set(names) - set(touched), plan=heads, key=self.key)[1] \
             if x is not None else []
-        return self._plan_lines(model, touched) + notes
+        return self._plan_lines(model, touched, dropped) + notes
 
-    def _plan_lines(self, model: nn.Module, touched: list[str]) -> list[str]:
+    def _plan_lines(self, model: nn.Module, touched: list[str], dropped: dict[str, list[int]]) -> list[str]:
         c = self.config
         by_pattern = {n: c.layer_ratios[p] for p in c.layer_ratios for n in touched if n == p or fnmatchcase(n, p)}
         heads = [f"{a.name} -> heads: {c.heads} ({a.kind.label})" for a in find_attention(model)]
+        heads += [f"{parent}.{i} -> dropped" for parent, indices in dropped.items() for i in indices]
         if c.mac_speedup is not None:
             return [f"{n} -> until {c.mac_speedup:g}x MACs" for n in touched] + heads
         if c.latency_speedup is not None:
@@ -162,6 +165,7 @@ class StructuredPruningStage(Stage):
     def apply(self, model: nn.Module, ctx: Context | None = None) -> StageResult:
         ctx = ctx or Context()
         c, key = self.config, self.key
+        dropped = drop_layers(model, list(c.drop_layers), f"{key}.drop_layers")  # whole blocks first
         x = self.example if self.example is not None else ctx.example_inputs(batch_size=2)
         # the self-check compares outputs on more real samples than the tracing batch holds
         checked = [self.example] if self.example is not None else [ctx.example_inputs(batch_size=CHECK_SAMPLES)]
@@ -199,7 +203,7 @@ class StructuredPruningStage(Stage):
                                       ignore=ignore,
                                       max_layer_ratio=c.max_layer_ratio, tolerance=c.latency_tolerance,
                                       on_step=on_step, gradient_batches=gradient_batches, check_inputs=checked,
-                                      key=key)
+                                      loss_fn=ctx.task.loss, key=key)  # taylor: the gradients of the task's own loss
         else:
             result = prune_model(model, x, importance=importance, ratio=c.ratio,
                                  layer_ratios=dict(c.layer_ratios) or None, mac_speedup=c.mac_speedup,
@@ -207,10 +211,10 @@ class StructuredPruningStage(Stage):
                                  round_to=resolve_round_to(c.round_to, None), ignore=ignore,
                                  max_layer_ratio=c.max_layer_ratio, heads=c.heads, head_ratio=c.head_ratio,
                                  on_step=on_step, gradient_batches=gradient_batches, search_steps=c.search_steps,
-                                 check_inputs=checked, key=key)
+                                 check_inputs=checked, loss_fn=ctx.task.loss, key=key)
         info = result.as_dict()
         info.update(importance=c.importance if self.importance_obj is None else type(self.importance_obj).__name__,
-                    output_layers=outputs)
+                    output_layers=outputs, dropped_layers=dropped)
         notes = info.get("notes", []) + untouched_notes(model, ctx, prunable_layers(model), x)
         frozen = frozen_batchnorms(model)
         if frozen:

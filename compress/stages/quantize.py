@@ -7,9 +7,11 @@ float model before compression). The model stays a plain module (see :mod:`compr
 int8 graph a runtime runs is written by ``export --format onnx`` and measured after the stage when
 ``eval.runtimes`` names a runtime.
 
-``max_accuracy_drop: D`` (a fraction, as the ``accuracy`` metric: 0.005 is half a point) puts
-layers back to float, most sensitive first, until the int8 accuracy measured in ONNX Runtime is
-within D of the float model's accuracy in the same runtime (NNCF's accuracy-control idea).
+``max_accuracy_drop: D`` (alias ``max_metric_drop``; in the units of the task's primary metric: for
+``accuracy`` a fraction, 0.005 is half a point; for perplexity or MAE their own units) puts layers
+back to float, most sensitive first, until the int8 model's primary metric measured in ONNX Runtime
+is within D of the float model's in the same runtime, in the metric's direction (NNCF's
+accuracy-control idea).
 Sensitivity: how far each layer's quantisation alone moves the logits on calibration data.
 """
 
@@ -35,7 +37,7 @@ from compress.quant import (
     quantize_ptq,
     quantized_layers,
 )
-from compress.runtime import export_onnx, ort_accuracy
+from compress.runtime import export_onnx, int8_accuracy_gate, ort_evaluate
 from compress.schema import match_layers
 from compress.stage_configs import QuantizeConfig
 from compress.stages.base import STAGES, Context, Stage, StageResult, untouched_notes
@@ -55,6 +57,12 @@ class QuantizeStage(Stage):
         if self.config.bits not in SUPPORTED_BITS:
             check_bits(self.config.bits, f"{self.key}.bits")
 
+    @property
+    def max_drop(self) -> float | None:
+        """``max_accuracy_drop`` or its alias ``max_metric_drop``."""
+        c = self.config
+        return c.max_accuracy_drop if c.max_accuracy_drop is not None else c.max_metric_drop
+
     def layers(self, model: nn.Module) -> list[str]:
         """The layers this stage quantises (every Linear/Conv not ignored)."""
         names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
@@ -72,7 +80,7 @@ class QuantizeStage(Stage):
         c = self.config
         self.plan(model)  # refuses before touching the model
         batches = ctx.training_inputs(c.calibration_batches)
-        reference = copy.deepcopy(model).eval() if c.max_accuracy_drop is not None else None
+        reference = copy.deepcopy(model).eval() if self.max_drop is not None else None
         if c.mode == "ptq":
             quantize_ptq(model, batches, ignore=list(c.ignore), bits=c.bits)
             logged: dict[str, float] = {}
@@ -83,8 +91,9 @@ class QuantizeStage(Stage):
         info: dict[str, Any] = {"mode": c.mode, "bits": c.bits, "calibration_batches": len(batches),
                                 "quantized": list(quantized_layers(model)), "finetune": logged}
         if reference is not None:
-            info["accuracy_control"] = control_accuracy(model, reference, ctx, batches, c.max_accuracy_drop,
-                                                        f"{self.key}.max_accuracy_drop")
+            which = "max_accuracy_drop" if c.max_accuracy_drop is not None else "max_metric_drop"
+            info["accuracy_control"] = control_accuracy(model, reference, ctx, batches, self.max_drop,
+                                                        f"{self.key}.{which}")
         info["float_layers"] = [n for n, m in model.named_modules()
                                 if isinstance(m, QUANTIZABLE) and n not in quantized_layers(model)]
         notes = untouched_notes(model, ctx, [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)])
@@ -110,24 +119,36 @@ def layer_sensitivity(model: nn.Module, reference: nn.Module, batches: list[Tens
 
 def control_accuracy(model: nn.Module, reference: nn.Module, ctx: Any, batches: list[Tensor], max_drop: float,
                      key: str) -> dict[str, Any]:
-    """Put layers back to float, most sensitive first, until int8 ONNX Runtime accuracy is within ``max_drop``."""
+    """Put layers back to float, most sensitive first, until the int8 graph's primary metric (``ctx.task``'s,
+    computed by ONNX Runtime) is within ``max_drop`` of the float graph's, in the metric's direction."""
+    task = ctx.task
     test = ctx.datamodule.test_dataloader()
     example = take(batches[0], 1)
     with tempfile.TemporaryDirectory(prefix="compress-quantize-") as tmp:
-        float_acc = ort_accuracy(export_onnx(reference, Path(tmp) / "float.onnx", example), test)
+        float_metric = ort_evaluate(export_onnx(reference, Path(tmp) / "float.onnx", example), test, task)["metric"]
 
-        def int8_accuracy() -> float:
-            return ort_accuracy(export_onnx(model, Path(tmp) / "int8.onnx", example, calibration=batches), test)
+        def int8_metric() -> float:
+            # no export check: this loop applies the gate itself (int8_accuracy_gate, the rule export
+            # applies), on the whole test split, to the very graphs it exists to repair
+            path = export_onnx(model, Path(tmp) / "int8.onnx", example, calibration=batches, check=False)
+            return int8_accuracy_gate(path, test, float_metric, max_drop, task)["runtime_metric"]
 
-        history = [{"float_layers": [], "runtime_accuracy": int8_accuracy()}]
+        history = [{"float_layers": [], "runtime_metric": int8_metric()}]
         order = [name for name, _ in layer_sensitivity(model, reference, batches)]
         restored: list[str] = []
-        while float_acc - history[-1]["runtime_accuracy"] > max_drop and len(order) > 1:
+        while task.drop(float_metric, history[-1]["runtime_metric"]) > max_drop and len(order) > 1:
             name = order.pop(0)
             dequantize_layer(model, name)
             restored.append(name)
-            history.append({"float_layers": list(restored), "runtime_accuracy": int8_accuracy()})
-    met = float_acc - history[-1]["runtime_accuracy"] <= max_drop
-    return {"float_runtime_accuracy": float_acc, "max_drop": max_drop, "met": met, "steps": history,
-            "note": None if met else f"{key}: int8 accuracy stays {float_acc - history[-1]['runtime_accuracy']:.4f} "
-                                     f"below float with only one layer left quantised"}
+            history.append({"float_layers": list(restored), "runtime_metric": int8_metric()})
+    drop = task.drop(float_metric, history[-1]["runtime_metric"])
+    met = drop <= max_drop
+    out = {"metric": task.primary, "higher_is_better": task.higher_is_better, "float_runtime_metric": float_metric,
+           "max_drop": max_drop, "met": met, "steps": history,
+           "note": None if met else f"{key}: int8 {task.primary} stays {drop:.4f} worse than float with only one "
+                                    "layer left quantised"}
+    if task.name == "classification":  # the keys this info has always had, the metric being accuracy
+        out["float_runtime_accuracy"] = float_metric
+        for step in history:
+            step["runtime_accuracy"] = step["runtime_metric"]
+    return out
