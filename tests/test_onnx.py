@@ -157,7 +157,8 @@ def test_int8_export_with_labels_applies_the_stages_accuracy_gate(trained, digit
     gate = int8_accuracy_gate(path, loader, float_acc, 0.05)
     assert gate["met"] and gate["drop"] == pytest.approx(float_acc - ort_accuracy(path, loader))
     assert not int8_accuracy_gate(path, loader, gate["runtime_accuracy"] + 0.02, 0.01)["met"]  # 2 points > 1
-    with pytest.raises(UserError, match=r"^export: int8 accuracy in ONNX Runtime [\d.]+ is -?[\d.]+ below the float "
-                                        r"model's [\d.]+ on the test split \(max_accuracy_drop -1\); file not written$"):
+    with pytest.raises(UserError, match=r"^export: int8 accuracy in ONNX Runtime [\d.]+ is -?[\d.]+ worse than the float "
+                                        r"model's [\d.]+ on the test split \(max_accuracy_drop -1; export --max-accuracy-drop "
+                                        r"or the quantize stage's max_accuracy_drop sets it\); file not written$"):
         export_onnx(q, tmp_path / "no.onnx", cal[0], calibration=cal, test=loader, max_accuracy_drop=-1.0)
     assert not (tmp_path / "no.onnx").exists()

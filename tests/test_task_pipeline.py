@@ -141,7 +141,7 @@ def run(recipe: dict) -> tuple[list[dict], Path]:
 
 
 def stage_outputs(out: Path, index: int, name: str, loader: DataLoader) -> tuple[Tensor, Tensor]:
-    model = load_model(out / f"stage-{index}-{name}.ckpt").eval()
+    model = load_model(out / f"stage-{index}-{name}.ckpt", trust_model_code=True).eval()
     with torch.no_grad():
         pairs = [(model(x), y) for x, y in loader]
     return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
@@ -186,7 +186,7 @@ def test_multilabel_figures_are_torchmetrics_on_the_stage_models(multilabel_run)
 
 def test_multilabel_run_exports_an_int8_graph_scored_by_the_task(multilabel_run, capsys):
     records, out = multilabel_run
-    main(["export", str(out), "--format", "onnx", "--out", str(out / "int8.onnx")])
+    main(["export", str(out), "--format", "onnx", "--out", str(out / "int8.onnx"), "--trust-model-code"])
     assert "int8 (QDQ)" in capsys.readouterr().out
     x, y = PitchData().test_xy
     probs = OrtModel(out / "int8.onnx")(x)
@@ -214,7 +214,7 @@ def test_regression_through_every_stage(tmp_path, capsys):
     int8 = records[3]["metrics"]["runtime_metric/onnxruntime"]
     assert int8 - control["float_runtime_metric"] <= 0.2
     assert records[3]["metrics"]["runtime_metrics/onnxruntime/r2"] > 0.5
-    main(["export", str(out), "--format", "onnx", "--out", str(out / "int8.onnx")])
+    main(["export", str(out), "--format", "onnx", "--out", str(out / "int8.onnx"), "--trust-model-code"])
     x, y = RegressionData().test_xy
     mae = (OrtModel(out / "int8.onnx")(x)[:, 0] - y).abs().mean().item()
     assert mae == pytest.approx(int8, rel=0.05)
@@ -300,7 +300,7 @@ def test_language_model_through_every_stage_with_perplexity_per_stage(tmp_path, 
 
     loader = build_datamodule(data).test_dataloader()
     for i, name in enumerate(STAGE_NAMES[:3]):
-        model = load_model(out / f"stage-{i}-{name}.ckpt").eval()
+        model = load_model(out / f"stage-{i}-{name}.ckpt", trust_model_code=True).eval()
         ppl = torchmetrics.text.Perplexity()
         with torch.no_grad():
             for x, y in loader:
@@ -311,12 +311,12 @@ def test_language_model_through_every_stage_with_perplexity_per_stage(tmp_path, 
     assert perplexity[1] < 0.2 * perplexity[0]  # it learnt the corpus: ~256 (uniform bytes) -> ~20
     assert records[2]["info"]["heads"] and records[2]["metrics"]["mac_speedup"] > 1.5
     assert records[2]["info"]["dropped_layers"] == ["transformer.h.1"]
-    reloaded = load_model(out / "stage-3-quantize.ckpt")
+    reloaded = load_model(out / "stage-3-quantize.ckpt", trust_model_code=True)
     assert len(reloaded.transformer.h) == 1 and reloaded.config.num_layers == 1
     control = records[3]["info"]["accuracy_control"]
     assert control["metric"] == "perplexity" and control["met"] and "float_runtime_accuracy" not in control
     assert control["steps"][-1]["runtime_metric"] - control["float_runtime_metric"] <= 1.0
-    main(["export", str(out), "--format", "onnx", "--out", str(out / "lm.onnx")])
+    main(["export", str(out), "--format", "onnx", "--out", str(out / "lm.onnx"), "--trust-model-code"])
     assert "int8 (QDQ)" in capsys.readouterr().out
     x, y = next(iter(loader))
     ppl = SequencePerplexity()

@@ -37,7 +37,7 @@ __all__ = ["export_onnx", "FP32_TOLERANCE", "INT8_AGREEMENT", "OPSET"]
 
 OPSET = 17
 FP32_TOLERANCE = 1e-4  # max |ORT - torch| on the logits, times max(1, max |torch logits|)
-DEFAULT_MAX_ACCURACY_DROP = 0.01  # the int8 gate's tolerance when the recipe sets no max_accuracy_drop
+DEFAULT_MAX_ACCURACY_DROP = 0.01  # the int8 gate's tolerance when export_onnx is given a test split and no drop
 INT8_AGREEMENT = 0.99  # top-1 agreement of the int8 graph with the torch fake-quantised model (or: _check_int8)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 ONNX_LAYER_OPS = ("Conv", "Gemm", "MatMul")  # what QUANTIZABLE layers export to
