@@ -7,10 +7,8 @@ measure, checkpoint, log to every sink.
 from __future__ import annotations
 
 import copy
-import csv
 import json
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from compress.models import build_model
 from compress.plumbing.masks import deployed_copy
 from compress.recipe import Recipe
 from compress.report.sinks import CSVSink, HtmlSink, ReportSink, Sink, TerminalSink, WandbSink
-from compress.runfolder import OWN_DIRS, OWN_FILES, holds_run
+from compress.runfolder import clear_run, first_difference, holds_run, keep_curves
 from compress.stages.base import Context, Stage
 
 __all__ = ["Pipeline"]
@@ -88,12 +86,7 @@ class Pipeline:
         if not holds_run(out):
             return
         if self.overwrite:
-            import shutil
-
-            for f in [*(out / n for n in OWN_FILES), *out.glob("stage-*.ckpt")]:
-                f.unlink(missing_ok=True)
-            for d in OWN_DIRS:
-                shutil.rmtree(out / d, ignore_errors=True)
+            clear_run(out)
             return
         if not self.resume:
             raise UserError(f"out_dir: '{out}' already holds a run; pass --resume to continue it, --overwrite to "
@@ -101,7 +94,7 @@ class Pipeline:
         saved = OmegaConf.to_container(OmegaConf.load(out / "recipe.yaml"), resolve=True) \
             if (out / "recipe.yaml").exists() else None
         if saved is not None:
-            diff = _first_difference(saved, self.recipe.to_container())
+            diff = first_difference(saved, self.recipe.to_container())
             if diff is not None:
                 raise UserError(f"out_dir: '{out}' holds a different run ({diff} differs from its recipe.yaml); "
                                 "resume with the same recipe and overrides, or pass --overwrite")
@@ -135,7 +128,7 @@ class Pipeline:
         built; a spec that differs is another model's checkpoint, refused)."""
         path = self.out_dir / self._ckpt_name(index, name)
         data = read_checkpoint(path)
-        diff = _first_difference(data.get("model_spec"), self.spec, "model_spec")
+        diff = first_difference(data.get("model_spec"), self.spec, "model_spec")
         if diff is not None:
             raise UserError(f"{path}: a checkpoint of another model ({diff} differs from the recipe's model block); "
                             "resume with the recipe that wrote it, or pass --overwrite")
@@ -238,46 +231,6 @@ class Pipeline:
 
                 shutil.rmtree(lightning_dir, ignore_errors=True)
         return metrics
-
-
-def keep_curves(logger: Any) -> None:
-    """Keep the curves a resumed run logged before: Lightning's CSV writer deletes the
-    ``metrics.csv`` it finds when it starts, and writes a header of only the keys it has seen.
-
-    The file is read first, put back once the writer has started, and its header seeded into the
-    writer's keys, so the next save appends (or rewrites with the union of the headers).
-    """
-    path = Path(logger.log_dir) / "metrics.csv"
-    if not path.is_file():
-        return
-    text = path.read_text()
-    with warnings.catch_warnings():  # its warning says the file will be deleted: it is put back
-        warnings.filterwarnings("ignore", message="Experiment logs directory")
-        writer = logger.experiment  # starting the writer deletes the file
-    path.write_text(text)
-    header = next(csv.reader(text.splitlines()[:1]), [])
-    writer.metrics_keys = sorted(set(writer.metrics_keys) | {k for k in header if k})
-
-
-def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
-    """The first key path where two plain containers differ, or None."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in list(a) + [k for k in b if k not in a]:
-            if k not in a or k not in b:
-                return f"{path}.{k}".lstrip(".")
-            d = _first_difference(a[k], b[k], f"{path}.{k}")
-            if d is not None:
-                return d.lstrip(".")
-        return None
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return path.lstrip(".") or "stages"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            d = _first_difference(x, y, f"{path}[{i}]")
-            if d is not None:
-                return d
-        return None
-    return None if a == b else path.lstrip(".")
 
 
 def _plain(obj: Any) -> Any:

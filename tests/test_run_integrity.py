@@ -422,7 +422,7 @@ def test_a_failed_write_where_the_disk_cannot_be_asked_is_reported_as_it_was(tmp
 def test_keep_curves_without_earlier_curves_leaves_the_logger_unstarted(tmp_path):
     from pytorch_lightning.loggers import CSVLogger
 
-    from compress.pipeline import keep_curves
+    from compress.runfolder import keep_curves
 
     logger = CSVLogger(str(tmp_path), name="curves", version="")
     keep_curves(logger)
