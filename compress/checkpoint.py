@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 # Imported for their registrations: each capability says how its changes are saved and restored.
 from compress import quant, sharing  # noqa: F401  (registrations)
-from compress.calls import forward, take
+from compress.calls import eval_mode, forward, take
 from compress.errors import UserError
 from compress.files import atomic_write
 from compress.models import build_from_spec
@@ -71,11 +71,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, model_spec: dict[str,
 def _outputs_check(model: nn.Module, inputs: Any) -> dict[str, Any]:
     inputs = take(inputs, 2)
     inputs = dict(inputs) if isinstance(inputs, dict) else inputs  # a BatchEncoding is no plain container
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         outputs = forward(model, inputs).detach().cpu()
-    model.train(was_training)
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -132,11 +129,8 @@ def load_into(model: nn.Module, data: dict[str, Any], path: str | Path = "checkp
         raise UserError(f"{path}: checkpoint does not fit this model (another architecture?): {detail[:200]}") from None
     check = data.get("check")
     if check:  # the reloaded structure must compute what was saved, not just hold tensors of its shapes
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             err = outputs_error([(forward(model, check["inputs"]), check["outputs"])])
-        model.train(was_training)
         if not err <= TOLERANCE:
             raise UserError(f"{path}: the reloaded model computes something else than the model saved (outputs "
                             f"differ by {err:.2g} of their scale); rebuild it with the code that wrote the checkpoint")

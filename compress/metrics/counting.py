@@ -150,13 +150,8 @@ def weight_readers(model: nn.Module, example: Any) -> dict[str, int]:
     reads in one forward pass (any class: found by what it computes)."""
     params = {id(p): n for n, p in model.named_parameters()}
     mode = _WeightReads(params)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), mode:
-            call(model, take(example, 1))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), mode:
+        call(model, take(example, 1))
     out: dict[str, int] = {}
     for name, n in mode.read.items():
         owner = name.rsplit(".", 1)[0] if "." in name else ""

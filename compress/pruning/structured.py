@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from compress.calls import call, forward, take
+from compress.calls import call, eval_mode, forward, take
 from compress.errors import UserError
 from compress.plumbing.masks import get_mask, make_permanent, masked_modules, prunable_layers, set_mask
 from compress.plumbing.restorers import RESTORERS, Restorer
@@ -127,15 +127,12 @@ def output_layers(model: nn.Module, example_inputs: Any) -> list[str]:
     layers = prunable_layers(model)
     seen: list[tuple[str, Tensor]] = []
     handles = [m.register_forward_hook(lambda mod, i, o, n=n: seen.append((n, o))) for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             out = call(model, take(example_inputs, 1))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     outs = [t for t in _flatten(out) if isinstance(t, Tensor)]
     names = [n for n, o in seen if isinstance(o, Tensor) and any(o is t for t in outs)]
     if not names:
