@@ -14,7 +14,7 @@ from torch import nn
 
 from compress.calls import set_output
 from compress.errors import UserError
-from compress.models import hf, lenet, mlp, mobilenet, resnet, vit  # noqa: F401  (imported for their registrations)
+from compress.models import crepe, hf, lenet, mlp, mobilenet, resnet, vit  # noqa: F401  (imported for their registrations)
 from compress.models._registry import MODELS
 from compress.registry import IMPORT_PREFIX
 

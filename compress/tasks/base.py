@@ -45,8 +45,9 @@ if TYPE_CHECKING:
 
 __all__ = ["TaskConfig", "MetricSpec", "Task", "TaskDistillLoss", "build_task", "resolve_metric", "evaluate_model"]
 
-# Where a torchmetrics class named in a recipe is looked up, in order.
-_METRIC_MODULES = ("torchmetrics", "torchmetrics.classification", "torchmetrics.regression", "torchmetrics.text")
+# Where a metric class named in a recipe is looked up, in order: torchmetrics', then the tasks' own.
+_METRIC_MODULES = ("torchmetrics", "torchmetrics.classification", "torchmetrics.regression", "torchmetrics.text",
+                   "compress.tasks.metrics")
 # Constructor arguments filled from the model's output width when the recipe does not give them.
 _WIDTH_ARGS = ("num_classes", "num_labels")
 
