@@ -183,3 +183,26 @@ def test_qat_killed_mid_stage_resumes_to_the_same_report(tmp_path):
     assert code == 0, err
     got, want = (json.loads((d / "report.json").read_text()) for d in (out, tmp_path / "ref"))
     assert comparable(got) == comparable(want)
+
+
+def test_a_stage_with_a_drop_is_judged_by_its_gate_not_again_by_a_second_rule(tmp_path, monkeypatch):
+    """A quantize stage with ``max_accuracy_drop``: its accuracy control judges the int8 graph by the one
+    gate on the test split (recorded in its info); the stage's runtime measurement deploys that graph
+    without a second check on 256 inputs (which refused, on CREPE, a graph the gate had passed)."""
+    from compress.runtime import runtimes
+
+    checks = []
+    export = runtimes.export_onnx
+
+    def recording(model, path, example, **kwargs):
+        checks.append((is_quantized(model), kwargs.get("check", True)))
+        return export(model, path, example, **kwargs)
+
+    monkeypatch.setattr(runtimes, "export_onnx", recording)
+    recipe = int8_recipe(tmp_path)
+    recipe["stages"] = [recipe["stages"][0], {**recipe["stages"][2], "max_accuracy_drop": 0.05}]
+    records = Pipeline(load_recipe(recipe), quiet=True).run()
+    control = records[-1]["info"]["accuracy_control"]
+    assert control["met"] and control["steps"][-1]["runtime_metric"] == pytest.approx(
+        records[-1]["metrics"]["runtime_accuracy/onnxruntime"])  # the graph the gate judged is the one measured
+    assert (True, False) in checks and all(check for quantized, check in checks if not quantized)

@@ -30,11 +30,12 @@ RUNTIME_PACKAGES = {"onnxruntime": ("onnx", "onnxruntime")}  # what each shipped
 def deploy_onnxruntime(model: nn.Module, path: str | Path, example: Tensor, *,
                        calibration: Iterable[Any] | None = None, check_inputs: Tensor | None = None,
                        check_targets: Any = None, task: Any = None, max_drop: float | None = None,
-                       threads: int = 1) -> OrtModel:
+                       check: bool = True, threads: int = 1) -> OrtModel:
     """Export ``model`` to ONNX at ``path`` (int8 QDQ when it is quantised) and open it in ONNX Runtime;
-    the int8 graph is checked by ``task`` on ``check_inputs`` labelled ``check_targets`` when given."""
+    the int8 graph is checked by ``task`` on ``check_inputs`` labelled ``check_targets`` when given
+    (``check=False``: not checked, where a caller has judged the graph already)."""
     export_onnx(model, path, example, calibration=calibration, check_inputs=check_inputs,
-                check_targets=check_targets, task=task, max_drop=max_drop)
+                check_targets=check_targets, task=task, max_drop=max_drop, check=check)
     return OrtModel(path, threads)
 
 
