@@ -128,6 +128,7 @@ def run_cell(model: dict, data: dict, variant: str, folder: Path, timeout: int) 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=None, help="only these model names (e.g. ResNet-18 ViT)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--timeout", type=int, default=600, help="seconds per run.py call")
     p.add_argument("--out", default=None, help="JSON file for the rows")
@@ -138,6 +139,8 @@ def main() -> None:
             print(f"{family}: {PACKAGES[family]} is not installed; skipped")
             continue
         for name, (model, data) in MODELS[family].items():
+            if args.models is not None and name not in args.models:
+                continue
             for variant in args.variants:
                 with tempfile.TemporaryDirectory() as tmp:
                     row = {"family": family, "model": name} | run_cell(model, data, variant, Path(tmp), args.timeout)
