@@ -49,14 +49,16 @@ def _hf(model_type: str, task: str = "sequence-classification", **config: Any) -
 TEXT = dict(vocab_size=64, max_position_embeddings=32)
 MODELS: dict[str, dict[str, tuple[dict[str, Any], dict[str, Any]]]] = {
     "torchvision": {
-        name: ({"name": f"import:torchvision.models:{fn}"}, IMAGES)
+        name: ({"name": f"import:torchvision.models:{fn}", "num_classes": IMAGES["classes"]}, IMAGES)
         for name, fn in [("ResNet-18", "resnet18"), ("MobileNetV3", "mobilenet_v3_small"),
                          ("EfficientNet-B0", "efficientnet_b0"), ("ShuffleNetV2", "shufflenet_v2_x0_5"),
                          ("DenseNet-121", "densenet121"), ("RegNet", "regnet_y_400mf")]
     } | {"ViT": ({"name": "import:torchvision.models:VisionTransformer", "image_size": 64, "patch_size": 16,
-                  "num_layers": 2, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}, IMAGES)},
+                  "num_layers": 2, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128,
+                  "num_classes": IMAGES["classes"]}, IMAGES)},
     "timm": {
-        name: ({"name": "import:timm:create_model", "model_name": arch, **extra}, IMAGES)
+        name: ({"name": "import:timm:create_model", "model_name": arch, "num_classes": IMAGES["classes"], **extra},
+               IMAGES)
         for name, arch, extra in [("ViT", "vit_tiny_patch16_224", {"img_size": 64}),
                                   ("ConvNeXt", "convnext_atto", {}),
                                   ("MobileViT", "mobilevit_xxs", {})]
