@@ -268,10 +268,10 @@ def test_values_at_the_accepted_edges_load(key, value):
     ({"eval": {"latency_repeats": -3}}, "eval.latency_repeats: -3 must be >= 1"),
     ({"eval": {"latency_threads": 0}}, "eval.latency_threads: 0 must be >= 1 (torch intra-op threads)"),
     ({"out_dir": ""}, "out_dir: must not be empty"),
-    ({"model": {"name": "lenet30"}}, "model.name: unknown model 'lenet30'; valid: lenet300, lenet5, mlp, mobilenetv2, "
+    ({"model": {"name": "lenet30"}}, "model.name: unknown model 'lenet30'; valid: crepe, lenet300, lenet5, mlp, mobilenetv2, "
                                      "mobilenetv2_small, resnet, resnet20, resnet56, transformers, vit "
                                      "(did you mean 'lenet300'?)"),
-    ({"model": {"name": None}}, "model.name: unknown model 'None'; valid: lenet300, lenet5, mlp, mobilenetv2, "
+    ({"model": {"name": None}}, "model.name: unknown model 'None'; valid: crepe, lenet300, lenet5, mlp, mobilenetv2, "
                                 "mobilenetv2_small, resnet, resnet20, resnet56, transformers, vit"),
     ({"model": {"name": "lenet300", "output": 1.5}}, "model.output: 1.5 must be a field name (logits) or a tuple index (0)"),
     ({"model": {"name": "lenet300", "output": True}}, "model.output: True must be a field name (logits) or a tuple index (0)"),
