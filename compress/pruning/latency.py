@@ -55,12 +55,12 @@ from compress.pruning.structured import (
     PruneResult,
     StepCallback,
     StepLoop,
-    _accumulate_gradients,
-    _clear_grads,
-    _needs_gradients,
+    accumulate_gradients,
     channel_counts,
+    clear_grads,
     count_macs,
     faulty_groups,
+    needs_gradients,
     output_layers,
     resolve_importance,
     trace_logits,
@@ -640,7 +640,7 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
     if not target > 1.0:
         raise UserError(f"{key}.latency_speedup: {target} must be > 1 (input latency / pruned latency)")
     imp = resolve_importance(importance, f"{key}.importance")
-    if _needs_gradients(imp) and gradient_batches is None:
+    if needs_gradients(imp) and gradient_batches is None:
         raise UserError(f"{key}.importance: taylor needs training batches (run the stage with data)")
     batch = batch_size(latency_inputs)
     table = table or LatencyTable(backend, batch)
@@ -673,7 +673,7 @@ def prune_to_latency(model: nn.Module, example_inputs: Tensor, latency_inputs: T
                     "target, raise max_layer_ratio or ignore fewer layers")
             loop.finish(step, iterative_steps)  # the self-check, then fine-tuning
     finally:
-        _clear_grads(model)
+        clear_grads(model)
         model.train(loop.was_training)
         table.save()
     macs, params = count_macs(model, example_inputs)
@@ -740,9 +740,9 @@ class _Search:
         """Prune-and-measure rounds until ``goal`` is met (within tolerance) or nothing more can be narrowed."""
         for rnd in range(MAX_ROUNDS + len(self.finer)):
             if _gradients_needed(self.imp, self.gradient_batches):
-                _accumulate_gradients(self.model, self.gradient_batches, self.loss_fn)
+                accumulate_gradients(self.model, self.gradient_batches, self.loss_fn)
             analysis = self.analysis()
-            _clear_grads(self.model)
+            clear_grads(self.model)
             now = _table_ms(analysis, self.table) / self.table0
             if self.achieved > 1.001 and now < 0.999:  # refit on the last measurement (speedups are > 1)
                 self.share = min(1.5, max(0.05, (1 - 1 / self.achieved) / (1 - now)))
@@ -780,4 +780,4 @@ def _alignment(round_to: int | None, small_round_to: int | None) -> str:
 
 
 def _gradients_needed(imp: Any, gradient_batches: Any) -> bool:
-    return _needs_gradients(imp) and gradient_batches is not None
+    return needs_gradients(imp) and gradient_batches is not None

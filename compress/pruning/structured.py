@@ -47,7 +47,8 @@ from compress.registry import Registry
 from compress.schema import match_layers
 
 __all__ = ["IMPORTANCES", "resolve_importance", "PruneResult", "prune_model", "count_macs", "output_layers", "trace_logits",
-           "channel_counts", "SparsityRegularizer", "restore_structure", "mask_shapes_ok", "faulty_groups", "StepLoop"]
+           "channel_counts", "SparsityRegularizer", "restore_structure", "mask_shapes_ok", "faulty_groups", "StepLoop",
+           "needs_gradients", "accumulate_gradients", "clear_grads"]
 
 # ---------------------------------------------------------------------------------------------
 # Importance criteria: factories returning a Torch-Pruning ``Importance`` (callable on a group).
@@ -102,7 +103,8 @@ def resolve_importance(importance: Any, key: str = "importance") -> Any:
     return importance
 
 
-def _needs_gradients(importance: Any) -> bool:
+def needs_gradients(importance: Any) -> bool:
+    """Whether ``importance`` reads gradients (Taylor, Hessian): the MAC and latency searches feed it batches."""
     return isinstance(importance, (tp.importance.GroupTaylorImportance, tp.importance.GroupHessianImportance))
 
 
@@ -297,7 +299,7 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
             _put_back(model, snapshot)
         raise
     finally:
-        _clear_grads(model)
+        clear_grads(model)
         model.train(was_training)
     macs, params = count_macs(model, example_inputs)
     return PruneResult(loop.base_macs, macs, loop.base_params, params, before, channel_counts(model), loop.history,
@@ -318,7 +320,7 @@ def _mac_search(loop: StepLoop, pruner: Any, step: Callable, mac_speedup: float,
             step(pruner, gradient_batches=grads, keep_grads=True, check=check)
             grads = None  # Torch-Pruning prunes .grad along with the weights: taken once per step
             loop.measure()
-        _clear_grads(loop.model)
+        clear_grads(loop.model)
         loop.finish(k, steps)
 
 
@@ -330,7 +332,7 @@ def _check_arguments(imp: Any, ratio: Any, layer_ratios: Any, mac_speedup: float
         raise UserError(f"{key}.mac_speedup: {mac_speedup} must be > 1")
     if iterative_steps < 1:
         raise UserError(f"{key}.iterative_steps: {iterative_steps} must be >= 1")
-    if _needs_gradients(imp) and gradient_batches is None:
+    if needs_gradients(imp) and gradient_batches is None:
         raise UserError(f"{key}.importance: taylor needs training batches (run the stage with data)")
     if head_ratio is not None and (heads != "prune" or mac_speedup is not None):
         raise UserError(f"{key}.head_ratio: only with heads: prune and a ratio (with mac_speedup, heads are "
@@ -465,8 +467,8 @@ def _put_back(model: nn.Module, snapshot: nn.Module) -> None:
 def _pruner_step(pruner: Any, *, model: nn.Module, imp: Any, gradient_batches: Any, loss_fn: Callable,
                  keep_grads: bool = False, plan: HeadPlan | None = None, example_inputs: Any = None,
                  key: str = "prune", check: StepCheck | None = None) -> None:
-    if _needs_gradients(imp) and gradient_batches is not None:
-        _accumulate_gradients(model, gradient_batches, loss_fn)
+    if needs_gradients(imp) and gradient_batches is not None:
+        accumulate_gradients(model, gradient_batches, loss_fn)
     for group in pruner.step(interactive=True):
         if check is not None:
             check.record(group)
@@ -477,7 +479,7 @@ def _pruner_step(pruner: Any, *, model: nn.Module, imp: Any, gradient_batches: A
     elif check is not None:
         check.runs(model)
     if not keep_grads:
-        _clear_grads(model)
+        clear_grads(model)
 
 
 def _check_attention(model: nn.Module, plan: HeadPlan, example_inputs: Any, key: str) -> None:
@@ -509,16 +511,17 @@ def _after_step(model: nn.Module, masked: list[str], on_step: StepCallback | Non
         make_permanent(model)
 
 
-def _accumulate_gradients(model: nn.Module, batches: Any, loss_fn: Callable) -> None:
+def accumulate_gradients(model: nn.Module, batches: Any, loss_fn: Callable) -> None:
     """Gradients of ``loss_fn`` summed over ``batches`` (Taylor importance reads ``.grad``)."""
-    _clear_grads(model)
+    clear_grads(model)
     batches = batches() if callable(batches) else batches
     with torch.enable_grad():
         for x, y in batches:
             loss_fn(forward(model, x), y).backward()
 
 
-def _clear_grads(model: nn.Module) -> None:
+def clear_grads(model: nn.Module) -> None:
+    """Drop every parameter's ``.grad`` (gradients of one pruning step never leak into the next)."""
     for p in model.parameters():
         p.grad = None
 
