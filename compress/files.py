@@ -25,7 +25,7 @@ from filelock import FileLock, Timeout
 
 from compress.errors import UserError
 
-__all__ = ["atomic_write", "check_writable", "hold_folder", "LOCK_NAME", "PID_NAME", "finite", "json_text",
+__all__ = ["plain_data", "atomic_write", "check_writable", "hold_folder", "LOCK_NAME", "PID_NAME", "finite", "json_text",
            "write_json"]
 
 
@@ -171,3 +171,17 @@ def check_writable(path: str | Path, key: str = "--out") -> Path:
     except OSError as e:
         raise UserError(f"{key}: cannot write '{path}' ({e.strerror or e}); choose a writable place") from None
     return path
+
+
+def plain_data(obj: Any) -> Any:
+    """JSON-friendly copy of a stage's info: tensors and arrays become lists, numbers stay numbers,
+    anything else its ``str``."""
+    if isinstance(obj, dict):
+        return {str(k): plain_data(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain_data(v) for v in obj]
+    if isinstance(obj, int | float | str | bool) or obj is None:
+        return obj
+    if callable(getattr(obj, "tolist", None)):  # a torch tensor or a numpy array (no torch import here)
+        return obj.tolist()
+    return str(obj)

@@ -6,14 +6,15 @@ measure, checkpoint, log to every sink.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from torch import nn
@@ -21,7 +22,7 @@ from torch import nn
 from compress.checkpoint import load_into, read_checkpoint, save_checkpoint
 from compress.data import build_datamodule, describe, example_batch
 from compress.errors import UserError
-from compress.files import atomic_write, hold_folder, json_text, write_json
+from compress.files import atomic_write, hold_folder, json_text, plain_data, write_json
 from compress.measurement import MeasureConfig, measure
 from compress.model_setup import check_outputs, load_weights, model_spec
 from compress.models import build_model
@@ -40,7 +41,8 @@ class Pipeline:
     """Runs a validated :class:`Recipe`. ``Pipeline(load_recipe(path)).run()``."""
 
     def __init__(self, recipe: Recipe, *, overwrite: bool = False, resume: bool = False, quiet: bool = False,
-                 trust_model_code: bool = False):
+                 trust_model_code: bool = False, timing_lock: Any = None,
+                 after_stage: Callable[[int, dict[str, Any]], None] | None = None):
         if overwrite and resume:
             raise UserError("--overwrite and --resume contradict each other: choose one")
         self.recipe = recipe
@@ -54,6 +56,8 @@ class Pipeline:
         self.baseline_model: nn.Module | None = None  # stage 0's deployed copy: every stage is timed against it
         self.runtime_baselines: dict[str, Any] = {}  # runtime -> stage 0 deployed there (sessions, built once)
         self.sinks: list[Sink] = []
+        self.timing_lock = timing_lock or contextlib.nullcontext()  # held while a stage is measured (search trials)
+        self.after_stage = after_stage  # called with (index, metrics) after each stage (search: cache, pruner)
 
     # -- set-up ------------------------------------------------------------------------------
     def prepare(self) -> tuple[nn.Module, Context]:
@@ -208,15 +212,16 @@ class Pipeline:
         wall = time.perf_counter() - t0
         if index == 0:
             self.baseline_model = deployed_copy(model.cpu()).eval()
-        metrics, layers, extras = measure(model, ctx.datamodule, MeasureConfig.from_recipe(self.recipe),
-                                          baseline=baseline, baseline_model=self.baseline_model,
-                                          runtime_baselines=self.runtime_baselines)
+        with self.timing_lock:  # parallel search trials would slow each other's clocks
+            metrics, layers, extras = measure(model, ctx.datamodule, MeasureConfig.from_recipe(self.recipe),
+                                              baseline=baseline, baseline_model=self.baseline_model,
+                                              runtime_baselines=self.runtime_baselines)
         metrics["wall_s"] = wall
         notes = info.pop("notes", None)  # what the stage itself says (layers left out, and why)
         if notes:
             extras["notes"] = list(notes) + extras.get("notes", [])
         record = {"index": index, "name": name, "type": type_, "metrics": metrics, "layers": layers,
-                  "info": _plain(info), **extras}
+                  "info": plain_data(info), **extras}
         self.records.append(record)
         if rank_zero_only.rank == 0:
             save_checkpoint(self.out_dir / self._ckpt_name(index, name), model, model_spec=self.spec,
@@ -230,17 +235,6 @@ class Pipeline:
                 import shutil
 
                 shutil.rmtree(lightning_dir, ignore_errors=True)
+        if self.after_stage is not None:
+            self.after_stage(index, metrics)
         return metrics
-
-
-def _plain(obj: Any) -> Any:
-    """JSON-friendly copy of a stage's info (tensors become lists, numbers stay numbers)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, int | float | str | bool) or obj is None:
-        return obj
-    return str(obj)

@@ -38,7 +38,7 @@ from compress.search.space import (
     trial_overrides,
 )
 
-__all__ = ["SearchRun", "TrialCrashed", "TrialPipeline", "open_study", "counted_trials",
+__all__ = ["SearchRun", "TrialCrashed", "open_study", "counted_trials",
            "fail_dead_trials", "work", "run_search"]
 
 HOST = socket.gethostname()
@@ -153,23 +153,6 @@ def fail_dead_trials(study: Any) -> list[int]:
     return dead
 
 
-class TrialPipeline(Pipeline):
-    """A pipeline whose measurements run under an inter-process lock and that reports each finished
-    stage (to the prefix cache and the pruner)."""
-
-    def __init__(self, recipe: Recipe, *, timing_lock: Any, after_stage: Callable[[int, dict[str, Any]], None],
-                 **kwargs: Any):
-        super().__init__(recipe, **kwargs)
-        self.timing_lock = timing_lock
-        self.after_stage = after_stage
-
-    def _finish_stage(self, index: int, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        with self.timing_lock:  # one trial times at a time: parallel trials would slow each other's clocks
-            metrics = super()._finish_stage(index, *args, **kwargs)
-        self.after_stage(index, metrics)
-        return metrics
-
-
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
@@ -222,7 +205,7 @@ class Objective:
             self._log(f"prefix: stages 1-{stages} ({', '.join(s['name'] for s in prefix['stages'])}) run once, "
                       f"shared by every trial")
             recipe = load_recipe(prefix)
-            pipeline = TrialPipeline(recipe, resume=True, quiet=True, timing_lock=self.timing_lock,
+            pipeline = Pipeline(recipe, resume=True, quiet=True, timing_lock=self.timing_lock,
                                      after_stage=lambda i, m: self.cache.publish(prefix, Path(prefix["out_dir"]), i))
             pipeline.run()
             return True
@@ -248,7 +231,7 @@ class Objective:
                 trial.set_user_attr("built_prefix", self.spec.shared_stages)
             cached = self.cache.restore(container, run_dir)
             trial.set_user_attr("cached_stages", cached)
-            pipeline = TrialPipeline(recipe, resume=cached > 0, quiet=True, timing_lock=self.timing_lock,
+            pipeline = Pipeline(recipe, resume=cached > 0, quiet=True, timing_lock=self.timing_lock,
                                      after_stage=lambda i, m: self._after_stage(trial, container, run_dir, i, m))
             records = pipeline.run()
         except optuna.TrialPruned:  # raised by _after_stage, inside pipeline.run()
