@@ -189,7 +189,7 @@ def test_qat_trains_conv1d_through_fake_quantisation():
     model(**_tokens()).logits.sum().backward()
     c_attn = model.get_submodule(CONV1D[0])
     assert c_attn.parametrizations.weight.original.grad.abs().sum() > 0  # straight-through to the latent weight
-    assert c_attn.parametrizations.weight[0].axis == 1
+    assert repr(c_attn.parametrizations.weight[0]) == "WeightQuantizer(axis=1)"
 
 
 class BareLinear(nn.Module):
@@ -260,3 +260,18 @@ def test_unstructured_distilbert_prunes_every_projection_without_a_note():
     layers = count_layers(model, _tokens(1))
     assert {"distilbert.transformer.layer.0.attention.q_lin", "pre_classifier"} <= {s.name for s in layers}
     assert all(s.sparsity == pytest.approx(0.5, abs=0.02) for s in layers)
+
+
+def test_int8_export_refuses_in_one_line_when_weight_reads_and_graph_nodes_cannot_be_matched(tmp_path):
+    from compress.quant import quantize_ptq
+    from compress.runtime import export_onnx
+
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    model[2].weight = model[0].weight  # tied: the exporter feeds the second Gemm through an Identity, not a weight
+    x = torch.randn(16, 8)
+    quantize_ptq(model, [x], ignore=["4"])  # a float layer must be found in the graph
+    with pytest.raises(UserError, match=r"^export: cannot match the 3 weight reads to the 2 Conv/Gemm/MatMul nodes"):
+        export_onnx(model, tmp_path / "t.onnx", x, calibration=[x])
+    assert not (tmp_path / "t.onnx").exists()

@@ -111,13 +111,22 @@ def calibrate(model: nn.Module, batches: Iterable[Any], max_batches: int | None 
     """Run ``batches`` (tensors, or ``(inputs, targets)`` pairs) through the model to set activation ranges."""
     device = next(model.parameters()).device
     seen = 0
-    with eval_mode(model):
-        for batch in batches:
-            if max_batches is not None and seen >= max_batches:
-                break
-            x = batch[0] if isinstance(batch, list | tuple) else batch
-            call(model, to_device(x, device))
-            seen += 1
+    weights = [p for p in model.modules() if isinstance(p, WeightQuantizer)]
+    # The ranges of the float model, as ONNX Runtime calibrates the float graph: with int8 weights the
+    # activations of every later layer would move, and the two int8 models would round differently.
+    for p in weights:
+        p.enabled = False
+    try:
+        with eval_mode(model):
+            for batch in batches:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                x = batch[0] if isinstance(batch, list | tuple) else batch
+                call(model, to_device(x, device))
+                seen += 1
+    finally:
+        for p in weights:
+            p.enabled = True
     if seen == 0:
         raise UserError("quantize: no calibration batches")
     return model

@@ -41,8 +41,11 @@ class WeightQuantizer(nn.Module):
     def __init__(self, axis: int = 0):
         super().__init__()
         self.axis = axis
+        self.enabled = True  # off only while calibration observes the float model's activations
 
     def forward(self, w: Tensor) -> Tensor:
+        if not self.enabled:
+            return w
         scale = weight_scales(w, self.axis)
         zero = torch.zeros_like(scale, dtype=torch.int32)
         return torch.fake_quantize_per_channel_affine(w, scale, zero, self.axis, WEIGHT_QMIN, WEIGHT_QMAX)
