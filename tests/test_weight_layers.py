@@ -179,6 +179,9 @@ def test_quantize_gpt2_quantises_conv1d_per_output_column_and_the_int8_graph_pas
             if n.op_type == "DequantizeLinear" and len(inits.get(n.input[0], [])) == 2}
     assert axes[(32, 96)] == axes[(128, 32)] == 1  # Conv1D's (in, out) weights, per output column in ORT too
     assert sum(n.op_type in ("Gemm", "MatMul") for n in graph.node) >= 9
+    made_by = {out: n.op_type for n in graph.node for out in n.output}
+    rounded = {made_by.get(n.input[0]) for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert not rounded & {"Gemm", "MatMul"}  # as the torch model: layer inputs are rounded, linear outputs never
 
 
 def test_qat_trains_conv1d_through_fake_quantisation():

@@ -9,8 +9,9 @@ convolutions, and names nodes by module scope. It is deprecated upstream; when i
 
 int8: the float graph is quantised by ONNX Runtime's ``quantize_static`` (QDQ format, symmetric
 per-channel int8 weights, uint8 activations, MinMax calibration), after its ``quant_pre_process``
-cleanup so every convolution fuses into an int8 kernel; layers the torch model keeps float are
-excluded. See :mod:`compress.quant` for why.
+cleanup so every convolution fuses into an int8 kernel; weights the torch model keeps float (layers
+left float, a bare parameter given to ``F.linear``) are excluded, and Gemm/MatMul outputs are not
+rounded (the torch model rounds layer inputs only). See :mod:`compress.quant` for why.
 """
 
 from __future__ import annotations
@@ -139,7 +140,10 @@ def _quantize_graph(fp32: Path, out: Path, calibration: list[Tensor], exclude: S
         activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
         calibrate_method=quantization.CalibrationMethod.MinMax, nodes_to_exclude=list(exclude),
         op_types_to_quantize=list(QDQ_OPS),
-        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        # the torch model rounds a layer's input, never a linear layer's output: ORT would round it too (GPT-2's
+        # c_attn output, split for attention's float matmuls) and flip low-margin predictions the torch model keeps
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                       "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]})
 
 
 def _shorten_tensor_names(path: Path) -> None:
