@@ -10,6 +10,7 @@ from torch import nn
 
 from compress.encoding import model_storage, read_compressed, write_compressed
 from compress.errors import UserError
+from compress.hardware import weight_infos
 from compress.metrics import count_layers, summarize, untouched_share, weight_readers
 from compress.plumbing.masks import weight_layers
 from compress.pruning.masks import prunable_layers
@@ -149,6 +150,8 @@ def test_share_gpt2_conv1d_codebooks_and_the_dc_file_decodes_to_the_same_weights
     storage = model_storage(model)
     assert storage["layers"][CONV1D[0]]["format"] == "shared" and storage["layers"][CONV1D[0]]["compression_ratio"] > 8
     assert storage["total"]["compression_ratio"] > 3.5  # the embeddings (15% of the parameters) stay dense
+    info = weight_infos(model)[f"{CONV1D[0]}.weight"]  # the simulated hardware reads the codebook too
+    assert (info.shared_bits, info.rows, tuple(info.tensor.shape)) == (4, 96, (96, 32)) and info.density <= 0.5
     write_compressed(model, tmp_path / "g.dc", GPT2_SPEC)
     back = read_compressed(tmp_path / "g.dc", trust_model_code=True).state_dict()
     for key, t in deployed_copy(model).state_dict().items():
