@@ -281,3 +281,20 @@ def test_int8_export_refuses_in_one_line_when_weight_reads_and_graph_nodes_canno
     with pytest.raises(UserError, match=r"^export: cannot match the 3 weight reads to the 2 Conv/Gemm/MatMul nodes"):
         export_onnx(model, tmp_path / "t.onnx", x, calibration=[x])
     assert not (tmp_path / "t.onnx").exists()
+
+
+def test_stage0_names_the_bare_parameter_every_stage_leaves_out_of_its_figures():
+    from compress.data import build_datamodule
+    from compress.measurement import MeasureConfig, measure
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), BareLinear(), nn.Linear(16, 10)).eval()
+    dm = build_datamodule({"name": "digits"})  # 1 x 8 x 8 images
+    quick = MeasureConfig(repeats=3, warmup=1)
+    base, _, extras = measure(net, dm, quick)
+    assert base["macs"] == 64 * 16 + 16 * 10  # the bare (16, 16) matmul in no figure, and said so once:
+    assert [n for n in extras["notes"] if "touch" in n] == [
+        "17% of the parameters are in layers no stage can touch ('2' (BareLinear)): its sparsity and MAC figures "
+        "leave them out"]  # 256 of 1,466
+    _, _, later = measure(net, dm, quick, baseline=base)
+    assert not [n for n in later.get("notes", []) if "touch" in n]  # each stage says what it left itself

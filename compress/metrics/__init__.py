@@ -4,6 +4,7 @@ from compress.metrics.counting import (
     LayerStats,
     count_layers,
     summarize,
+    untouched_note,
     untouched_share,
     weight_readers,
     weight_reads,
@@ -18,6 +19,6 @@ from compress.metrics.latency import (
     thread_env,
 )
 
-__all__ = ["LayerStats", "count_layers", "summarize", "untouched_share", "weight_readers", "weight_reads",
+__all__ = ["LayerStats", "count_layers", "summarize", "untouched_note", "untouched_share", "weight_readers", "weight_reads",
            "evaluate_accuracy", "measure_latency_ms", "Timing", "compare_latency", "latency_ms", "machine_busy",
            "thread_env"]

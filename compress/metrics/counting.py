@@ -18,7 +18,8 @@ from compress.calls import call, eval_mode, take
 from compress.plumbing.masks import out_width, weight_layers
 from compress.quant.quantizers import WeightQuantizer
 
-__all__ = ["LayerStats", "count_layers", "summarize", "weight_reads", "weight_readers", "untouched_share"]
+__all__ = ["LayerStats", "count_layers", "summarize", "weight_reads", "weight_readers", "untouched_share",
+           "untouched_note"]
 
 # Ops that read a tensor as a weight: a parameter (2-D or more) passed to one of them is a layer's
 # weight whatever the module's class (Hugging Face's Conv1D reads its weight with addmm; a bare
@@ -180,3 +181,13 @@ def untouched_share(model: nn.Module, example: Any, touched: Any) -> tuple[float
     left = {n: k for n, k in readers.items() if n not in touched}
     total = sum(t.numel() for t in _logical_params(model))  # as the model computes (a shared weight is a buffer)
     return (sum(left.values()) / total if total else 0.0), sorted(left)
+
+
+def untouched_note(model: nn.Module, example: Any, touched: Any, who: str = "this stage cannot touch") -> str | None:
+    """One note naming the share of parameters in weight-reading modules outside ``touched`` (names), or None."""
+    share, names = untouched_share(model, example, touched)
+    if not names:
+        return None
+    listed = ", ".join(f"'{n}' ({type(model.get_submodule(n)).__name__})" for n in names[:2])
+    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+    return f"{share:.0%} of the parameters are in layers {who} ({listed}{more}): its sparsity and MAC figures leave them out"
