@@ -298,3 +298,15 @@ def test_stage0_names_the_bare_parameter_every_stage_leaves_out_of_its_figures()
         "leave them out"]  # 256 of 1,466
     _, _, later = measure(net, dm, quick, baseline=base)
     assert not [n for n in later.get("notes", []) if "touch" in n]  # each stage says what it left itself
+
+
+def test_a_pruned_and_quantised_gpt2_checkpoint_reloads_bit_identical(tmp_path):
+    from compress.checkpoint import load_into, read_checkpoint, save_checkpoint
+
+    model, x = tiny_gpt2(), _tokens()
+    UnstructuredPruningStage(sparsity=0.5).apply(model, TokenContext())
+    QuantizeStage(mode="ptq", calibration_batches=1).apply(model, TokenContext())
+    save_checkpoint(tmp_path / "g.ckpt", model, model_spec={}, check_inputs=x)
+    fresh = load_into(tiny_gpt2(), read_checkpoint(tmp_path / "g.ckpt"))  # masks, then the quantizers (axis 1)
+    assert fresh.get_submodule(CONV1D[0]).parametrizations.weight[-1].axis == 1
+    assert torch.equal(fresh(**x).logits, model(**x).logits)
