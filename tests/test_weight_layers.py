@@ -173,9 +173,10 @@ def test_quantize_gpt2_quantises_conv1d_per_output_column_and_the_int8_graph_pas
     assert not torch.allclose(w / scale.max(), torch.round(w / scale.max()), atol=1e-3)  # not per tensor
     torch.manual_seed(3)
     test = [(x, float_model(**x).logits.argmax(1)) for x in
-            ({"input_ids": torch.randint(3, 100, (32, 8)), "attention_mask": torch.ones(32, 8, dtype=torch.long)},)]
+            ({"input_ids": torch.randint(3, 100, (256, 8)), "attention_mask": torch.ones(256, 8, dtype=torch.long)},)]
+    # labelled by the float model: the int8 graph agrees on 99.2% here (the torch int8 model on 98.8%)
     path = export_onnx(model, tmp_path / "g.onnx", _tokens(2), calibration=[_tokens()], test=test,
-                       max_accuracy_drop=0.05)
+                       max_accuracy_drop=0.02)
     graph = onnx.load(str(path)).graph
     inits = {i.name: list(i.dims) for i in graph.initializer}
     axes = {tuple(inits[n.input[0]]): n.attribute[0].i for n in graph.node
