@@ -311,3 +311,16 @@ def test_a_pruned_and_quantised_gpt2_checkpoint_reloads_bit_identical(tmp_path):
     fresh = load_into(tiny_gpt2(), read_checkpoint(tmp_path / "g.ckpt"))  # masks, then the quantizers (axis 1)
     assert fresh.get_submodule(CONV1D[0]).parametrizations.weight[-1].axis == 1
     assert torch.equal(fresh(**x).logits, model(**x).logits)
+
+
+def test_int8_storage_and_share_types_treat_conv1d_as_a_linear_layer():
+    from compress.quant import calibrate, freeze, int8_storage_bytes, prepare
+
+    model = tiny_gpt2()
+    params = sum(p.numel() for p in model.parameters())
+    prepare(model, layers=["transformer.h.0.mlp.c_fc"])  # weight (in 32, out 128)
+    freeze(calibrate(model, [_tokens()]))
+    # int8 weights, a float32 scale and int8 zero point per output column (128, not 32), the input's pair
+    assert int8_storage_bytes(model) == 4 * params - 4 * 32 * 128 + 32 * 128 + 128 * 5 + 5
+    bits = ShareStage(bits=8, types={"linear": 3}).bits_per_layer(tiny_gpt2())
+    assert {bits[n] for n in _conv1d(tiny_gpt2())} == {3}  # share's `types: {linear: ...}` covers Conv1D
