@@ -324,3 +324,19 @@ def test_int8_storage_and_share_types_treat_conv1d_as_a_linear_layer():
     assert int8_storage_bytes(model) == 4 * params - 4 * 32 * 128 + 32 * 128 + 128 * 5 + 5
     bits = ShareStage(bits=8, types={"linear": 3}).bits_per_layer(tiny_gpt2())
     assert {bits[n] for n in _conv1d(tiny_gpt2())} == {3}  # share's `types: {linear: ...}` covers Conv1D
+
+
+def test_a_conv1d_left_float_by_ignore_stays_float_in_the_int8_graph(tmp_path):
+    from compress.runtime import export_onnx
+
+    onnx = pytest.importorskip("onnx")
+    model = tiny_gpt2()
+    result = QuantizeStage(mode="ptq", calibration_batches=1, ignore=["*.mlp.c_fc"]).apply(model, TokenContext())
+    assert result.info["float_layers"] == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    path = export_onnx(model, tmp_path / "g.onnx", _tokens(2), calibration=[_tokens()], check_inputs=_tokens())
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: list(i.dims) for i in graph.initializer}
+    quantised = [inits[n.input[0]] for n in graph.node
+                 if n.op_type == "DequantizeLinear" and len(inits.get(n.input[0], [])) == 2]
+    assert [32, 128] not in quantised and quantised.count([32, 96]) == 2  # c_fc (32 -> 128) float, c_attn int8
+    assert sum(dims == [32, 128] for dims in inits.values()) == 2
