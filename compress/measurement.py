@@ -19,8 +19,8 @@ from compress.data import describe, example_batch, training_inputs
 from compress.encoding import model_storage
 from compress.errors import UserError
 from compress.hardware import hardware_metrics
-from compress.metrics import compare_latency, count_layers, summarize, thread_env
-from compress.plumbing.masks import deployed_copy
+from compress.metrics import compare_latency, count_layers, summarize, thread_env, untouched_note
+from compress.plumbing.masks import deployed_copy, weight_layers
 from compress.quant import float_copy, int8_storage_bytes, is_quantized
 from compress.runtime import RUNTIMES, feeds, ort_evaluate
 from compress.tasks import Task, build_task, evaluate_model
@@ -104,7 +104,9 @@ def measure(model: nn.Module, datamodule: Any, config: MeasureConfig = MeasureCo
     nonfinite = metrics.pop("nonfinite", None)
     metrics.update(summarize(model, layers))
     extras: dict[str, Any] = {}
-    notes: list[str] = []
+    # stage 0 names what every stage's figures leave out (a bare parameter given to F.linear)
+    left_out = untouched_note(model, x1, weight_layers(model), "no stage can touch") if baseline is None else None
+    notes: list[str] = [left_out] if left_out else []
     if nonfinite:  # said once, as what it is: the model's arithmetic, not the exporter or a runtime
         notes.append(f"the model outputs {nonfinite} on {metrics['nonfinite_outputs']} test inputs: accuracy and "
                      "loss measure broken arithmetic" + (", runtimes not measured" if c.runtimes else ""))

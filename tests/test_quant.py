@@ -166,3 +166,16 @@ def test_int8_storage_bytes(trained, digits):
     kept = quantize_ptq(copy.deepcopy(float_model), calibration(digits, 1), ignore=["fc_out"])
     assert int8_storage_bytes(kept) - int8_storage_bytes(q) == 3 * float_model.fc_out.weight.numel() - \
         5 * float_model.fc_out.weight.shape[0] - 5
+
+
+def test_calibration_sees_the_float_models_activations_as_onnx_runtime_does():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4)).eval()
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        hidden = model[1](model[0](x))  # the second layer's input in the float model
+    quantize_ptq(model, [x])
+    q = model[2].input_quantizer
+    # int8 weights in the first layer would move these; ORT calibrates the float graph
+    assert (float(q.min_val), float(q.max_val)) == (float(hidden.min()), float(hidden.max()))
+    assert not torch.equal(model[0].weight, model[0].parametrizations.weight.original)  # quantised after

@@ -28,12 +28,12 @@ from torch import Tensor, nn
 from compress.calls import cat, forward, take
 from compress.errors import UserError
 from compress.quant import (
-    QUANTIZABLE,
     SUPPORTED_BITS,
     check_bits,
     dequantize_layer,
     freeze,
     prepare_qat,
+    quantizable_layers,
     quantize_ptq,
     quantized_layers,
 )
@@ -64,8 +64,8 @@ class QuantizeStage(Stage):
         return c.max_accuracy_drop if c.max_accuracy_drop is not None else c.max_metric_drop
 
     def layers(self, model: nn.Module) -> list[str]:
-        """The layers this stage quantises (every Linear/Conv not ignored)."""
-        names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+        """The layers this stage quantises (every Linear/Conv/Conv1D not ignored)."""
+        names = quantizable_layers(model)
         ignored = match_layers(names, list(self.config.ignore), f"{self.key}.ignore") if self.config.ignore else {}
         return [n for n in names if n not in ignored]
 
@@ -94,9 +94,8 @@ class QuantizeStage(Stage):
             which = "max_accuracy_drop" if c.max_accuracy_drop is not None else "max_metric_drop"
             info["accuracy_control"] = control_accuracy(model, reference, ctx, batches, self.max_drop,
                                                         f"{self.key}.{which}")
-        info["float_layers"] = [n for n, m in model.named_modules()
-                                if isinstance(m, QUANTIZABLE) and n not in quantized_layers(model)]
-        notes = untouched_notes(model, ctx, [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)])
+        info["float_layers"] = [n for n in quantizable_layers(model) if n not in quantized_layers(model)]
+        notes = untouched_notes(model, ctx, quantizable_layers(model))
         if notes:
             info["notes"] = notes
         return StageResult(model, info)
