@@ -18,14 +18,16 @@ from compress.calls import call, eval_mode, take
 from compress.plumbing.masks import prunable_layers
 from compress.quant.quantizers import WeightQuantizer
 
-__all__ = ["LayerStats", "count_layers", "summarize", "weight_readers", "untouched_share"]
+__all__ = ["LayerStats", "count_layers", "summarize", "weight_reads", "owner", "weight_readers", "untouched_share"]
 
 # Ops that read a tensor as a weight: a parameter (2-D or more) passed to one of them is a layer's
 # weight whatever the module's class (Hugging Face's Conv1D reads its weight with addmm; a bare
-# parameter given to F.linear).
+# parameter given to F.linear). ``nn.MultiheadAttention`` hands its projections to one function, whose inner
+# ``linear`` calls the mode does not see: its ``in_proj_weight`` and ``out_proj.weight`` are read there.
 WEIGHT_OPS = frozenset({"linear", "bilinear", "addmm", "mm", "matmul", "bmm", "baddbmm", "addbmm", "einsum",
                         "__matmul__", "__rmatmul__", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
-                        "conv_transpose2d", "conv_transpose3d", "convolution", "_convolution"})
+                        "conv_transpose2d", "conv_transpose3d", "convolution", "_convolution",
+                        "multi_head_attention_forward"})
 
 
 @dataclass
@@ -134,28 +136,38 @@ class _WeightReads(TorchFunctionMode):
 
     def __init__(self, params: dict[int, str]):
         super().__init__()
-        self.params, self.read = params, {}
+        self.params, self.reads = params, []  # parameter names, one per read, in the order they are read
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") in WEIGHT_OPS:
             for a in (*args, *kwargs.values()):
                 if isinstance(a, Tensor) and a.dim() >= 2 and id(a) in self.params:
-                    self.read[self.params[id(a)]] = a.numel()
+                    self.reads.append(self.params[id(a)])
         return func(*args, **kwargs)
 
 
-def weight_readers(model: nn.Module, example: Any) -> dict[str, int]:
-    """``{module name: weight elements}`` of every module whose own parameter a matmul or convolution
-    reads in one forward pass (any class: found by what it computes)."""
+def weight_reads(model: nn.Module, example: Any) -> list[str]:
+    """The parameters a matmul or convolution reads as a weight in one forward pass of ``example`` (whatever
+    module holds them: found by what it computes), by name, one entry per read, in the order of the reads."""
     params = {id(p): n for n, p in model.named_parameters()}
     mode = _WeightReads(params)
     with eval_mode(model), torch.no_grad(), mode:
         call(model, take(example, 1))
+    return mode.reads
+
+
+def owner(parameter: str) -> str:
+    """The module a parameter name belongs to: ``'a.b.weight'`` -> ``'a.b'`` (the root: ``''``)."""
+    return parameter.rsplit(".", 1)[0] if "." in parameter else ""
+
+
+def weight_readers(model: nn.Module, example: Any) -> dict[str, int]:
+    """``{module name: weight elements}`` of every module whose own parameter :func:`weight_reads` finds."""
+    params = dict(model.named_parameters())
     out: dict[str, int] = {}
-    for name, n in mode.read.items():
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        out[owner] = out.get(owner, 0) + n
+    for name in dict.fromkeys(weight_reads(model, example)):
+        out[owner(name)] = out.get(owner(name), 0) + params[name].numel()
     return out
 
 

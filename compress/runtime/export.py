@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from compress.calls import batch_size, call, cat, forward
+from compress.calls import batch_size, cat, forward
 from compress.errors import UserError
+from compress.metrics.counting import owner, weight_reads
 from compress.quant import QUANTIZABLE, float_copy, is_quantized, quantized_layers
 from compress.runtime.ort import OrtModel, feeds, ort_evaluate, require
 from compress.tasks import build_task
@@ -104,17 +105,10 @@ def _weight_nodes(graph: Any, weights: bool = True) -> list[Any]:
 
 
 def _layer_nodes(model: nn.Module, example: Any, onnx_path: Path) -> dict[str, str]:
-    """Torch layer name -> ONNX node name, by order of execution (the order the exporter traced)."""
+    """Name of the module whose weight is read -> ONNX node name, by order of execution (the order the exporter
+    traced). Weights read without calling their module count (``nn.MultiheadAttention``'s projections)."""
     onnx = require("onnx")
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n))
-               for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
-    try:
-        with torch.no_grad():
-            call(model, example)
-    finally:
-        for h in handles:
-            h.remove()
+    order = [owner(p) for p in weight_reads(model, example)]
     nodes = [n.name for n in _weight_nodes(onnx.load(str(onnx_path), load_external_data=False).graph)]
     if len(nodes) != len(order) or len(set(order)) != len(order):
         raise UserError(f"export: cannot match the {len(order)} layer calls to the {len(nodes)} Conv/Gemm/MatMul "
@@ -302,9 +296,14 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
         batches = [_as_batch(b) for b in calibration] if calibration is not None else [example]
         if not batches:
             raise UserError("export: no calibration batches")
-        float_layers = [n for n, m in deployed.named_modules()
-                        if isinstance(m, QUANTIZABLE) and n not in quantized_layers(reference)]
-        exclude = [] if not float_layers else [_layer_nodes(deployed, example, fp32)[n] for n in float_layers]
+        # every weight the torch model reads in float stays float: layers not quantised, and weights a module
+        # reads without a layer (nn.MultiheadAttention's in_proj_weight)
+        quantized = quantized_layers(reference)
+        float_layers = [n for n, m in deployed.named_modules() if isinstance(m, QUANTIZABLE) and n not in quantized]
+        float_layers += [n for n in dict.fromkeys(owner(p) for p in weight_reads(deployed, example))
+                         if n not in quantized and n not in float_layers]
+        nodes = _layer_nodes(deployed, example, fp32) if float_layers else {}
+        exclude = [nodes[n] for n in float_layers if n in nodes]
         # the torch model quantises layers only: products of two activations stay float in ONNX too
         exclude += [n.name for n in _weight_nodes(require("onnx").load(str(fp32)).graph, weights=False)]
         int8_path = Path(tmp) / "int8.onnx"

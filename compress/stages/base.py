@@ -26,7 +26,8 @@ from compress.stage_configs import make_stage_config
 from compress.tasks import Task, build_task
 
 __all__ = ["OptimizerConfig", "FinetuneConfig", "DistillConfig", "FeaturePairConfig", "Stage", "StageResult",
-           "Context", "STAGES", "MISSING", "match_layers", "validate_finetune", "untouched_notes"]
+           "Context", "STAGES", "MISSING", "match_layers", "validate_finetune", "untouched_notes",
+           "listed_layers"]
 
 
 @dataclass
@@ -123,10 +124,14 @@ def untouched_notes(model: nn.Module, ctx: Context, can_touch: Any, example_inpu
     share, names = untouched_share(model, example_inputs, can_touch)
     if not names:
         return []
-    listed = ", ".join(f"'{n}' ({type(model.get_submodule(n)).__name__})" for n in names[:2])
-    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
-    return [f"{share:.0%} of the parameters are in layers this stage cannot touch ({listed}{more}): its sparsity "
-            "and MAC figures leave them out"]
+    return [f"{share:.0%} of the parameters are in layers this stage cannot touch ({listed_layers(model, names)}): its "
+            "sparsity and MAC figures leave them out"]
+
+
+def listed_layers(model: nn.Module, names: Sequence[str]) -> str:
+    """``'a' (Linear), 'b' (Conv2d) and 3 more``: the first two of ``names`` with their classes, for a note."""
+    shown = ", ".join(f"'{n}' ({type(model.get_submodule(n)).__name__})" for n in names[:2])
+    return shown + (f" and {len(names) - 2} more" if len(names) > 2 else "")
 
 
 STAGES: Registry[type[Stage]] = Registry("stage type")
