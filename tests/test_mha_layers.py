@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from compress.metrics import weight_readers
+from compress.metrics import count_layers, weight_readers
 from compress.quant import quantized_layers, unreached_layers
 from compress.stages import Context
 from compress.stages.prune_unstructured import UnstructuredPruningStage
@@ -70,6 +70,10 @@ def test_unstructured_and_share_run_and_name_the_bare_in_projection():
     ctx = InputsContext()
     result = UnstructuredPruningStage(sparsity=0.5).apply(model, ctx)
     assert result.info["layer_sparsity"]["attn.out_proj"] == pytest.approx(0.5)
+    # counted where its weight is read: E x E weights at each of the 5 tokens, half of them zero now
+    stats = {s.name: s for s in count_layers(model, x)}
+    assert list(stats) == ["embed", "attn.out_proj", "head"]
+    assert (stats["attn.out_proj"].macs, stats["attn.out_proj"].effective_macs) == (E * E * 5, E * E * 5 // 2)
     share = 3 * E * E / sum(p.numel() for p in model.parameters())
     assert result.info["notes"] == [f"{share:.0%} of the parameters are in layers this stage cannot touch ('attn' "
                                     "(MultiheadAttention)): its sparsity and MAC figures leave them out"]

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from compress.calls import call, eval_mode, take
@@ -81,6 +82,14 @@ def count_layers(model: nn.Module, example: Tensor) -> list[LayerStats]:
     """Per-layer statistics of the prunable layers (conv and linear) in forward order."""
     layers = prunable_layers(model)
     positions = _output_positions(model, layers, example)
+    missing = [n for n in layers if n not in positions]
+    if missing:  # a weight its parent reads without calling the layer (nn.MultiheadAttention's out_proj)
+        outputs = _traced_reads(model, example).outputs
+        for name in missing:
+            m = layers[name]
+            if f"{name}.weight" in outputs:
+                positions[name] = outputs[f"{name}.weight"] // (m.out_channels if hasattr(m, "out_channels")
+                                                                 else m.out_features)
     stats = []
     for name, m in layers.items():
         if name not in positions:  # not on the forward path
@@ -137,24 +146,41 @@ class _WeightReads(TorchFunctionMode):
     def __init__(self, params: dict[int, str]):
         super().__init__()
         self.params, self.reads = params, []  # parameter names, one per read, in the order they are read
+        self.sizes: dict[str, int] = {}  # parameter name -> its elements
+        self.outputs: dict[str, int] = {}  # parameter name -> elements of the output of the op that first read it
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         if getattr(func, "__name__", "") in WEIGHT_OPS:
+            first = out[0] if isinstance(out, tuple) else out
             for a in (*args, *kwargs.values()):
                 if isinstance(a, Tensor) and a.dim() >= 2 and id(a) in self.params:
                     self.reads.append(self.params[id(a)])
-        return func(*args, **kwargs)
+                    self.sizes[self.params[id(a)]] = a.numel()
+                    if isinstance(first, Tensor):
+                        self.outputs.setdefault(self.params[id(a)], first.numel())
+        return out
+
+
+def _traced_reads(model: nn.Module, example: Any) -> _WeightReads:
+    """One forward pass of a sample of ``example`` with every weight read recorded."""
+    with eval_mode(model), torch.no_grad(), parametrize.cached():
+        params = {id(p): n for n, p in model.named_parameters()}
+        # a masked, shared or quantised weight is computed: while cached, the forward reads this very tensor
+        params |= {id(m.weight): f"{n}.weight" for n, m in model.named_modules()
+                   if parametrize.is_parametrized(m, "weight")}
+        mode = _WeightReads(params)
+        with mode:
+            call(model, take(example, 1))
+    return mode
 
 
 def weight_reads(model: nn.Module, example: Any) -> list[str]:
-    """The parameters a matmul or convolution reads as a weight in one forward pass of ``example`` (whatever
-    module holds them: found by what it computes), by name, one entry per read, in the order of the reads."""
-    params = {id(p): n for n, p in model.named_parameters()}
-    mode = _WeightReads(params)
-    with eval_mode(model), torch.no_grad(), mode:
-        call(model, take(example, 1))
-    return mode.reads
+    """The weights a matmul or convolution reads in one forward pass of ``example`` (whatever module holds
+    them: found by what it computes), by parameter name (``layer.weight`` for a masked, shared or quantised
+    one), one entry per read, in the order of the reads."""
+    return _traced_reads(model, example).reads
 
 
 def owner(parameter: str) -> str:
@@ -164,10 +190,10 @@ def owner(parameter: str) -> str:
 
 def weight_readers(model: nn.Module, example: Any) -> dict[str, int]:
     """``{module name: weight elements}`` of every module whose own parameter :func:`weight_reads` finds."""
-    params = dict(model.named_parameters())
+    sizes = _traced_reads(model, example).sizes
     out: dict[str, int] = {}
-    for name in dict.fromkeys(weight_reads(model, example)):
-        out[owner(name)] = out.get(owner(name), 0) + params[name].numel()
+    for name, n in sizes.items():
+        out[owner(name)] = out.get(owner(name), 0) + n
     return out
 
 
