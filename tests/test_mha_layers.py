@@ -79,6 +79,8 @@ def test_unstructured_and_share_run_and_name_the_bare_in_projection():
                                     "(MultiheadAttention)): its sparsity and MAC figures leave them out"]
     result = ShareStage(bits=2).apply(model, ctx)  # the all-zero head gets one centroid, zero
     assert result.info["clusters"] == {"embed": 4, "attn.out_proj": 4, "head": 1}
+    # the same share of the model (its shared weights are buffers now, and still the model's weights)
+    assert result.info["notes"][0].startswith(f"{share:.0%} of the parameters are in layers this stage cannot touch")
     assert torch.isfinite(model(x)).all() and model.head.weight.abs().max() == 0
 
 

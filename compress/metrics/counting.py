@@ -202,5 +202,5 @@ def untouched_share(model: nn.Module, example: Any, touched: Any) -> tuple[float
     touched = set(touched)
     readers = weight_readers(model, example)
     left = {n: k for n, k in readers.items() if n not in touched}
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(t.numel() for t in _logical_params(model))  # a shared weight is a buffer: counted as used
     return (sum(left.values()) / total if total else 0.0), sorted(left)
