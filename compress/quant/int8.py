@@ -27,7 +27,7 @@ from compress.quant.quantizers import ActivationQuantizer, WeightQuantizer
 __all__ = [
     "QUANTIZABLE", "SUPPORTED_BITS", "is_quantizable", "quantizable_layers", "check_bits", "prepare", "calibrate", "freeze", "quantize_ptq",
     "prepare_qat", "is_quantized", "quantized_layers", "dequantize_layer", "strip_quant", "float_copy",
-    "quant_state", "restore_quant", "int8_storage_bytes",
+    "quant_state", "restore_quant", "int8_storage_bytes", "unreached_layers",
 ]
 
 QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # and Hugging Face's Conv1D: is_quantizable
@@ -100,6 +100,23 @@ def prepare(model: nn.Module, *, ignore: Sequence[str] = (), bits: int = 8, laye
             raise UserError(f"quantize: '{name}' is not a Linear/Conv layer of this model")
         _install(modules[name], averaging_constant)
     return model
+
+
+@torch.no_grad()
+def unreached_layers(model: nn.Module, example: Any) -> list[str]:
+    """Layers (:func:`quantizable_layers`) one forward pass of ``example`` never calls: their parent reads the weight
+    itself (``nn.MultiheadAttention`` hands ``out_proj.weight`` to a function), so their input is never seen
+    and cannot be calibrated; or they are off the forward path."""
+    called: set[str] = set()
+    handles = [m.register_forward_pre_hook(lambda *_, n=n: called.add(n))
+               for n, m in model.named_modules() if is_quantizable(m)]
+    try:
+        with eval_mode(model):
+            call(model, to_device(example, next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return [n for n in quantizable_layers(model) if n not in called]
 
 
 def _quantizers(model: nn.Module) -> list[ActivationQuantizer]:

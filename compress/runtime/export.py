@@ -44,8 +44,9 @@ INT8_AGREEMENT = 0.99  # top-1 agreement of the int8 graph with the torch fake-q
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 ONNX_LAYER_OPS = ("Conv", "Gemm", "MatMul")  # what quantisable layers export to (Conv1D: Gemm or MatMul + Add)
 # The torch functions that read a weight and export to one of those nodes (metrics.counting.WEIGHT_OPS names them)
+# (multi_head_attention_forward reads its in- and out-projection weights in the order their nodes run)
 EXPORTED_WEIGHT_OPS = frozenset({"linear", "addmm", "mm", "matmul", "__matmul__", "__rmatmul__", "conv1d", "conv2d",
-                                 "conv3d"})
+                                 "conv3d", "multi_head_attention_forward"})
 # What ORT may quantise: the layers, and ops that only move or clip values (int8 flows through them
 # into the next layer). Not ops that compute new values from float tables or statistics (Gather of an
 # embedding, LayerNormalization, ...): the torch model keeps those float, so the int8 graph does too.

@@ -19,14 +19,15 @@ from compress.config import (
 )
 from compress.distill import build_objective
 from compress.errors import UserError
-from compress.metrics.counting import untouched_note
+from compress.metrics.counting import listed_layers, untouched_note
 from compress.registry import Registry
 from compress.schema import match_layers
 from compress.stage_configs import make_stage_config
 from compress.tasks import Task, build_task
 
 __all__ = ["OptimizerConfig", "FinetuneConfig", "DistillConfig", "FeaturePairConfig", "Stage", "StageResult",
-           "Context", "STAGES", "MISSING", "match_layers", "validate_finetune", "untouched_notes"]
+           "Context", "STAGES", "MISSING", "match_layers", "validate_finetune", "untouched_notes",
+           "listed_layers"]
 
 
 @dataclass
