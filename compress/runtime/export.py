@@ -198,6 +198,10 @@ def _check_int8_metric(reference: nn.Module, float_model: nn.Module, path: Path,
     score = {k: task.evaluate(lambda _x, out=out: out, [(inputs, targets)])["metric"] for k, out in outputs.items()}
     q, f, o = score["quantised"], score["float"], score["int8"]
     tol = (1 - INT8_AGREEMENT) * max(1.0, abs(q))
+    if task.name == "classification" and isinstance(inputs, Tensor):
+        # a test set of n distinct inputs cannot show a change smaller than one of them (64 synthetic
+        # samples: 1.6 points); one prediction flipped by rounding is the resolution, not a broken graph
+        tol = max(tol, 1.0 / len(torch.unique(inputs.flatten(1), dim=0)) + 1e-9)
     within_recipe = max_drop is not None and task.drop(f, o) <= max_drop
     if not within_recipe and task.drop(q, o) > tol and task.drop(f, o) > task.drop(f, q) + tol:
         allowed = "" if max_drop is None else f" and more than max_accuracy_drop {max_drop:g} below float"
