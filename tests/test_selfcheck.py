@@ -193,6 +193,44 @@ def test_probe_leaves_the_model_alone_and_finds_every_faulty_group():
     assert result.refusal.startswith("k: Torch-Pruning removes the wrong channels of 'conv2'")
 
 
+class DeepShuffleNet(nn.Module):
+    """Eight conv blocks with a channel shuffle after the sixth: one group Torch-Pruning maps wrongly among many."""
+
+    def __init__(self):
+        super().__init__()
+        widths = [3, 8, 8, 8, 8, 8, 8, 8, 8]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1, groups=2 if i == 6 else 1)
+                                   for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(b) for b in widths[1:])
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
+            if i == 6:  # channel shuffle between convs[5] and the grouped convs[6]
+                b, c, h, w = x.shape
+                x = x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+            x = F.relu(bn(conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_probe_checks_all_groups_at_once_and_bisects_only_to_the_wrong_one():
+    torch.manual_seed(0)
+    model, x = _bn_stats(DeepShuffleNet()), torch.randn(4, 3, 6, 6)
+    layers = [f"convs.{i}" for i in range(8)]
+    result = probe(model, x[:2], [x], ignored=["fc"], prunable=layers, forward_fn=trace_logits)
+    assert [f.root for f in result.faults] == ["convs.5"] and result.faults[0].layers == ["convs.5"]
+    assert result.refusal is None and result.groups == 8  # the other seven pruned together agree
+    # round 1: all eight groups (fails), then a bisection of 8 groups: 3 checks, a new trace after each failing one;
+    # round 2 without convs.5: one trace, one check. Never a copy and a check per group.
+    assert result.checks == 1 + 3 + 1 and result.traces <= 1 + 3 + 1
+    clean = probe(model, x[:2], [x], ignored=["fc", "convs.5"], prunable=layers, forward_fn=trace_logits)
+    assert (clean.faults, clean.groups, clean.checks, clean.traces) == ([], 7, 1, 1)  # nothing wrong: one of each
+    pruned = copy.deepcopy(model)
+    out = prune_model(pruned, x[:2], ratio=0.5, check_inputs=[x])
+    assert [c.out_channels for c in pruned.convs] == [4, 4, 4, 4, 4, 8, 4, 4] and out.self_check < 1e-4
+    assert len(out.notes) == 1 and "'convs.5'" in out.notes[0]
+
+
 def test_removal_log_maps_later_steps_back_to_original_indices():
     log = RemovalLog(nn.Linear(2, 2))
     log._remove("a", [1, 3])  # of 0..7: 1, 3 go; left 0 2 4 5 6 7
