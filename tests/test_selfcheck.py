@@ -231,6 +231,34 @@ def test_probe_checks_all_groups_at_once_and_bisects_only_to_the_wrong_one():
     assert len(out.notes) == 1 and "'convs.5'" in out.notes[0]
 
 
+def test_a_group_torch_pruning_fails_on_only_while_bisecting_is_left_out_too(monkeypatch):
+    import torch_pruning as tp
+
+    import compress.pruning.selfcheck as selfcheck
+
+    traces, real_trace, real_prune = [], selfcheck._Probe.trace, tp.dependency.Group.prune
+
+    def trace(probe_round):
+        traces.append(1)
+        return real_trace(probe_round)
+
+    def prune(group, *args, **kwargs):  # convs.6 breaks on every copy but the first (as a flaky mapping would)
+        if len(traces) > 1 and group._DG._module2name[group[0].dep.target.module] == "convs.6":
+            raise ZeroDivisionError("integer division or modulo by zero")
+        return real_prune(group, *args, **kwargs)
+
+    monkeypatch.setattr(selfcheck._Probe, "trace", trace)
+    monkeypatch.setattr(tp.dependency.Group, "prune", prune)
+    torch.manual_seed(0)
+    model, x = _bn_stats(DeepShuffleNet()), torch.randn(4, 3, 6, 6)
+    result = probe(model, x[:2], [x], ignored=["fc"], prunable=[f"convs.{i}" for i in range(8)],
+                   forward_fn=trace_logits)
+    assert [(f.root, f.why) for f in result.faults] == [
+        ("convs.6", "Torch-Pruning fails on it: ZeroDivisionError: integer division or modulo by zero"),
+        ("convs.5", "outputs differ by 0.047 of their scale from the model with those channels zeroed")]
+    assert result.refusal is None
+
+
 def test_removal_log_maps_later_steps_back_to_original_indices():
     log = RemovalLog(nn.Linear(2, 2))
     log._remove("a", [1, 3])  # of 0..7: 1, 3 go; left 0 2 4 5 6 7

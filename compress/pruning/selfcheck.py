@@ -377,11 +377,7 @@ class _Probe:
         lo, hi, c = 0, len(self.order), None  # groups before lo pass; the groups before hi fail with ``outcome``
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if c is None:
-                c = self.trace()
-                fault = self.advance(c, lo)
-                if fault is not None:
-                    return fault
+            c = c or self.trace()  # a copy pruned up to lo (extended), or a fresh one
             fault = self.advance(c, mid)
             if fault is not None:
                 return fault
