@@ -259,6 +259,22 @@ def test_a_group_torch_pruning_fails_on_only_while_bisecting_is_left_out_too(mon
     assert result.refusal is None
 
 
+def test_groups_are_compared_before_those_with_a_multihead_attention_which_are_only_run(monkeypatch):
+    import compress.pruning.selfcheck as selfcheck
+    from compress.pruning.attention import plan_heads
+    from compress.pruning.structured import faulty_groups
+    from tests.test_attention import MHANet
+
+    torch.manual_seed(0)
+    model, x = MHANet().eval(), torch.randn(2, 3, 16, 16)
+    skip = {"head"}
+    assert faulty_groups(model, x, skip=skip, plan=plan_heads(model, "dims", ratio=0.25)) == ([], [])
+    monkeypatch.setattr(selfcheck, "relative_error", lambda *_: 1.0)  # every comparison fails: shows which are made
+    layers, notes = faulty_groups(model, x, skip=skip, plan=plan_heads(model, "dims", ratio=0.25))
+    assert layers == ["fc1"] and len(notes) == 1  # compared although attn's group (the stream) comes with it
+    assert "embed" not in layers  # the stream's group holds attn: run, never compared
+
+
 def test_removal_log_maps_later_steps_back_to_original_indices():
     log = RemovalLog(nn.Linear(2, 2))
     log._remove("a", [1, 3])  # of 0..7: 1, 3 go; left 0 2 4 5 6 7

@@ -368,13 +368,14 @@ class _Probe:
         with zeroed(self.base, c.log):
             return relative_error(c.work, self.base, self.batches)
 
-    def first_bad(self, outcome: tuple[str, BaseException] | float) -> tuple[int, tuple[str, BaseException] | float] \
-            | Fault:
+    def first_bad(self, outcome: tuple[str, BaseException] | float, lo: int, hi: int) \
+            -> tuple[int, tuple[str, BaseException] | float] | Fault:
         """Bisect the order for the first group whose pruning (after all groups before it) fails the check.
 
-        ``outcome``: the failed check of every group pruned. Returns the group's position and its outcome.
+        The groups before ``lo`` pass; those before ``hi`` fail with ``outcome``. Returns the group's position
+        and its outcome.
         """
-        lo, hi, c = 0, len(self.order), None  # groups before lo pass; the groups before hi fail with ``outcome``
+        c = None
         while hi - lo > 1:
             mid = (lo + hi) // 2
             c = c or self.trace()  # a copy pruned up to lo (extended), or a fresh one
@@ -417,14 +418,20 @@ def _probe_once(model: nn.Module, example_inputs: Any, batches: Sequence[Any], s
         result.refusal = (f"{key}: Torch-Pruning cannot trace this model's channels ({_error_text(e)}){why}; leave "
                           "this model out of structured pruning")
         return None
-    fault = p.advance(c, len(p.order))  # every group on one copy, one check
-    if fault is not None:
-        return fault
-    outcome = p.check(c)
-    if _passes(outcome):
+    lo = 0
+    compared = sum(not c.roots[name][3] for name in p.order)
+    for end in sorted({compared, len(p.order)} - {0}):  # the groups compared, then those only run: one check each
+        fault = p.advance(c, end)
+        if fault is not None:
+            return fault
+        outcome = p.check(c)
+        if not _passes(outcome):
+            break
+        lo = end
+    else:
         result.groups = c.pruned + len(result.faults)
         return None
-    found = p.first_bad(outcome)
+    found = p.first_bad(outcome, lo, end)
     if isinstance(found, Fault):
         return found
     i, outcome = found
