@@ -122,8 +122,9 @@ def run_cell(model: dict, data: dict, variant: str, folder: Path, timeout: int) 
         row |= {"mac_ratio": m.get("mac_speedup"), "self_check": info.get("self_check"),
                 "ort_speedup": m.get("runtime_speedup/onnxruntime"), "notes": len(last.get("notes", []))}
     if code == 0 and variant == "int8 PTQ":
-        # an ``import:`` model is code the checkpoint names: export builds it only on trust, as a user would pass
-        trust = ["--trust-model-code"] if model["name"].startswith("import:") else []
+        # an ``import:`` or ``transformers`` model is code the checkpoint names: export builds it only on trust, as a
+        # user would pass
+        trust = ["--trust-model-code"] if model["name"].startswith("import:") or model["name"] == "transformers" else []
         code, line, s = _run(["export", str(folder / "run"), "--format", "onnx", *trust], timeout)
         row |= {"export": _outcome(code, line, ""), "seconds": seconds + s}
     return row

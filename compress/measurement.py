@@ -19,8 +19,8 @@ from compress.data import describe, example_batch, training_inputs
 from compress.encoding import model_storage
 from compress.errors import UserError
 from compress.hardware import hardware_metrics
-from compress.metrics import compare_latency, count_layers, summarize, thread_env
-from compress.plumbing.masks import deployed_copy
+from compress.metrics import compare_latency, count_layers, summarize, thread_env, untouched_note
+from compress.plumbing.masks import deployed_copy, weight_layers
 from compress.quant import float_copy, int8_storage_bytes, is_quantized
 from compress.runtime import RUNTIMES, feeds, ort_evaluate
 from compress.tasks import Task, build_task, evaluate_model
@@ -104,7 +104,9 @@ def measure(model: nn.Module, datamodule: Any, config: MeasureConfig = MeasureCo
     nonfinite = metrics.pop("nonfinite", None)
     metrics.update(summarize(model, layers))
     extras: dict[str, Any] = {}
-    notes: list[str] = []
+    # stage 0 names what every stage's figures leave out (a bare parameter given to F.linear)
+    left_out = untouched_note(model, x1, weight_layers(model), "no stage can touch") if baseline is None else None
+    notes: list[str] = [left_out] if left_out else []
     if nonfinite:  # said once, as what it is: the model's arithmetic, not the exporter or a runtime
         notes.append(f"the model outputs {nonfinite} on {metrics['nonfinite_outputs']} test inputs: accuracy and "
                      "loss measure broken arithmetic" + (", runtimes not measured" if c.runtimes else ""))
@@ -221,7 +223,25 @@ def runtime_metrics(model: nn.Module, baseline_model: nn.Module, datamodule: Any
             if "accuracy" in scores:
                 metrics[f"runtime_accuracy/{r}"] = scores["accuracy"]
             metrics[f"runtime_bytes/{r}"] = path.stat().st_size
+            if calibration is not None:
+                notes += _int8_against_float(model, deploy, r, Path(tmp), x1, ab, c, rounds, metrics, session)
             if t1.busy or t1.wide_spread or tb.wide_spread:
                 notes.append(f"{r}: timing unreliable ({t1.busy or t1.wide_spread or tb.wide_spread}): runtime "
                              f"speedups {t1.speedup:.2f}x / {tb.speedup:.2f}x may be off")
     return metrics, notes
+
+
+def _int8_against_float(model: nn.Module, deploy: Any, runtime: str, tmp: Path, x1: Any, ab: Any,
+                        c: MeasureConfig, rounds: int, metrics: dict[str, Any], session: Any) -> list[str]:
+    """``runtime_int8_speedup_batch/R``: the int8 graph against this very model deployed in float, at the
+    latency batch; a note when int8 is the slower graph (in a runtime it can be: LeNet-5's first
+    convolution, one input channel, runs ~4x slower as QLinearConv than as float in ONNX Runtime)."""
+    fp32 = deploy(float_copy(model), tmp / f"{runtime}-float.onnx", x1, threads=c.threads)
+    t = compare_latency(lambda s=session: s.run(ab), lambda f=fp32: f.run(ab), rounds=max(3, rounds // 2),
+                        repeats=3, warmup=c.warmup, threads=c.threads)
+    metrics[f"runtime_int8_speedup_batch/{runtime}"] = t.speedup
+    if t.speedup_iqr[1] >= 1.0:  # int8 not slower in the middle half of the rounds
+        return []
+    return [f"{runtime}: the int8 graph is slower than this model in float ({t.candidate_ms:.3f} vs "
+            f"{t.baseline_ms:.3f} ms at batch {len(next(iter(ab.values())))}): int8 buys size here, not speed; profile "
+            "the graph, or keep its slow layers float (quantize.ignore)"]

@@ -212,10 +212,18 @@ class StageBlock:
     config: Any
 
 
+def _check_order(earlier_blocks: list[StageBlock], key: str, stype: str) -> None:
+    for earlier in earlier_blocks:
+        why = REFUSED_ORDERS.get((earlier.type_name, stype))
+        if why:
+            raise UserError(f"{key}.type: '{stype}' after '{earlier.type_name}' ({earlier.key}): {why}")
+
+
 def check_stage_blocks(blocks: Any) -> list[StageBlock]:
     """Keys, types and ranges of every stage block of a built-in type, and the order of the stages;
     no torch. A type not built in is left to :func:`compress.recipe_names.build_stages` (a stage
-    registered from Python, or a misspelt type, answered there with the valid names)."""
+    registered from Python, or a misspelt type, answered there with the valid names). A block with
+    ``enabled: false`` is checked and left out (so a search can choose whether a stage runs)."""
     checked: list[StageBlock] = []
     names: set[str] = set()
     for i, block in enumerate(blocks or []):
@@ -228,20 +236,22 @@ def check_stage_blocks(blocks: Any) -> list[StageBlock]:
         if stype is None:
             raise UserError(f"{key}.type: required; {suggest('', STAGE_CONFIGS.names())}")
         stype = str(stype)
+        enabled = block.pop("enabled", True)
+        if not isinstance(enabled, bool):
+            raise UserError(f"{key}.enabled: {enabled!r}; give true, or false to leave the stage out")
         name = block.pop("name", None) or stype
-        while name in names:  # stage names key metrics and checkpoints: keep them unique
-            name = f"{name}-{i}"
-        names.add(name)
-        for earlier in checked:
-            why = REFUSED_ORDERS.get((earlier.type_name, stype))
-            if why:
-                raise UserError(f"{key}.type: '{stype}' after '{earlier.type_name}' ({earlier.key}): {why}")
+        if enabled:  # a stage left out takes no name and no place in the order
+            while name in names:  # stage names key metrics and checkpoints: keep them unique
+                name = f"{name}-{i}"
+            names.add(name)
+            _check_order(checked, key, stype)
         config: Any = block
         if stype in STAGE_CONFIGS:
             schema = STAGE_CONFIGS.get(stype)
             config = make_stage_config(schema, block, key)
             check_stage_config(schema, config, key)
-        checked.append(StageBlock(key, stype, name, config))
+        if enabled:  # a stage left out is still checked (a typo in it is a typo) but neither run nor shown
+            checked.append(StageBlock(key, stype, name, config))
     return checked
 
 

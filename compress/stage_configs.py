@@ -26,7 +26,7 @@ __all__ = ["STAGE_CONFIGS", "make_stage_config", "check_stage_config", "TrainCon
 STAGE_CONFIGS: Registry[type] = Registry("stage type")
 
 # share's `types` keys -> the module classes they cover
-LAYER_TYPES = {"conv": ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d"), "linear": ("Linear",)}
+LAYER_TYPES = {"conv": ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d"), "linear": ("Linear", "Conv1D")}  # Conv1D: Hugging Face GPT-2's linear layers
 
 
 def make_stage_config(config: type, values: Any, key: str) -> DictConfig:

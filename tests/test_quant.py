@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,3 +167,35 @@ def test_int8_storage_bytes(trained, digits):
     kept = quantize_ptq(copy.deepcopy(float_model), calibration(digits, 1), ignore=["fc_out"])
     assert int8_storage_bytes(kept) - int8_storage_bytes(q) == 3 * float_model.fc_out.weight.numel() - \
         5 * float_model.fc_out.weight.shape[0] - 5
+
+
+def test_calibration_sees_the_float_models_activations_as_onnx_runtime_does():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4)).eval()
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        hidden = model[1](model[0](x))  # the second layer's input in the float model
+    quantize_ptq(model, [x])
+    q = model[2].input_quantizer
+    # int8 weights in the first layer would move these; ORT calibrates the float graph
+    assert (float(q.min_val), float(q.max_val)) == (float(hidden.min()), float(hidden.max()))
+    assert not torch.equal(model[0].weight, model[0].parametrizations.weight.original)  # quantised after
+
+
+@pytest.mark.parametrize("low, high", [(-3e-13, 5e-13), (0.0, 0.0), (-0.5, 2.0)])
+def test_activation_ranges_follow_onnx_runtime_even_when_tiny(low, high):
+    """Small but real activations (a random-weight EfficientNet's are ~1e-13) keep their resolution, as in the
+    int8 graph; only a range too small for a float32 scale gets scale 1, as ORT's compute_scale_zp gives it."""
+    quant_utils = pytest.importorskip("onnxruntime.quantization.quant_utils")
+    from compress.quant import ActivationQuantizer
+
+    q = ActivationQuantizer()
+    x = torch.tensor([low, high, (low + high) / 2])
+    q(x)  # observes
+    q.update_qparams()
+    zero, scale = quant_utils.compute_scale_zp(np.array(low, dtype=np.float32), np.array(high, dtype=np.float32),
+                                               np.array(0, dtype=np.uint8), np.array(255, dtype=np.uint8))
+    assert float(q.scale) == pytest.approx(float(scale), rel=1e-6) and int(q.zero_point) == int(zero)
+    q.observing.fill_(False)
+    q.enabled.fill_(True)
+    assert (q(x) - x).abs().max() <= float(q.scale) / 2 + 1e-30  # within half a step, not rounded to zero

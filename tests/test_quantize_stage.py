@@ -5,8 +5,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from compress.checkpoint import load_model, read_checkpoint
 from compress.errors import UserError
@@ -55,6 +57,9 @@ def test_runtime_keys_in_every_stage_and_int8_after_quantize(qat_run):
     # int8 weights: about a quarter of the float bytes, counted from the model
     assert int8_stage["stored_bytes"] < 0.3 * int8_stage["dense_bytes"]
     assert int8_stage["runtime_bytes/onnxruntime"] < 0.4 * float_stage["runtime_bytes/onnxruntime"]
+    # the int8 graph is also timed against the same model in float (only where there is an int8 graph)
+    assert int8_stage["runtime_int8_speedup_batch/onnxruntime"] > 0
+    assert "runtime_int8_speedup_batch/onnxruntime" not in float_stage
     # the simulator prices the int8 model at int8: an int8-only profile notes the float stages only
     needs = [i for i, s in enumerate(report["stages"]) if any("runs int8 only" in n for n in s.get("notes", []))]
     assert needs == [0, 1, 2]
@@ -206,3 +211,27 @@ def test_a_stage_with_a_drop_is_judged_by_its_gate_not_again_by_a_second_rule(tm
     assert control["met"] and control["steps"][-1]["runtime_metric"] == pytest.approx(
         records[-1]["metrics"]["runtime_accuracy/onnxruntime"])  # the graph the gate judged is the one measured
     assert (True, False) in checks and all(check for quantized, check in checks if not quantized)
+
+
+def test_an_int8_graph_slower_than_its_float_model_gets_a_note(tmp_path):
+    import time
+
+    from compress.measurement import MeasureConfig, _int8_against_float
+
+    class Session:
+        def __init__(self, seconds):
+            self.seconds = seconds
+
+        def run(self, feeds):
+            time.sleep(self.seconds)
+
+    ab = {"input": np.zeros((32, 1, 28, 28), np.float32)}
+    metrics: dict = {}
+    for int8_s, float_s in ((0.004, 0.001), (0.001, 0.004)):
+        metrics.clear()
+        notes = _int8_against_float(nn.Linear(2, 2), lambda m, path, x, threads, s=float_s: Session(s), "onnxruntime",
+                                    tmp_path, None, ab, MeasureConfig(warmup=1), 3, metrics,
+                                    Session(int8_s))
+        slower = int8_s > float_s
+        assert (metrics["runtime_int8_speedup_batch/onnxruntime"] < 1) == slower
+        assert bool(notes) == slower and all("int8 graph is slower than this model in float" in n for n in notes)

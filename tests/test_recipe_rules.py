@@ -633,3 +633,19 @@ def test_an_interpolation_inside_a_section_is_named_by_its_full_key():
     # OmegaConf's own key, not the section: the section is no interpolation itself
     assert error_of(minimal(data={"name": "digits", "batch_size": "${nope}"})) == \
         "data.batch_size: interpolation does not resolve: Interpolation key 'nope' not found"
+
+
+def test_a_stage_with_enabled_false_is_checked_and_left_out(tmp_path):
+    stages = [{"type": "train", "epochs": 1},
+              {"type": "quantize", "mode": "ptq", "enabled": False},
+              {"type": "prune.unstructured", "sparsity": 0.5, "enabled": True}]
+    recipe = load_recipe({"stages": stages})
+    assert [s.type_name for s in recipe.stages] == ["train", "prune.unstructured"]  # no order refusal
+    assert [s["type"] for s in recipe.to_container()["stages"]] == ["train", "prune.unstructured"]
+    assert "enabled" not in recipe.to_container()["stages"][1]
+    with pytest.raises(UserError, match=r"^stages\[1\]\.mode: 'int4'"):  # left out, still checked
+        load_recipe({"stages": [stages[0], {**stages[1], "mode": "int4"}]})
+    with pytest.raises(UserError, match=r"^stages\[1\]\.enabled: 'no'; give true, or false"):
+        load_recipe({"stages": [stages[0], {**stages[1], "enabled": "no"}]})
+    twice = load_recipe({"stages": [{"type": "train", "enabled": False}, {"type": "train"}]})
+    assert [s.name for s in twice.stages] == ["train"]  # a stage left out takes no name

@@ -363,3 +363,13 @@ def test_each_kind_of_param_asks_optuna_for_its_kind_of_value(tmp_path):
     assert dists["stages.0.epochs"] == optuna.distributions.IntDistribution(1, 5, step=2)
     assert dists["stages.1.sparsity"] == optuna.distributions.FloatDistribution(0.1, 0.8, log=True)
     assert spec.shared_stages == 0  # the train stage itself is searched: nothing is shared
+
+
+def test_a_search_can_choose_whether_a_stage_runs(tmp_path):
+    recipe = search_recipe(tmp_path, space={"stages.1.enabled": [True, False]})
+    spec = parse_search(load_recipe(recipe))
+    assert spec.params[0].choices == (True, False) and spec.shared_stages == 1
+    ran = load_recipe(recipe, ["stages.1.enabled=false"])
+    assert [s.type_name for s in ran.stages] == ["train"]
+    with pytest.raises(UserError, match=r"^search\.space\.stages\.2\.enabled: not a key"):
+        parse_search(load_recipe(search_recipe(tmp_path, space={"stages.2.enabled": [True, False]})))

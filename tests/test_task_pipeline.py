@@ -440,3 +440,38 @@ def test_a_task_with_classes_needs_a_class_dimension():
                                         r"...\) for task multilabel"):
         check_outputs(flat, torch.randn(2, 16), None, build_task({"name": "multilabel"}))
     check_outputs(flat, torch.randn(2, 16), None, build_task({"name": "regression"}))  # no classes: any shape
+
+
+def test_the_int8_check_allows_one_flipped_prediction_of_a_small_check_set_never_more(tmp_path, monkeypatch):
+    from compress.runtime import export, export_onnx
+    from compress.runtime.export import _check_int8_metric
+    from compress.tasks import build_task
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).eval()
+    x = torch.randn(16, 8).repeat(4, 1)  # 64 check inputs, 16 distinct: one of them is 6.25 points
+    path = export_onnx(model, tmp_path / "m.onnx", x[:1])
+    with torch.no_grad():
+        targets = model(x).argmax(1)
+    task = build_task(None)
+
+    def flipped(k):  # the graph's logits with the predictions of the first k distinct inputs moved
+        class Graph:
+            def __init__(self, _path):
+                pass
+
+            def __call__(self, inputs):
+                with torch.no_grad():
+                    out = model(inputs).clone()
+                wrong = (out.argmax(1) + 1) % 4
+                for i in range(len(inputs)):
+                    if i % 16 < k:
+                        out[i, wrong[i]] = out[i].max() + 1
+                return out
+        return Graph
+
+    monkeypatch.setattr(export, "OrtModel", flipped(1))
+    assert _check_int8_metric(model, model, path, x, targets, task) == pytest.approx(15 / 16)
+    monkeypatch.setattr(export, "OrtModel", flipped(2))
+    with pytest.raises(UserError, match=r"accuracy is 0.875 on 64 check inputs.*more than 0.0625 worse"):
+        _check_int8_metric(model, model, path, x, targets, task)

@@ -30,7 +30,7 @@ from compress.encoding.huffman import code_lengths, decode_packed, encode
 from compress.errors import UserError
 from compress.files import atomic_write, json_text
 from compress.models import build_from_spec
-from compress.plumbing.masks import deployed_copy, prunable_layers
+from compress.plumbing.masks import deployed_copy, weight_layers
 from compress.pruning.attention import attention_state, restore_attention
 from compress.pruning.structured import restore_structure
 from compress.sharing.shared import get_shared
@@ -86,7 +86,7 @@ def _layer_plan(name: str, module: nn.Module, index_bits: int | str) -> dict[str
 
 def _plan(model: nn.Module, index_bits: int | str, deployed: nn.Module | None = None) -> list[dict[str, Any]]:
     deployed = (deployed if deployed is not None else deployed_copy(model)).cpu()
-    layers = prunable_layers(model)
+    layers = weight_layers(model)
     plans = [_layer_plan(n, m, index_bits) for n, m in layers.items()]
     encoded = {p["name"] for p in plans}
     for key, t in deployed.state_dict().items():

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from compress.hardware.profiles import HardwareProfile
 from compress.hardware.trace import Op, Trace
-from compress.plumbing.masks import deployed_copy, prunable_layers
+from compress.plumbing.masks import deployed_copy, output_dim, weight_layers
 from compress.sharing.shared import shared_bits
 
 __all__ = ["WeightInfo", "weight_infos", "OpCost", "Simulation", "simulate", "nm_compliant", "FUSIBLE"]
@@ -61,11 +61,12 @@ def weight_infos(model: nn.Module, deployed: nn.Module | None = None) -> dict[st
     name ends in ``weight`` is described (the trace takes those as a matmul's weight).
     """
     deployed = deployed if deployed is not None else deployed_copy(model)
-    plain = prunable_layers(deployed)
+    plain = weight_layers(deployed)
     out: dict[str, WeightInfo] = {}
     with torch.no_grad():
-        for name, m in prunable_layers(model).items():
+        for name, m in weight_layers(model).items():
             w = plain[name].weight.detach() if name in plain else m.weight.detach()
+            w = w.movedim(output_dim(m), 0)  # (out, in, ...): Conv1D stores (in, out)
             key = f"{name}.weight" if name else "weight"
             out[key] = WeightInfo(key, w.numel(), int(torch.count_nonzero(w)),
                                                int(w.shape[0]), shared_bits(m), w)

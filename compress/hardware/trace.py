@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from compress.calls import call, eval_mode
-from compress.plumbing.masks import prunable_layers
+from compress.plumbing.masks import weight_layers
 
 __all__ = ["Op", "Trace", "trace_ops", "op_kind"]
 
@@ -84,7 +84,7 @@ class Trace:
     module_calls: int  # nn.Module.__call__ count (eager PyTorch pays for each)
     input_ids: set[int]  # values that came from outside the model (its inputs)
     output_ids: set[int]  # values the model returned
-    weights: dict[str, nn.Module]  # qualified weight name -> its layer (conv / linear)
+    weights: dict[str, nn.Module]  # qualified weight name -> its layer (conv / linear / Conv1D)
 
 
 class _Recorder(TorchDispatchMode):
@@ -212,7 +212,7 @@ def trace_ops(model: nn.Module, example: Any) -> Trace:
     for mname, m in model.named_modules():
         for pname, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
             params.setdefault(p.untyped_storage().data_ptr(), f"{mname}.{pname}" if mname else pname)
-    weights = {f"{n}.weight" if n else "weight": m for n, m in prunable_layers(model).items()}
+    weights = {f"{n}.weight" if n else "weight": m for n, m in weight_layers(model).items()}
     stack: list[tuple[str, nn.Module]] = []
     calls = [0]
     handles = []

@@ -1,6 +1,14 @@
 """Metrics computed from the model in hand after every stage."""
 
-from compress.metrics.counting import LayerStats, count_layers, summarize, untouched_share, weight_readers
+from compress.metrics.counting import (
+    LayerStats,
+    count_layers,
+    summarize,
+    untouched_note,
+    untouched_share,
+    weight_readers,
+    weight_reads,
+)
 from compress.metrics.evaluate import evaluate_accuracy
 from compress.metrics.latency import (
     Timing,
@@ -11,5 +19,6 @@ from compress.metrics.latency import (
     thread_env,
 )
 
-__all__ = ["LayerStats", "count_layers", "summarize", "untouched_share", "weight_readers", "evaluate_accuracy", "measure_latency_ms",
-           "Timing", "compare_latency", "latency_ms", "machine_busy", "thread_env"]
+__all__ = ["LayerStats", "count_layers", "summarize", "untouched_note", "untouched_share", "weight_readers", "weight_reads",
+           "evaluate_accuracy", "measure_latency_ms", "Timing", "compare_latency", "latency_ms", "machine_busy",
+           "thread_env"]

@@ -9,6 +9,7 @@ checkpoints carry it; :func:`make_permanent` bakes it in for export.
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +17,8 @@ from torch.nn.utils import parametrize
 
 from compress.plumbing.restorers import PARAMETRIZATIONS
 
-__all__ = ["Mask", "set_mask", "get_mask", "masked_modules", "make_permanent", "deployed_copy", "prunable_layers"]
+__all__ = ["Mask", "set_mask", "get_mask", "masked_modules", "make_permanent", "deployed_copy", "prunable_layers",
+           "weight_layers", "is_hf_conv1d", "output_dim", "out_width"]
 
 
 class Mask(nn.Module):
@@ -96,3 +98,32 @@ PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Layers whose ``weight`` the pruning and sharing stages act on, by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's projections): a linear layer whose weight is stored transposed,
+    ``(in, out)``, computing ``x @ W + b``. Found without importing transformers: a model that holds one
+    has loaded it, and where it is not loaded no module can be one."""
+    cls = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return isinstance(cls, type) and isinstance(module, cls)
+
+
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers whose ``weight`` a matmul or convolution reads and which magnitude pruning, weight sharing,
+    counting and quantisation act on: :data:`PRUNABLE` plus Hugging Face's ``Conv1D``, by qualified name.
+
+    Structured pruning keeps to :func:`prunable_layers`: Torch-Pruning cannot trace ``Conv1D``.
+    """
+    return {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE) or is_hf_conv1d(m)}
+
+
+def output_dim(module: nn.Module) -> int:
+    """The dimension of a quantisable layer's weight that indexes output channels: 1 for ``Conv1D``
+    (in, out), 0 for ``Linear`` (out, in) and ``Conv`` (out, in/groups, k...)."""
+    return 1 if is_hf_conv1d(module) else 0
+
+
+def out_width(module: nn.Module) -> int:
+    """Output channels (features) of a layer of :func:`weight_layers`."""
+    width = getattr(module, "out_channels", getattr(module, "out_features", None))
+    return int(width) if width is not None else int(module.weight.shape[output_dim(module)])

@@ -53,9 +53,11 @@ UNCOMPARED = (nn.MultiheadAttention,)
 class RemovalLog:
     """Original indices of the output channels each module lost, over any number of pruning groups."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, key: str = "prune"):
         self.names = {id(m): n for n, m in model.named_modules()}
+        self.key = key  # recipe path for a refusal
         self.removed: dict[str, list[int]] = {}  # module or parameter name -> sorted original indices
+        self.widths: dict[str, int] = {}  # module name -> its output channels before the first removal
         self.param_dims: dict[str, int] = {}  # unwrapped parameter name -> the dimension pruned
         self.roots: list[str] = []  # root layer of every group recorded, in order
         self.uncompared: list[str] = []  # modules of UNCOMPARED kinds among the removals
@@ -81,6 +83,9 @@ class RemovalLog:
                     continue
                 if isinstance(target.module, UNCOMPARED) and name not in self.uncompared:
                     self.uncompared.append(name)
+                width = graph.get_out_channels(target.module)
+                if width is not None:
+                    self.widths.setdefault(name, int(width) + len(self.removed.get(name, [])))
             self._remove(name, sorted({int(getattr(i, "idx", i)) for i in idxs}))
 
     def _remove(self, name: str, current: list[int]) -> None:
@@ -100,33 +105,78 @@ class RemovalLog:
         return bool(self.removed)
 
 
-def _channel_dim(module: nn.Module) -> int:
-    """The dimension of a module's output its channels run along (convolutions and norms: 1; else last)."""
+def _own_forward(module: nn.Module) -> bool:
+    """Whether the module runs torch's own forward for its class (not a subclass's, which may permute)."""
+    return type(module).forward.__module__.startswith("torch.nn.")
+
+
+def _width_dims(shape: Sequence[int], width: int | None) -> list[int]:
+    """The dimensions of an output of ``shape`` as wide as the module's channels (not the batch's, when there are others)."""
+    return [d for d in range(min(1, len(shape) - 1), len(shape)) if shape[d] == width]
+
+
+def _unreadable(log: RemovalLog, name: str, module: nn.Module, shape: Sequence[int], width: int | None) -> UserError:
+    return UserError(f"{log.key}: the self-check cannot tell which dimension of the output of '{name}' "
+                     f"({type(module).__name__}, shape {tuple(shape)}) holds its {width} channels; keep them (list "
+                     f"the layers that write them in {log.key}.ignore) or leave this model out of structured pruning")
+
+
+def _channel_dim(module: nn.Module, shape: Sequence[int], width: int | None) -> int | None:
+    """The dimension of a module's output its channels run along: with torch's own forward, 1 for convolutions
+    and norms and the last for the rest; with a forward of its own (a permute inside), the one dimension as wide
+    as its channels (None: none, or several)."""
     first = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.PReLU)
-    return 1 if isinstance(module, first) else -1
+    if _own_forward(module) or width is None:
+        return 1 if isinstance(module, first) else -1
+    dims = _width_dims(shape, width)
+    return dims[0] if len(dims) == 1 else None
 
 
-def _zero_hook(idx: Tensor, dim: int) -> Any:
+def _zero_hook(log: RemovalLog, name: str, idx: Tensor) -> Any:
     def hook(module: nn.Module, args: Any, out: Any) -> Any:
         first = out[0] if isinstance(out, tuple) else out
         if not isinstance(first, Tensor):
             return None
+        dim = _channel_dim(module, first.shape, log.widths.get(name))
+        if dim is None:
+            raise _unreadable(log, name, module, first.shape, log.widths.get(name))
         first = first.index_fill(dim, idx.to(first.device), 0.0)
         return (first, *out[1:]) if isinstance(out, tuple) else first
     return hook
 
 
-def _kept_norm_hook(removed: list[int]) -> Any:
+def _layer_norm_along(module: nn.LayerNorm, x: Tensor, dim: int, keep: Tensor | None = None) -> Tensor:
+    """``module``'s layer norm over dimension ``dim`` of ``x``, of the ``keep`` channels only (zeros elsewhere)."""
+    x = x.movedim(dim, -1)
+    keep = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device) if keep is None else keep
+    w = module.weight[keep] if module.weight is not None else None
+    b = module.bias[keep] if module.bias is not None else None
+    y = torch.zeros_like(x)
+    y[..., keep] = F.layer_norm(x[..., keep], (int(keep.sum()),), w, b, module.eps)
+    return y.movedim(-1, dim)
+
+
+def _norm_dim(module: nn.LayerNorm, x: Tensor, out: Tensor) -> int | None:
+    """The dimension a LayerNorm normalises: the last with torch's own forward; for a subclass that permutes
+    (timm's ``LayerNorm2d`` normalises dim 1 of NCHW), the dimension as wide as it whose layer norm is its output."""
+    if _own_forward(module):
+        return -1
+    for d in _width_dims(x.shape, module.normalized_shape[0]) if out.shape == x.shape else []:
+        if torch.allclose(_layer_norm_along(module, x, d), out, rtol=1e-4, atol=1e-5):
+            return d
+    return None
+
+
+def _kept_norm_hook(log: RemovalLog, name: str, removed: list[int]) -> Any:
     """A LayerNorm whose removed channels are gone: statistics over the kept ones, zeros elsewhere."""
     def hook(module: nn.LayerNorm, args: Any, out: Tensor) -> Tensor:
         x = args[0]
-        keep = torch.ones(x.shape[-1], dtype=torch.bool, device=x.device)
+        dim = _norm_dim(module, x, out)
+        if dim is None:
+            raise _unreadable(log, name, module, out.shape, module.normalized_shape[0])
+        keep = torch.ones(x.shape[dim], dtype=torch.bool, device=x.device)
         keep[removed] = False
-        w = module.weight[keep] if module.weight is not None else None
-        b = module.bias[keep] if module.bias is not None else None
-        y = torch.zeros_like(out)
-        y[..., keep] = F.layer_norm(x[..., keep], (int(keep.sum()),), w, b, module.eps)
-        return y
+        return _layer_norm_along(module, x, dim, keep)
     return hook
 
 
@@ -153,9 +203,9 @@ def zeroed(model: nn.Module, log: RemovalLog, attrs: dict[str, dict[str, Any]] |
                 continue
             module = model.get_submodule(name)
             if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
-                handles.append(module.register_forward_hook(_kept_norm_hook(removed)))
+                handles.append(module.register_forward_hook(_kept_norm_hook(log, name, removed)))
             else:
-                handles.append(module.register_forward_hook(_zero_hook(idx, _channel_dim(module))))
+                handles.append(module.register_forward_hook(_zero_hook(log, name, idx)))
         yield model
     finally:
         for h in handles:
@@ -298,8 +348,8 @@ class _Probe:
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, batches: Sequence[Any], skip: list[str],
-                 prunable: set[str], kwargs: dict[str, Any], forward_fn: Any, result: ProbeResult):
-        self.model, self.example_inputs, self.batches = model, example_inputs, list(batches)
+                 prunable: set[str], kwargs: dict[str, Any], forward_fn: Any, key: str, result: ProbeResult):
+        self.model, self.example_inputs, self.batches, self.key = model, example_inputs, list(batches), key
         self.skip, self.prunable, self.kwargs, self.forward_fn, self.result = skip, prunable, kwargs, forward_fn, result
         self.base = make_permanent(copy.deepcopy(model)).eval()  # the reference, zeroed per check (shared)
         self.order: list[str] = []  # root layers in the order they are pruned (set by the first trace)
@@ -326,7 +376,7 @@ class _Probe:
         if not self.order:
             self.order = sorted(roots, key=lambda n: roots[n][3])  # stable: the compared groups first
         self.result.traces += 1
-        return _Copy(work, graph, RemovalLog(work), roots)
+        return _Copy(work, graph, RemovalLog(work, self.key), roots)
 
     def advance(self, c: _Copy, to: int) -> Fault | None:
         """Prune the groups at positions ``c.done`` to ``to`` (excluded) of the order on ``c``, unchecked.
@@ -408,11 +458,11 @@ def _passes(outcome: tuple[str, BaseException] | float) -> bool:
 
 def _probe_once(model: nn.Module, example_inputs: Any, batches: Sequence[Any], skip: list[str], prunable: set[str],
                 kwargs: dict[str, Any], forward_fn: Any, key: str, result: ProbeResult) -> Fault | None:
-    p = _Probe(model, example_inputs, batches, skip, prunable, kwargs, forward_fn, result)
+    p = _Probe(model, example_inputs, batches, skip, prunable, kwargs, forward_fn, key, result)
     try:
         c = p.trace()
     except Exception as e:  # noqa: BLE001 - Torch-Pruning's tracing failed on this graph: nothing can be pruned
-        unknown = [n for n in weight_readers(model, example_inputs) if n not in prunable]
+        unknown = [n for n in weight_readers(model, example_inputs) if n not in prunable and n not in skip]
         named = ", ".join(f"'{n}' ({type(model.get_submodule(n)).__name__})" for n in unknown[:2])
         why = f"; layers it does not know compute with their own weights: {named}" if unknown else ""
         result.refusal = (f"{key}: Torch-Pruning cannot trace this model's channels ({_error_text(e)}){why}; leave "
@@ -479,7 +529,7 @@ class StepCheck:
 
     def __init__(self, model: nn.Module, batches: Sequence[Any], key: str = "prune"):
         self.base = make_permanent(copy.deepcopy(model)).eval()
-        self.log = RemovalLog(model)
+        self.log = RemovalLog(model, key)
         self.batches, self.key = list(batches), key
 
     def record(self, group: Any) -> None:

@@ -32,19 +32,23 @@ from compress.quant.int8 import (
     float_copy,
     freeze,
     int8_storage_bytes,
+    is_quantizable,
     is_quantized,
     prepare,
     prepare_qat,
     quant_state,
+    quantizable_layers,
     quantize_ptq,
     quantized_layers,
     restore_quant,
     strip_quant,
+    unreached_layers,
 )
 from compress.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = [
     "QUANTIZABLE", "SUPPORTED_BITS", "ActivationQuantizer", "WeightQuantizer", "calibrate", "check_bits",
-    "dequantize_layer", "float_copy", "freeze", "int8_storage_bytes", "is_quantized", "prepare", "prepare_qat",
-    "quant_state", "quantize_ptq", "quantized_layers", "restore_quant", "strip_quant",
+    "dequantize_layer", "float_copy", "freeze", "int8_storage_bytes", "is_quantizable", "is_quantized", "prepare",
+    "prepare_qat", "quant_state", "quantizable_layers", "quantize_ptq", "quantized_layers", "restore_quant",
+    "strip_quant", "unreached_layers",
 ]

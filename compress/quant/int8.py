@@ -1,6 +1,6 @@
 """Prepare, calibrate, save, restore and size an int8 (fake-quantised) model, in place.
 
-A quantised layer (``Linear``, ``Conv1d/2d/3d``) gets two things: a :class:`WeightQuantizer`
+A quantised layer (``Linear``, ``Conv1d/2d/3d``, Hugging Face's ``Conv1D``) gets two things: a :class:`WeightQuantizer`
 parametrization on ``weight`` and an ``input_quantizer`` submodule applied by a forward pre-hook.
 Everything else in the model is untouched, so the model stays a plain ``nn.Module`` that trains,
 deep-copies and checkpoints like any other; its quantisation is described by :func:`quant_state`
@@ -20,17 +20,17 @@ from torch.nn.utils import parametrize
 
 from compress.calls import call, eval_mode, to_device
 from compress.errors import UserError
-from compress.plumbing.masks import make_permanent
+from compress.plumbing.masks import is_hf_conv1d, make_permanent, output_dim
 from compress.plumbing.restorers import PARAMETRIZATIONS, RESTORERS, Restorer
 from compress.quant.quantizers import ActivationQuantizer, WeightQuantizer
 
 __all__ = [
-    "QUANTIZABLE", "SUPPORTED_BITS", "check_bits", "prepare", "calibrate", "freeze", "quantize_ptq",
+    "QUANTIZABLE", "SUPPORTED_BITS", "is_quantizable", "quantizable_layers", "check_bits", "prepare", "calibrate", "freeze", "quantize_ptq",
     "prepare_qat", "is_quantized", "quantized_layers", "dequantize_layer", "strip_quant", "float_copy",
-    "quant_state", "restore_quant", "int8_storage_bytes",
+    "quant_state", "restore_quant", "int8_storage_bytes", "unreached_layers",
 ]
 
-QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+QUANTIZABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # and Hugging Face's Conv1D: is_quantizable
 SUPPORTED_BITS = (8,)
 INPUT_QUANTIZER = "input_quantizer"
 STATE_FORMAT = "compress.int8/1"
@@ -43,6 +43,16 @@ def check_bits(bits: int, key: str = "bits") -> None:
         raise UserError(f"{key}: {bits} is not supported; only 8-bit (int8) quantisation is implemented (use bits: 8)")
 
 
+def is_quantizable(module: nn.Module) -> bool:
+    """A layer this module quantises: one of :data:`QUANTIZABLE` or Hugging Face's ``Conv1D``."""
+    return isinstance(module, QUANTIZABLE) or is_hf_conv1d(module)
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """Names of the model's quantisable layers, in module order."""
+    return [n for n, m in model.named_modules() if is_quantizable(m)]
+
+
 def _quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     # A module-level function (not a closure or bound method), so deepcopy and pickling keep the hook.
     return (getattr(module, INPUT_QUANTIZER)(args[0]), *args[1:])
@@ -53,13 +63,13 @@ def _is_quantized_layer(module: nn.Module) -> bool:
 
 
 def _install(module: nn.Module, averaging_constant: float) -> None:
-    parametrize.register_parametrization(module, "weight", WeightQuantizer())  # after any pruning Mask
+    parametrize.register_parametrization(module, "weight", WeightQuantizer(output_dim(module)))  # after any Mask
     module.add_module(INPUT_QUANTIZER, ActivationQuantizer(averaging_constant))
     module.register_forward_pre_hook(_quantize_input)
 
 
 def _select(model: nn.Module, ignore: Sequence[str]) -> list[str]:
-    names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    names = quantizable_layers(model)
     unknown = [p for p in ignore if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unknown:
         raise UserError(f"ignore: '{unknown[0]}' matches no quantisable layer; layers: {', '.join(names)}")
@@ -86,10 +96,27 @@ def prepare(model: nn.Module, *, ignore: Sequence[str] = (), bits: int = 8, laye
     names = list(layers) if layers is not None else _select(model, list(ignore))
     modules = dict(model.named_modules())
     for name in names:
-        if not isinstance(modules.get(name), QUANTIZABLE):
+        if name not in modules or not is_quantizable(modules[name]):
             raise UserError(f"quantize: '{name}' is not a Linear/Conv layer of this model")
         _install(modules[name], averaging_constant)
     return model
+
+
+@torch.no_grad()
+def unreached_layers(model: nn.Module, example: Any) -> list[str]:
+    """Layers (:func:`quantizable_layers`) one forward pass of ``example`` never calls: their parent reads the weight
+    itself (``nn.MultiheadAttention`` hands ``out_proj.weight`` to a function), so their input is never seen
+    and cannot be calibrated; or they are off the forward path."""
+    called: set[str] = set()
+    handles = [m.register_forward_pre_hook(lambda *_, n=n: called.add(n))
+               for n, m in model.named_modules() if is_quantizable(m)]
+    try:
+        with eval_mode(model):
+            call(model, to_device(example, next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return [n for n in quantizable_layers(model) if n not in called]
 
 
 def _quantizers(model: nn.Module) -> list[ActivationQuantizer]:
@@ -101,13 +128,22 @@ def calibrate(model: nn.Module, batches: Iterable[Any], max_batches: int | None 
     """Run ``batches`` (tensors, or ``(inputs, targets)`` pairs) through the model to set activation ranges."""
     device = next(model.parameters()).device
     seen = 0
-    with eval_mode(model):
-        for batch in batches:
-            if max_batches is not None and seen >= max_batches:
-                break
-            x = batch[0] if isinstance(batch, list | tuple) else batch
-            call(model, to_device(x, device))
-            seen += 1
+    weights = [p for p in model.modules() if isinstance(p, WeightQuantizer)]
+    # The ranges of the float model, as ONNX Runtime calibrates the float graph: with int8 weights the
+    # activations of every later layer would move, and the two int8 models would round differently.
+    for p in weights:
+        p.enabled = False
+    try:
+        with eval_mode(model):
+            for batch in batches:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                x = batch[0] if isinstance(batch, list | tuple) else batch
+                call(model, to_device(x, device))
+                seen += 1
+    finally:
+        for p in weights:
+            p.enabled = True
     if seen == 0:
         raise UserError("quantize: no calibration batches")
     return model
@@ -239,7 +275,7 @@ def int8_storage_bytes(model: nn.Module) -> int:
     for name, module in deployed.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             if name in quantized and pname == "weight":
-                total += p.numel() + p.shape[0] * (4 + 1)
+                total += p.numel() + p.shape[output_dim(module)] * (4 + 1)
             else:
                 total += p.numel() * p.element_size()
         if name in quantized:

@@ -9,8 +9,9 @@ convolutions, and names nodes by module scope. It is deprecated upstream; when i
 
 int8: the float graph is quantised by ONNX Runtime's ``quantize_static`` (QDQ format, symmetric
 per-channel int8 weights, uint8 activations, MinMax calibration), after its ``quant_pre_process``
-cleanup so every convolution fuses into an int8 kernel; layers the torch model keeps float are
-excluded. See :mod:`compress.quant` for why.
+cleanup so every convolution fuses into an int8 kernel; weights the torch model keeps float (layers
+left float, a bare parameter given to ``F.linear``) are excluded, and Gemm/MatMul outputs are not
+rounded (the torch model rounds layer inputs only). See :mod:`compress.quant` for why.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import copy
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from compress.calls import batch_size, call, cat, forward
+from compress.calls import batch_size, cat, forward
 from compress.errors import UserError
-from compress.quant import QUANTIZABLE, float_copy, is_quantized, quantized_layers
+from compress.metrics.counting import weight_reads
+from compress.quant import float_copy, is_quantized, quantized_layers
 from compress.runtime.ort import OrtModel, feeds, ort_evaluate, require
 from compress.tasks import build_task
 
@@ -40,7 +42,11 @@ FP32_TOLERANCE = 1e-4  # max |ORT - torch| on the logits, times max(1, max |torc
 DEFAULT_MAX_ACCURACY_DROP = 0.01  # the int8 gate's tolerance when export_onnx is given a test split and no drop
 INT8_AGREEMENT = 0.99  # top-1 agreement of the int8 graph with the torch fake-quantised model (or: _check_int8)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-ONNX_LAYER_OPS = ("Conv", "Gemm", "MatMul")  # what QUANTIZABLE layers export to
+ONNX_LAYER_OPS = ("Conv", "Gemm", "MatMul")  # what quantisable layers export to (Conv1D: Gemm or MatMul + Add)
+# The torch functions that read a weight and export to one of those nodes (metrics.counting.WEIGHT_OPS names them)
+# (multi_head_attention_forward reads its in- and out-projection weights in the order their nodes run)
+EXPORTED_WEIGHT_OPS = frozenset({"linear", "addmm", "mm", "matmul", "__matmul__", "__rmatmul__", "conv1d", "conv2d",
+                                 "conv3d", "multi_head_attention_forward"})
 # What ORT may quantise: the layers, and ops that only move or clip values (int8 flows through them
 # into the next layer). Not ops that compute new values from float tables or statistics (Gather of an
 # embedding, LayerNormalization, ...): the torch model keeps those float, so the int8 graph does too.
@@ -103,23 +109,19 @@ def _weight_nodes(graph: Any, weights: bool = True) -> list[Any]:
             and any(i in inits for i in n.input[:2]) == weights]
 
 
-def _layer_nodes(model: nn.Module, example: Any, onnx_path: Path) -> dict[str, str]:
-    """Torch layer name -> ONNX node name, by order of execution (the order the exporter traced)."""
-    onnx = require("onnx")
-    order: list[str] = []
-    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: order.append(n))
-               for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
-    try:
-        with torch.no_grad():
-            call(model, example)
-    finally:
-        for h in handles:
-            h.remove()
-    nodes = [n.name for n in _weight_nodes(onnx.load(str(onnx_path), load_external_data=False).graph)]
-    if len(nodes) != len(order) or len(set(order)) != len(order):
-        raise UserError(f"export: cannot match the {len(order)} layer calls to the {len(nodes)} Conv/Gemm/MatMul "
+def _float_nodes(model: nn.Module, example: Any, onnx_path: Path, quantized: Collection[str]) -> list[str]:
+    """The graph's Conv/Gemm/MatMul nodes whose weight no ``quantized`` layer holds (a layer kept in float,
+    a bare parameter given to ``F.linear``, a tied table), which ONNX Runtime must leave float as the torch
+    model does: the weight reads of one forward (:func:`compress.metrics.weight_reads`) matched to the
+    nodes by order of execution (the order the exporter traced)."""
+    reads = [owner for owner, op in weight_reads(model, example) if op in EXPORTED_WEIGHT_OPS]
+    if all(owner in quantized for owner in reads):
+        return []
+    nodes = [n.name for n in _weight_nodes(require("onnx").load(str(onnx_path), load_external_data=False).graph)]
+    if len(nodes) != len(reads):
+        raise UserError(f"export: cannot match the {len(reads)} weight reads to the {len(nodes)} Conv/Gemm/MatMul "
                         "nodes of the graph, so layers kept in float cannot be excluded; quantise every layer")
-    return dict(zip(order, nodes, strict=True))
+    return [node for owner, node in zip(reads, nodes, strict=True) if owner not in quantized]
 
 
 def _quantize_graph(fp32: Path, out: Path, calibration: list[Tensor], exclude: Sequence[str]) -> None:
@@ -139,7 +141,10 @@ def _quantize_graph(fp32: Path, out: Path, calibration: list[Tensor], exclude: S
         activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
         calibrate_method=quantization.CalibrationMethod.MinMax, nodes_to_exclude=list(exclude),
         op_types_to_quantize=list(QDQ_OPS),
-        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        # the torch model rounds a layer's input, never a linear layer's output: ORT would round it too (GPT-2's
+        # c_attn output, split for attention's float matmuls) and flip low-margin predictions the torch model keeps
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                       "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]})
 
 
 def _shorten_tensor_names(path: Path) -> None:
@@ -193,6 +198,10 @@ def _check_int8_metric(reference: nn.Module, float_model: nn.Module, path: Path,
     score = {k: task.evaluate(lambda _x, out=out: out, [(inputs, targets)])["metric"] for k, out in outputs.items()}
     q, f, o = score["quantised"], score["float"], score["int8"]
     tol = (1 - INT8_AGREEMENT) * max(1.0, abs(q))
+    if task.name == "classification" and isinstance(inputs, Tensor):
+        # a test set of n distinct inputs cannot show a change smaller than one of them (64 synthetic
+        # samples: 1.6 points); one prediction flipped by rounding is the resolution, not a broken graph
+        tol = max(tol, 1.0 / len(torch.unique(inputs.flatten(1), dim=0)) + 1e-9)
     within_recipe = max_drop is not None and task.drop(f, o) <= max_drop
     if not within_recipe and task.drop(q, o) > tol and task.drop(f, o) > task.drop(f, q) + tol:
         allowed = "" if max_drop is None else f" and more than max_accuracy_drop {max_drop:g} below float"
@@ -302,9 +311,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: Tensor | tup
         batches = [_as_batch(b) for b in calibration] if calibration is not None else [example]
         if not batches:
             raise UserError("export: no calibration batches")
-        float_layers = [n for n, m in deployed.named_modules()
-                        if isinstance(m, QUANTIZABLE) and n not in quantized_layers(reference)]
-        exclude = [] if not float_layers else [_layer_nodes(deployed, example, fp32)[n] for n in float_layers]
+        exclude = _float_nodes(deployed, example, fp32, set(quantized_layers(reference)))
         # the torch model quantises layers only: products of two activations stay float in ONNX too
         exclude += [n.name for n in _weight_nodes(require("onnx").load(str(fp32)).graph, weights=False)]
         int8_path = Path(tmp) / "int8.onnx"

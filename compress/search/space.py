@@ -9,6 +9,7 @@ needs a numeric key, and each end of a range and each choice must itself make a 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,7 +154,8 @@ def _check_value(base: dict[str, Any], key: str, value: Any, where: str, numeric
 def _parse_param(base: dict[str, Any], key: str, spec: Any) -> Param:
     where = f"search.space.{key}"
     try:
-        current = _walk(base, key)
+        # `enabled` is read, not shown: the resolved recipe lists only the stages that run.
+        current = True if re.fullmatch(r"stages\.\d+\.enabled", key) and _walk(base, key[:-8]) else _walk(base, key)
     except KeyError as e:
         raise UserError(f"{where}: not a key of the resolved recipe: {e.args[0]}; "
                         "see `python run.py RECIPE --dry-run` for every key") from None

@@ -62,7 +62,8 @@ def _install(module: nn.Module, shared: SharedWeight, weight: Tensor) -> None:
 def share_layer(module: nn.Module, bits: int, init: str = "linear") -> SharedWeight:
     """Replace ``module.weight`` by a 2^bits codebook over its non-zero weights. In place.
 
-    A mask parametrization is baked in first; pruned zeros are not clustered and stay zero.
+    A mask parametrization is baked in first; pruned zeros are not clustered and stay zero. A weight
+    with no non-zero value gets a codebook of one centroid, zero, so the layer still computes.
     """
     if get_shared(module) is not None:
         raise ValueError("layer is already shared")
@@ -71,6 +72,8 @@ def share_layer(module: nn.Module, bits: int, init: str = "linear") -> SharedWei
         w = module.weight.detach().clone()
         keep = w != 0
         centroids, labels = kmeans_1d(w[keep], 2 ** bits, init)
+        if centroids.numel() == 0:  # every weight is zero (torchvision's ViT head starts so): one centroid, 0
+            centroids = torch.zeros(1, dtype=w.dtype)
         indices = torch.zeros(w.shape, dtype=torch.long)
         indices[keep] = labels
     shared = SharedWeight(centroids.to(w.dtype), indices, bits)

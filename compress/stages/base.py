@@ -19,14 +19,15 @@ from compress.config import (
 )
 from compress.distill import build_objective
 from compress.errors import UserError
-from compress.metrics.counting import untouched_share
+from compress.metrics.counting import listed_layers, untouched_note
 from compress.registry import Registry
 from compress.schema import match_layers
 from compress.stage_configs import make_stage_config
 from compress.tasks import Task, build_task
 
 __all__ = ["OptimizerConfig", "FinetuneConfig", "DistillConfig", "FeaturePairConfig", "Stage", "StageResult",
-           "Context", "STAGES", "MISSING", "match_layers", "validate_finetune", "untouched_notes"]
+           "Context", "STAGES", "MISSING", "match_layers", "validate_finetune", "untouched_notes",
+           "listed_layers"]
 
 
 @dataclass
@@ -120,13 +121,8 @@ def untouched_notes(model: nn.Module, ctx: Context, can_touch: Any, example_inpu
         if getattr(ctx, "datamodule", None) is None:  # from Python on a bare model (or a stand-in context)
             return []
         example_inputs = ctx.example_inputs(batch_size=1)
-    share, names = untouched_share(model, example_inputs, can_touch)
-    if not names:
-        return []
-    listed = ", ".join(f"'{n}' ({type(model.get_submodule(n)).__name__})" for n in names[:2])
-    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
-    return [f"{share:.0%} of the parameters are in layers this stage cannot touch ({listed}{more}): its sparsity "
-            "and MAC figures leave them out"]
+    note = untouched_note(model, example_inputs, can_touch)
+    return [note] if note else []
 
 
 STAGES: Registry[type[Stage]] = Registry("stage type")

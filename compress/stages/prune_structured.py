@@ -215,7 +215,9 @@ class StructuredPruningStage(Stage):
         info = result.as_dict()
         info.update(importance=c.importance if self.importance_obj is None else type(self.importance_obj).__name__,
                     output_layers=outputs, dropped_layers=dropped)
-        notes = info.get("notes", []) + untouched_notes(model, ctx, prunable_layers(model), x)
+        # Torch-Pruning narrows an nn.MultiheadAttention's in_proj_weight with the channels it reads
+        touched = [*prunable_layers(model), *(n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention))]
+        notes = info.get("notes", []) + untouched_notes(model, ctx, touched, x)
         frozen = frozen_batchnorms(model)
         if frozen:
             notes.append(f"BatchNorm {', '.join(repr(n) for n in frozen[:3])}{' and more' if len(frozen) > 3 else ''} "

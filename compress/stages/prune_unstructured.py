@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from compress.plumbing.masks import get_mask, prunable_layers, set_mask
+from compress.plumbing.masks import get_mask, set_mask, weight_layers
 from compress.schema import match_layers
 from compress.stage_configs import UnstructuredConfig
 from compress.stages.base import STAGES, Context, Stage, StageResult, untouched_notes
@@ -80,7 +80,7 @@ class UnstructuredPruningStage(Stage):
 
     # -- which layers, which targets -------------------------------------------------------
     def _layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        layers = prunable_layers(model)
+        layers = weight_layers(model)
         if self.config.ignore:
             ignored = match_layers(list(layers), list(self.config.ignore), f"{self.key}.ignore")
             layers = {n: m for n, m in layers.items() if n not in ignored}
@@ -153,7 +153,7 @@ class UnstructuredPruningStage(Stage):
             ctx.finetune(model, c.finetune, callbacks=[callback], tag=self.name)
             self.prune_to(model)  # the schedule ends exactly at the targets
         info: dict[str, Any] = {"layer_sparsity": self.report(model)}
-        notes = untouched_notes(model, ctx, prunable_layers(model))
+        notes = untouched_notes(model, ctx, weight_layers(model))
         if notes:
             info["notes"] = notes
         return StageResult(model, info)

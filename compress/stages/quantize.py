@@ -28,19 +28,20 @@ from torch import Tensor, nn
 from compress.calls import cat, forward, take
 from compress.errors import UserError
 from compress.quant import (
-    QUANTIZABLE,
     SUPPORTED_BITS,
     check_bits,
     dequantize_layer,
     freeze,
     prepare_qat,
+    quantizable_layers,
     quantize_ptq,
     quantized_layers,
+    unreached_layers,
 )
 from compress.runtime import export_onnx, int8_accuracy_gate, ort_evaluate
 from compress.schema import match_layers
 from compress.stage_configs import QuantizeConfig
-from compress.stages.base import STAGES, Context, Stage, StageResult, untouched_notes
+from compress.stages.base import STAGES, Context, Stage, StageResult, listed_layers, untouched_notes
 
 __all__ = ["QuantizeStage"]
 
@@ -63,29 +64,38 @@ class QuantizeStage(Stage):
         c = self.config
         return c.max_accuracy_drop if c.max_accuracy_drop is not None else c.max_metric_drop
 
-    def layers(self, model: nn.Module) -> list[str]:
-        """The layers this stage quantises (every Linear/Conv not ignored)."""
-        names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    def layers(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
+        """The layers this stage quantises: every Linear/Conv/Conv1D not ignored (and, given ``example_inputs``,
+        called as a layer in the forward pass: :func:`compress.quant.unreached_layers` stay float)."""
+        names = quantizable_layers(model)
         ignored = match_layers(names, list(self.config.ignore), f"{self.key}.ignore") if self.config.ignore else {}
-        return [n for n in names if n not in ignored]
+        unreached = set(unreached_layers(model, example_inputs)) if example_inputs is not None else set()
+        return [n for n in names if n not in ignored and n not in unreached]
 
     def plan(self, model: nn.Module, example_inputs: Any = None) -> list[str]:
-        layers = self.layers(model)
+        layers = self.layers(model, example_inputs)
         if not layers:
-            raise UserError(f"{self.key}.ignore: every Linear/Conv layer is ignored; nothing to quantise")
-        return [f"{n} -> int{self.config.bits}" for n in layers]
+            raise UserError(f"{self.key}.ignore: every Linear/Conv layer is ignored or never called; nothing to "
+                            "quantise")
+        return [f"{n} -> int{self.config.bits}" for n in layers] + [f"{n} -> float (never called as a layer)"
+                                                                     for n in self._unreached(model, example_inputs)]
+
+    def _unreached(self, model: nn.Module, example_inputs: Any) -> list[str]:
+        return [] if example_inputs is None else unreached_layers(model, example_inputs)
 
     def apply(self, model: nn.Module, ctx: Context | None = None) -> StageResult:
         ctx = ctx or Context()
         c = self.config
-        self.plan(model)  # refuses before touching the model
         batches = ctx.training_inputs(c.calibration_batches)
+        example = take(batches[0], 1)
+        self.plan(model, example)  # refuses before touching the model
+        unreached = self._unreached(model, example)  # left float: no input of theirs to calibrate
         reference = copy.deepcopy(model).eval() if self.max_drop is not None else None
         if c.mode == "ptq":
-            quantize_ptq(model, batches, ignore=list(c.ignore), bits=c.bits)
+            quantize_ptq(model, batches, ignore=[*c.ignore, *unreached], bits=c.bits)
             logged: dict[str, float] = {}
         else:
-            prepare_qat(model, ignore=list(c.ignore), bits=c.bits, calibration=batches)
+            prepare_qat(model, ignore=[*c.ignore, *unreached], bits=c.bits, calibration=batches)
             logged = ctx.finetune(model, self.finetune_config, tag=self.name)
             freeze(model)
         info: dict[str, Any] = {"mode": c.mode, "bits": c.bits, "calibration_batches": len(batches),
@@ -94,9 +104,11 @@ class QuantizeStage(Stage):
             which = "max_accuracy_drop" if c.max_accuracy_drop is not None else "max_metric_drop"
             info["accuracy_control"] = control_accuracy(model, reference, ctx, batches, self.max_drop,
                                                         f"{self.key}.{which}")
-        info["float_layers"] = [n for n, m in model.named_modules()
-                                if isinstance(m, QUANTIZABLE) and n not in quantized_layers(model)]
-        notes = untouched_notes(model, ctx, [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)])
+        info["float_layers"] = [n for n in quantizable_layers(model) if n not in quantized_layers(model)]
+        notes = [] if not unreached else [
+            f"{listed_layers(model, unreached)} left float: never called as a layer (the parent module reads the weight "
+            "itself, as nn.MultiheadAttention does out_proj's), so no input range of theirs can be calibrated"]
+        notes += untouched_notes(model, ctx, [n for n in quantizable_layers(model) if n not in unreached])
         if notes:
             info["notes"] = notes
         return StageResult(model, info)

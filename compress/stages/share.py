@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from compress.plumbing.masks import prunable_layers
+from compress.plumbing.masks import weight_layers
 from compress.schema import match_layers
 from compress.sharing import share_layer
 from compress.stage_configs import LAYER_TYPES, ShareConfig
@@ -28,7 +28,7 @@ class ShareStage(Stage):
 
     def bits_per_layer(self, model: nn.Module) -> dict[str, int]:
         c = self.config
-        layers = prunable_layers(model)
+        layers = weight_layers(model)
         ignored = match_layers(list(layers), list(c.ignore), f"{self.key}.ignore") if c.ignore else {}
         named = match_layers(list(layers), list(c.layers), f"{self.key}.layers") if c.layers else {}
         out = {}
@@ -46,13 +46,13 @@ class ShareStage(Stage):
     def apply(self, model: nn.Module, ctx: Context | None = None) -> StageResult:
         ctx = ctx or Context()
         bits = self.bits_per_layer(model)
-        layers = prunable_layers(model)
+        layers = weight_layers(model)
         clusters = {}
         for name, b in bits.items():  # installed before fine-tuning starts (DDP registers parameters then)
             clusters[name] = int(share_layer(layers[name], b, self.config.init).centroids.numel())
         logged = ctx.finetune(model, self.config.finetune, tag=self.name)
         info: dict[str, Any] = {"bits": bits, "clusters": clusters, "finetune": logged}
-        notes = untouched_notes(model, ctx, prunable_layers(model))
+        notes = untouched_notes(model, ctx, weight_layers(model))
         if notes:
             info["notes"] = notes
         return StageResult(model, info)
