@@ -275,6 +275,15 @@ def test_groups_are_compared_before_those_with_a_multihead_attention_which_are_o
     assert "embed" not in layers  # the stream's group holds attn: run, never compared
 
 
+def test_probe_skips_a_group_with_a_single_channel_and_checks_the_others():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 1, 3), nn.ReLU(), nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1),
+                          nn.Flatten(), nn.Linear(4 * 2 * 2, 3)).eval()
+    x = torch.randn(4, 3, 6, 6)
+    result = probe(model, x[:2], [x], ignored=["6"], prunable=["0", "2", "4"], forward_fn=trace_logits)
+    assert (result.faults, result.refusal, result.groups, result.checks) == ([], None, 2, 1)  # '0' has one channel
+
+
 def test_removal_log_maps_later_steps_back_to_original_indices():
     log = RemovalLog(nn.Linear(2, 2))
     log._remove("a", [1, 3])  # of 0..7: 1, 3 go; left 0 2 4 5 6 7
