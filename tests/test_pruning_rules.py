@@ -94,6 +94,16 @@ def test_a_mac_search_jumps_to_the_same_channels_as_single_steps_with_a_few_of_t
     assert slow.history[-2] < 2.0 and fast.history[-2] < 2.0  # both stop at the first step that reaches it
 
 
+def test_a_single_step_of_little_change_never_sends_the_search_past_the_target():
+    from compress.pruning.structured import next_search_step
+
+    schedule = [0.9 * s / 200 for s in range(201)]  # Torch-Pruning's linear schedule to max_layer_ratio 0.9
+    # DenseNet-121 at 2x: the single step 64 -> 65 moved the ratio by 0.003 only (whole channels); the line through
+    # those two points meets 2x at step 70, the line from the start at step 66: the search takes one step
+    assert next_search_step(schedule, [(0, 1.0), (52, 1.70), (64, 1.98), (65, 1.983)], 2.0, 200) == 66
+    assert next_search_step(schedule, [(0, 1.0)], 2.0, 200) == 52  # 80% of the way to step 65 (1 - r = 1 / sqrt 2)
+
+
 def test_a_model_with_nothing_to_prune_keeps_its_one_mac_and_a_search_says_so_without_a_warning():
     # the output layer alone, 1 x 1: one MAC before and after, a speedup of exactly 1
     x = torch.randn(2, 1)

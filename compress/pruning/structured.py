@@ -341,11 +341,12 @@ def next_search_step(schedule: Sequence[float], reached: Sequence[tuple[int, flo
     """The step of a channel-ratio ``schedule`` a MAC search prunes to next: most of the way to the target.
 
     Removing a fraction r of every layer's input and output channels leaves (1 - r)^2 of its MACs, so
-    ``u = sqrt(1 / MAC ratio)`` falls about linearly in r: ``1 - r`` at first (layers left whole or pruned
-    on one side only make it fall slower), then along the line through the last two points reached. The
-    step where that line meets the target is where the target is predicted; :data:`SEARCH_JUMP` of the
-    way there is taken, and single steps within :data:`SEARCH_FINE` of it, so the search stops at the
-    first step of the schedule that reaches the target, as one fine step at a time would.
+    ``u = sqrt(1 / MAC ratio)`` falls about linearly in r (layers left whole or pruned on one side only
+    make it fall slower): along the line from the start through the point reached, or through the last two
+    points reached, whichever meets the target sooner. Where it does, the target is predicted;
+    :data:`SEARCH_JUMP` of the way there is taken, and single steps within :data:`SEARCH_FINE` of it, so
+    the search stops at the first step of the schedule that reaches the target, as one fine step at a time
+    would.
 
     Args:
         schedule: the cumulative channel ratio after each step (index 0: before any).
@@ -354,12 +355,16 @@ def next_search_step(schedule: Sequence[float], reached: Sequence[tuple[int, flo
         last: the last step the search may take.
     """
     step, ratio = reached[-1]
-    u_goal = target ** -0.5
-    r0, u0 = (schedule[reached[-2][0]], reached[-2][1] ** -0.5) if len(reached) > 1 else (0.0, 1.0)
-    r1, u1 = schedule[step], ratio ** -0.5
-    slope = (u0 - u1) / (r1 - r0) if r1 > r0 and u0 > u1 else 1.0  # fall of u per unit of channel ratio
-    goal = next((s for s in range(step + 1, last + 1) if u1 - slope * (schedule[s] - r1) <= u_goal), last)
-    jump = 1 if goal - step <= SEARCH_FINE else int(SEARCH_JUMP * (goal - step))
+    u_goal, r1, u1 = target ** -0.5, schedule[step], ratio ** -0.5
+
+    def goal(r0: float, u0: float) -> int:  # where the line through (r0, u0) and (r1, u1) meets the target
+        slope = (u0 - u1) / (r1 - r0) if r1 > r0 and u0 > u1 else 1.0  # fall of u per unit of channel ratio
+        return next((s for s in range(step + 1, last + 1) if u1 - slope * (schedule[s] - r1) <= u_goal), last)
+
+    # the nearer of two predictions: from the start (0, 1), and from the point before (a single step's small or
+    # uneven change, channel counts being whole, would otherwise send a line far past the target)
+    near = min([goal(0.0, 1.0)] + [goal(schedule[s0], r0 ** -0.5) for s0, r0 in reached[-2:-1]])
+    jump = 1 if near - step <= SEARCH_FINE else int(SEARCH_JUMP * (near - step))
     return min(last, step + jump)
 
 
