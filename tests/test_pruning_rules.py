@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import warnings
 import weakref
@@ -70,11 +71,37 @@ def test_a_mac_search_takes_200_steps_of_the_cap_and_stops_at_the_first_that_rea
     # 1 -> h -> 1 with a ReLU: 3h MACs (h + h + the ReLU's h), so base / MACs = 1000 / h. The search prunes the
     # hidden layer to max_layer_ratio (0.9) in 200 steps: after step k it keeps int(1000 * (1 - (k / 200) * 0.9))
     # (Torch-Pruning's linear schedule), 667 after step 74, 662 after step 75, 658 after step 76. A target of
-    # exactly 1000 / 662 is met at step 75.
+    # exactly 1000 / 662 is met at step 75: reached in a few jumps along the schedule and single steps at the end.
     model, x = _wide(), torch.randn(2, 1)
     result = prune_model(model, x, mac_speedup=1000 / 662)
     assert channel_counts(model) == {"0": 662, "2": 1}
-    assert len(result.history) == 75 and result.history[-2:] == [1000 / 667, 1000 / 662]
+    assert result.history[-2:] == [1000 / 667, 1000 / 662] and len(result.history) <= 8
+    assert result.history == sorted(result.history)
+
+
+def test_a_mac_search_jumps_to_the_same_channels_as_single_steps_with_a_few_of_them(monkeypatch):
+    import compress.pruning.structured as structured
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    jumped = build_model("resnet20", input_shape=(3, 8, 8), num_classes=10).eval()
+    single = copy.deepcopy(jumped)
+    fast = prune_model(jumped, x, mac_speedup=2.0)
+    monkeypatch.setattr(structured, "SEARCH_FINE", 10**6)  # always one step of the schedule at a time
+    slow = prune_model(single, x, mac_speedup=2.0)
+    assert channel_counts(jumped) == channel_counts(single) and fast.mac_speedup == slow.mac_speedup >= 2.0
+    assert len(slow.history) > 40 and len(fast.history) <= 8
+    assert slow.history[-2] < 2.0 and fast.history[-2] < 2.0  # both stop at the first step that reaches it
+
+
+def test_a_single_step_of_little_change_never_sends_the_search_past_the_target():
+    from compress.pruning.structured import next_search_step
+
+    schedule = [0.9 * s / 200 for s in range(201)]  # Torch-Pruning's linear schedule to max_layer_ratio 0.9
+    # DenseNet-121 at 2x: the single step 64 -> 65 moved the ratio by 0.003 only (whole channels); the line through
+    # those two points meets 2x at step 70, the line from the start at step 66: the search takes one step
+    assert next_search_step(schedule, [(0, 1.0), (52, 1.70), (64, 1.98), (65, 1.983)], 2.0, 200) == 66
+    assert next_search_step(schedule, [(0, 1.0)], 2.0, 200) == 52  # 80% of the way to step 65 (1 - r = 1 / sqrt 2)
 
 
 def test_a_model_with_nothing_to_prune_keeps_its_one_mac_and_a_search_says_so_without_a_warning():

@@ -193,6 +193,97 @@ def test_probe_leaves_the_model_alone_and_finds_every_faulty_group():
     assert result.refusal.startswith("k: Torch-Pruning removes the wrong channels of 'conv2'")
 
 
+class DeepShuffleNet(nn.Module):
+    """Eight conv blocks with a channel shuffle after the sixth: one group Torch-Pruning maps wrongly among many."""
+
+    def __init__(self):
+        super().__init__()
+        widths = [3, 8, 8, 8, 8, 8, 8, 8, 8]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1, groups=2 if i == 6 else 1)
+                                   for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(b) for b in widths[1:])
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
+            if i == 6:  # channel shuffle between convs[5] and the grouped convs[6]
+                b, c, h, w = x.shape
+                x = x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+            x = F.relu(bn(conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_probe_checks_all_groups_at_once_and_bisects_only_to_the_wrong_one():
+    torch.manual_seed(0)
+    model, x = _bn_stats(DeepShuffleNet()), torch.randn(4, 3, 6, 6)
+    layers = [f"convs.{i}" for i in range(8)]
+    result = probe(model, x[:2], [x], ignored=["fc"], prunable=layers, forward_fn=trace_logits)
+    assert [f.root for f in result.faults] == ["convs.5"] and result.faults[0].layers == ["convs.5"]
+    assert result.refusal is None and result.groups == 8  # the other seven pruned together agree
+    # round 1: all eight groups (fails), then a bisection of 8 groups: 3 checks, a new trace after each failing one;
+    # round 2 without convs.5: one trace, one check. Never a copy and a check per group.
+    assert result.checks == 1 + 3 + 1 and result.traces <= 1 + 3 + 1
+    clean = probe(model, x[:2], [x], ignored=["fc", "convs.5"], prunable=layers, forward_fn=trace_logits)
+    assert (clean.faults, clean.groups, clean.checks, clean.traces) == ([], 7, 1, 1)  # nothing wrong: one of each
+    pruned = copy.deepcopy(model)
+    out = prune_model(pruned, x[:2], ratio=0.5, check_inputs=[x])
+    assert [c.out_channels for c in pruned.convs] == [4, 4, 4, 4, 4, 8, 4, 4] and out.self_check < 1e-4
+    assert len(out.notes) == 1 and "'convs.5'" in out.notes[0]
+
+
+def test_a_group_torch_pruning_fails_on_only_while_bisecting_is_left_out_too(monkeypatch):
+    import torch_pruning as tp
+
+    import compress.pruning.selfcheck as selfcheck
+
+    traces, real_trace, real_prune = [], selfcheck._Probe.trace, tp.dependency.Group.prune
+
+    def trace(probe_round):
+        traces.append(1)
+        return real_trace(probe_round)
+
+    def prune(group, *args, **kwargs):  # convs.6 breaks on every copy but the first (as a flaky mapping would)
+        if len(traces) > 1 and group._DG._module2name[group[0].dep.target.module] == "convs.6":
+            raise ZeroDivisionError("integer division or modulo by zero")
+        return real_prune(group, *args, **kwargs)
+
+    monkeypatch.setattr(selfcheck._Probe, "trace", trace)
+    monkeypatch.setattr(tp.dependency.Group, "prune", prune)
+    torch.manual_seed(0)
+    model, x = _bn_stats(DeepShuffleNet()), torch.randn(4, 3, 6, 6)
+    result = probe(model, x[:2], [x], ignored=["fc"], prunable=[f"convs.{i}" for i in range(8)],
+                   forward_fn=trace_logits)
+    assert [(f.root, f.why) for f in result.faults] == [
+        ("convs.6", "Torch-Pruning fails on it: ZeroDivisionError: integer division or modulo by zero"),
+        ("convs.5", "outputs differ by 0.047 of their scale from the model with those channels zeroed")]
+    assert result.refusal is None
+
+
+def test_groups_are_compared_before_those_with_a_multihead_attention_which_are_only_run(monkeypatch):
+    import compress.pruning.selfcheck as selfcheck
+    from compress.pruning.attention import plan_heads
+    from compress.pruning.structured import faulty_groups
+    from tests.test_attention import MHANet
+
+    torch.manual_seed(0)
+    model, x = MHANet().eval(), torch.randn(2, 3, 16, 16)
+    skip = {"head"}
+    assert faulty_groups(model, x, skip=skip, plan=plan_heads(model, "dims", ratio=0.25)) == ([], [])
+    monkeypatch.setattr(selfcheck, "relative_error", lambda *_: 1.0)  # every comparison fails: shows which are made
+    layers, notes = faulty_groups(model, x, skip=skip, plan=plan_heads(model, "dims", ratio=0.25))
+    assert layers == ["fc1"] and len(notes) == 1  # compared although attn's group (the stream) comes with it
+    assert "embed" not in layers  # the stream's group holds attn: run, never compared
+
+
+def test_probe_skips_a_group_with_a_single_channel_and_checks_the_others():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 1, 3), nn.ReLU(), nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1),
+                          nn.Flatten(), nn.Linear(4 * 2 * 2, 3)).eval()
+    x = torch.randn(4, 3, 6, 6)
+    result = probe(model, x[:2], [x], ignored=["6"], prunable=["0", "2", "4"], forward_fn=trace_logits)
+    assert (result.faults, result.refusal, result.groups, result.checks) == ([], None, 2, 1)  # '0' has one channel
+
+
 def test_removal_log_maps_later_steps_back_to_original_indices():
     log = RemovalLog(nn.Linear(2, 2))
     log._remove("a", [1, 3])  # of 0..7: 1, 3 go; left 0 2 4 5 6 7

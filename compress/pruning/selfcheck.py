@@ -12,9 +12,11 @@ that reference on real batches:
 * :func:`zeroed` makes a model, for the length of a ``with``, compute the reference: those outputs
   zeroed by forward hooks (a LayerNorm normalises over its kept channels only, as the pruned one will);
 * :func:`relative_error` compares two models' logits: the largest difference over the largest logit;
-* :func:`probe` prunes a copy group by group, a few channels each, and checks after each group, so the
-  groups Torch-Pruning maps wrongly (left out, with a note) and the modules whose forward cannot take
-  fewer channels (a refusal naming the module) are known before any work.
+* :func:`probe` prunes a few channels of every group on one traced copy and checks once; only when that
+  check fails does it bisect the groups (on fresh copies) for the first one at fault. So the groups
+  Torch-Pruning maps wrongly (left out, with a note) and the modules whose forward cannot take fewer
+  channels (a refusal naming the module) are known before any work, at the cost of one trace and one
+  forward for a model Torch-Pruning maps right.
 """
 
 from __future__ import annotations
@@ -283,7 +285,9 @@ class ProbeResult:
 
     faults: list[Fault] = field(default_factory=list)
     refusal: str | None = None  # one line: the module whose forward fails, and what to do
-    groups: int = 0  # groups checked
+    groups: int = 0  # groups checked: the faulty ones and those pruned together in the round that passed
+    checks: int = 0  # forwards compared (one per round when nothing fails; a bisection adds about log2(groups))
+    traces: int = 0  # copies traced by Torch-Pruning (one per round; a failing bisection step adds one)
 
 
 def _module_text(model: nn.Module, where: str) -> str:
@@ -300,7 +304,11 @@ def _error_text(e: BaseException) -> str:
 def probe(model: nn.Module, example_inputs: Any, batches: Sequence[Any], *, ignored: Sequence[str] = (),
           prunable: Sequence[str] = (), pruner_kwargs: dict[str, Any] | None = None, forward_fn: Any = None,
           key: str = "prune", max_faults: int = 8) -> ProbeResult:
-    """Prune a copy of ``model`` group by group (the last channel of each channel group) and check each.
+    """Prune the last channel of each channel group of every group on a copy of ``model``, and check.
+
+    All groups are pruned on one copy and checked together; a failed check is bisected to the first
+    group at fault (a group that passes with those before it is never blamed), which is left out
+    (or refused) before the next round.
 
     Args:
         model: left untouched.
@@ -331,69 +339,163 @@ def probe(model: nn.Module, example_inputs: Any, batches: Sequence[Any], *, igno
         skip += fault.layers
 
 
-def _probe_once(model: nn.Module, example_inputs: Any, batches: Sequence[Any], skip: list[str], prunable: set[str],
-                kwargs: dict[str, Any], forward_fn: Any, key: str, result: ProbeResult) -> Fault | None:
-    base = make_permanent(copy.deepcopy(model)).eval()
-    work = make_permanent(copy.deepcopy(model)).eval()
-    layers = dict(work.named_modules())
-    kwargs = {k: ({layers[n]: v for n, v in _by_name(model, v).items()} if isinstance(v, dict) else v)
-              for k, v in kwargs.items()}
-    try:
+class _Probe:
+    """One round of :func:`probe`: every group rooted outside ``skip``, pruned in a fixed order on traced copies.
+
+    Groups are pruned many at a time and checked once; only a check that fails is narrowed down, by
+    bisecting the order (a prefix that passes is extended on the same copy; a failing one needs a fresh
+    copy traced again). Groups holding an :data:`UNCOMPARED` module come last, so the others are compared.
+    """
+
+    def __init__(self, model: nn.Module, example_inputs: Any, batches: Sequence[Any], skip: list[str],
+                 prunable: set[str], kwargs: dict[str, Any], forward_fn: Any, key: str, result: ProbeResult):
+        self.model, self.example_inputs, self.batches, self.key = model, example_inputs, list(batches), key
+        self.skip, self.prunable, self.kwargs, self.forward_fn, self.result = skip, prunable, kwargs, forward_fn, result
+        self.base = make_permanent(copy.deepcopy(model)).eval()  # the reference, zeroed per check (shared)
+        self.order: list[str] = []  # root layers in the order they are pruned (set by the first trace)
+        self.members: dict[int, list[str]] = {}  # position in the order -> the prunable layers it removes from
+
+    def trace(self) -> _Copy:
+        """A fresh copy of the model with Torch-Pruning's graph of it (raises what Torch-Pruning raises)."""
+        work = make_permanent(copy.deepcopy(self.model)).eval()
+        layers = dict(work.named_modules())
+        kwargs = {k: ({layers[n]: v for n, v in _by_name(self.model, v).items()} if isinstance(v, dict) else v)
+                  for k, v in self.kwargs.items()}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-            pruner = tp.pruner.BasePruner(work, example_inputs, importance=tp.importance.RandomImportance(),
-                                          pruning_ratio=0.5, ignored_layers=[layers[n] for n in skip if n in layers],
-                                          forward_fn=forward_fn, **kwargs)
-        graph = pruner.DG
-        roots = [(g[0].dep.target.module, g[0].dep.handler, pruner._get_channel_groups(g))
-                 for g in graph.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                               root_module_types=pruner.root_module_types)]
+            pruner = tp.pruner.BasePruner(work, self.example_inputs, importance=tp.importance.RandomImportance(),
+                                          pruning_ratio=0.5, forward_fn=self.forward_fn,
+                                          ignored_layers=[layers[n] for n in self.skip if n in layers], **kwargs)
+        graph, names = pruner.DG, {id(m): n for n, m in work.named_modules()}
+        roots = {}
+        for g in graph.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+            module = g[0].dep.target.module
+            alone = any(isinstance(dep.target.module, UNCOMPARED) for dep, _ in g
+                        if graph.is_out_channel_pruning_fn(dep.handler))
+            roots[names[id(module)]] = (module, g[0].dep.handler, pruner._get_channel_groups(g), alone)
+        if not self.order:
+            self.order = sorted(roots, key=lambda n: roots[n][3])  # stable: the compared groups first
+        self.result.traces += 1
+        return _Copy(work, graph, RemovalLog(work, self.key), roots)
+
+    def advance(self, c: _Copy, to: int) -> Fault | None:
+        """Prune the groups at positions ``c.done`` to ``to`` (excluded) of the order on ``c``, unchecked.
+
+        Returns:
+            The group Torch-Pruning raises on, if one does (``c`` is then half-pruned: trace again).
+        """
+        graph, log = c.graph, c.log
+        for i in range(c.done, to):
+            module, handler, channel_groups, _ = c.roots[self.order[i]]
+            n = graph.get_out_channels(module) if graph.is_out_channel_pruning_fn(handler) else \
+                graph.get_in_channels(module)
+            per = (n or 0) // max(1, channel_groups)
+            if per < 2:
+                continue
+            idxs = [k * per + per - 1 for k in range(channel_groups)]  # the last channel of each channel group
+            group = graph.get_pruning_group(module, handler, idxs)
+            members = [log.names.get(id(dep.target.module)) for dep, _ in group
+                       if graph.is_out_channel_pruning_fn(dep.handler)]
+            self.members[i] = sorted({m for m in members if m in self.prunable})
+            if not graph.check_pruning_group(group):
+                continue
+            log.record(group)
+            try:
+                group.prune()
+            except Exception as e:  # noqa: BLE001 - a Torch-Pruning bug on this group: leave the group out
+                return Fault(self.order[i], self.members[i], f"Torch-Pruning fails on it: {_error_text(e)}")
+            c.pruned += 1
+        c.done = max(c.done, to)
+        return None
+
+    def check(self, c: _Copy) -> tuple[str, BaseException] | float:
+        """The copy's outputs against the zeroed reference (0.0: only run), or the module whose forward fails."""
+        self.result.checks += 1
+        with torch.no_grad():  # one sample first: a forward that fails is named by its module
+            failed = failing_module(c.work, lambda: [forward(c.work, take(x, 1)) for x in self.batches])
+        if failed is not None or not c.log or c.log.uncompared:
+            return failed if failed is not None else 0.0
+        with zeroed(self.base, c.log):
+            return relative_error(c.work, self.base, self.batches)
+
+    def first_bad(self, outcome: tuple[str, BaseException] | float, lo: int, hi: int) \
+            -> tuple[int, tuple[str, BaseException] | float] | Fault:
+        """Bisect the order for the first group whose pruning (after all groups before it) fails the check.
+
+        The groups before ``lo`` pass; those before ``hi`` fail with ``outcome``. Returns the group's position
+        and its outcome.
+        """
+        c = None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            c = c or self.trace()  # a copy pruned up to lo (extended), or a fresh one
+            fault = self.advance(c, mid)
+            if fault is not None:
+                return fault
+            now = self.check(c)
+            if _passes(now):
+                lo = mid
+            else:
+                hi, outcome, c = mid, now, None
+        return hi - 1, outcome
+
+
+@dataclass
+class _Copy:
+    """A traced copy of the model and the groups of its graph, pruned up to position ``done`` of the order."""
+
+    work: nn.Module
+    graph: Any
+    log: RemovalLog
+    roots: dict[str, tuple[nn.Module, Any, int, bool]]  # root layer -> (module, handler, channel groups, uncompared)
+    done: int = 0
+    pruned: int = 0  # groups pruned
+
+
+def _passes(outcome: tuple[str, BaseException] | float) -> bool:
+    return not isinstance(outcome, tuple) and outcome <= TOLERANCE
+
+
+def _probe_once(model: nn.Module, example_inputs: Any, batches: Sequence[Any], skip: list[str], prunable: set[str],
+                kwargs: dict[str, Any], forward_fn: Any, key: str, result: ProbeResult) -> Fault | None:
+    p = _Probe(model, example_inputs, batches, skip, prunable, kwargs, forward_fn, key, result)
+    try:
+        c = p.trace()
     except Exception as e:  # noqa: BLE001 - Torch-Pruning's tracing failed on this graph: nothing can be pruned
-        unknown = [n for n in weight_readers(model, example_inputs) if n not in prunable]
+        unknown = [n for n in weight_readers(model, example_inputs) if n not in prunable and n not in skip]
         named = ", ".join(f"'{n}' ({type(model.get_submodule(n)).__name__})" for n in unknown[:2])
         why = f"; layers it does not know compute with their own weights: {named}" if unknown else ""
         result.refusal = (f"{key}: Torch-Pruning cannot trace this model's channels ({_error_text(e)}){why}; leave "
                           "this model out of structured pruning")
         return None
-    log = RemovalLog(work, key)
-    for module, handler, channel_groups in roots:
-        root = log.names[id(module)]
-        n = graph.get_out_channels(module) if graph.is_out_channel_pruning_fn(handler) else \
-            graph.get_in_channels(module)
-        per = (n or 0) // max(1, channel_groups)
-        if per < 2:
-            continue
-        idxs = [k * per + per - 1 for k in range(channel_groups)]  # the last channel of each channel group
-        group = graph.get_pruning_group(module, handler, idxs)
-        members = [log.names.get(id(dep.target.module)) for dep, _ in group
-                   if graph.is_out_channel_pruning_fn(dep.handler)]
-        members = sorted({m for m in members if m in prunable})
-        if not graph.check_pruning_group(group):
-            continue
-        log.record(group)
-        try:
-            group.prune()
-        except Exception as e:  # noqa: BLE001 - a Torch-Pruning bug on this group: leave the group out
-            return Fault(root, members, f"Torch-Pruning fails on it: {_error_text(e)}")
-        result.groups += 1
-        failed = failing_module(work, lambda: [forward(work, take(x, 1)) for x in batches])
-        if failed is not None:
-            where, e = failed
-            what = _module_text(work, where)
-            keep = members or [root]
-            listed = ", ".join(keep[:3]) + (f" and {len(keep) - 3} more" if len(keep) > 3 else "")
-            result.refusal = (f"{key}: after removing channels of '{root}', {what} fails ({_error_text(e)}): its "
-                              f"forward needs the width it was traced with; keep those channels ({key}.ignore: {listed}), "
-                              "or leave this model out of structured pruning")
-            return None
-        if log.uncompared:
-            continue
-        with zeroed(base, log):
-            err = relative_error(work, base, batches)
-        if not err <= TOLERANCE:
-            return Fault(root, members, f"outputs differ by {err:.2g} of their scale from the model with those "
-                                        "channels zeroed")
-    return None
+    lo = 0
+    compared = sum(not c.roots[name][3] for name in p.order)
+    for end in sorted({compared, len(p.order)} - {0}):  # the groups compared, then those only run: one check each
+        fault = p.advance(c, end)
+        if fault is not None:
+            return fault
+        outcome = p.check(c)
+        if not _passes(outcome):
+            break
+        lo = end
+    else:
+        result.groups = c.pruned + len(result.faults)
+        return None
+    found = p.first_bad(outcome, lo, end)
+    if isinstance(found, Fault):
+        return found
+    i, outcome = found
+    root, members = p.order[i], p.members[i]
+    if isinstance(outcome, tuple):
+        where, e = outcome
+        keep = members or [root]
+        listed = ", ".join(keep[:3]) + (f" and {len(keep) - 3} more" if len(keep) > 3 else "")
+        result.refusal = (f"{key}: after removing channels of '{root}', {_module_text(model, where)} fails "
+                          f"({_error_text(e)}): its forward needs the width it was traced with; keep those channels "
+                          f"({key}.ignore: {listed}), or leave this model out of structured pruning")
+        return None
+    return Fault(root, members, f"outputs differ by {outcome:.2g} of their scale from the model with those channels "
+                                "zeroed")
 
 
 def _by_name(model: nn.Module, mapping: dict[Any, Any]) -> dict[str, Any]:

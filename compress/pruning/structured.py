@@ -48,7 +48,7 @@ from compress.schema import match_layers
 
 __all__ = ["IMPORTANCES", "resolve_importance", "PruneResult", "prune_model", "count_macs", "output_layers", "trace_logits",
            "channel_counts", "SparsityRegularizer", "restore_structure", "mask_shapes_ok", "faulty_groups", "StepLoop",
-           "needs_gradients", "accumulate_gradients", "clear_grads"]
+           "needs_gradients", "accumulate_gradients", "clear_grads", "next_search_step", "SEARCH_JUMP", "SEARCH_FINE"]
 
 # ---------------------------------------------------------------------------------------------
 # Importance criteria: factories returning a Torch-Pruning ``Importance`` (callable on a group).
@@ -308,8 +308,14 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
 
 def _mac_search(loop: StepLoop, pruner: Any, step: Callable, mac_speedup: float, steps: int, search_steps: int,
                 gradient_batches: Any, why: str) -> None:
-    """Fine pruning steps until each outer step's MAC target (``mac_speedup ** (k / steps)``: an equal
-    factor per step) is met, ``search_steps`` of them at most."""
+    """Pruning steps until each outer step's MAC target (``mac_speedup ** (k / steps)``: an equal factor per
+    step) is met, ``search_steps`` fine steps of the schedule at most.
+
+    Each step jumps most of the way along the schedule to where the target is predicted
+    (:func:`next_search_step`) and the last ones are fine, so the target is met within one fine step, as
+    by fine steps alone, with a few importance rankings, forwards and MAC counts instead of one per step.
+    """
+    reached = [(pruner.current_step, loop.ratio)]
     for k in range(1, steps + 1):
         target = mac_speedup ** (k / steps)
         check, grads = loop.begin(), gradient_batches
@@ -317,11 +323,49 @@ def _mac_search(loop: StepLoop, pruner: Any, step: Callable, mac_speedup: float,
             if pruner.current_step >= search_steps:
                 raise UserError(f"{loop.key}.mac_speedup: reached only {loop.ratio:.3f}x of {mac_speedup}x ({why} "
                                 "leave too few prunable channels)")
+            # Torch-Pruning's step s prunes every layer to the schedule's ratio of step s (of its initial channels)
+            pruner.current_step = next_search_step(pruner.per_step_pruning_ratio, reached, target, search_steps) - 1
             step(pruner, gradient_batches=grads, keep_grads=True, check=check)
             grads = None  # Torch-Pruning prunes .grad along with the weights: taken once per step
-            loop.measure()
+            reached.append((pruner.current_step, loop.measure()))
         clear_grads(loop.model)
         loop.finish(k, steps)
+
+
+SEARCH_JUMP = 0.8  # fraction of the predicted steps to a MAC target taken at once
+SEARCH_FINE = 3  # within this many predicted steps of the target, the search takes single steps
+
+
+def next_search_step(schedule: Sequence[float], reached: Sequence[tuple[int, float]], target: float,
+                     last: int) -> int:
+    """The step of a channel-ratio ``schedule`` a MAC search prunes to next: most of the way to the target.
+
+    Removing a fraction r of every layer's input and output channels leaves (1 - r)^2 of its MACs, so
+    ``u = sqrt(1 / MAC ratio)`` falls about linearly in r (layers left whole or pruned on one side only
+    make it fall slower): along the line from the start through the point reached, or through the last two
+    points reached, whichever meets the target sooner. Where it does, the target is predicted;
+    :data:`SEARCH_JUMP` of the way there is taken, and single steps within :data:`SEARCH_FINE` of it, so
+    the search stops at the first step of the schedule that reaches the target, as one fine step at a time
+    would.
+
+    Args:
+        schedule: the cumulative channel ratio after each step (index 0: before any).
+        reached: ``(step, MAC ratio)`` of the steps taken so far, the last one now (``(0, 1.0)`` first).
+        target: the MAC ratio wanted.
+        last: the last step the search may take.
+    """
+    step, ratio = reached[-1]
+    u_goal, r1, u1 = target ** -0.5, schedule[step], ratio ** -0.5
+
+    def goal(r0: float, u0: float) -> int:  # where the line through (r0, u0) and (r1, u1) meets the target
+        slope = (u0 - u1) / (r1 - r0) if r1 > r0 and u0 > u1 else 1.0  # fall of u per unit of channel ratio
+        return next((s for s in range(step + 1, last + 1) if u1 - slope * (schedule[s] - r1) <= u_goal), last)
+
+    # the nearer of two predictions: from the start (0, 1), and from the point before (a single step's small or
+    # uneven change, channel counts being whole, would otherwise send a line far past the target)
+    near = min([goal(0.0, 1.0)] + [goal(schedule[s0], r0 ** -0.5) for s0, r0 in reached[-2:-1]])
+    jump = 1 if near - step <= SEARCH_FINE else int(SEARCH_JUMP * (near - step))
+    return min(last, step + jump)
 
 
 def _check_arguments(imp: Any, ratio: Any, layer_ratios: Any, mac_speedup: float | None, iterative_steps: int,
