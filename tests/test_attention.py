@@ -204,12 +204,33 @@ def test_a_checkpoint_without_attention_entry_still_loads(tmp_path):
 class WidthBoundAttention(Attention):
     """timm 1.0's forward: the heads' output is reshaped to the *input* width (``reshape(B, N, C)``)."""
 
+    def width(self, x: Tensor) -> int:
+        return x.shape[-1]
+
     def forward(self, x: Tensor) -> Tensor:
-        B, N, C = x.shape
+        B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, self.width(x)))
+
+
+class AttnDimAttention(WidthBoundAttention):
+    """timm 1.0.31's forward: the heads' output is reshaped to its own ``attn_dim`` attribute."""
+
+    def width(self, x: Tensor) -> int:
+        return self.attn_dim
+
+
+def test_attn_dim_follows_the_heads_and_is_kept_in_checkpoints(tmp_path):
+    """timm ViT-Tiny (timm 1.0.31) at 2x MACs was refused after work: 'attn_dim' kept the old width."""
+    model = _vit()
+    for a in _attn(model):
+        a.__class__, a.attn_dim = AttnDimAttention, 64
+    prune_model(model, _images(), ratio=0.0, head_ratio=0.25, heads="prune")
+    assert [(a.num_heads, a.attn_dim) for a in _attn(model)] == [(6, 48)] * 2
+    assert model(_images()).shape == (4, 10)
+    assert attention_state(model)["blocks.0.attn"]["attn_dim"] == 48
 
 
 class HeadlessAttention(nn.Module):

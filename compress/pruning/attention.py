@@ -3,7 +3,7 @@
 Torch-Pruning removes whole heads or dimensions of every head when it is told how many heads each
 attention projection holds (``num_heads``, ``prune_num_heads`` / ``prune_head_dims``,
 ``head_pruning_ratio``). An attention module also describes its heads in plain attributes that its
-forward reads (timm: ``num_heads``, ``head_dim``, ``scale``; Hugging Face: ``num_attention_heads``,
+forward reads (timm: ``num_heads``, ``head_dim``, ``scale``, ``attn_dim``; Hugging Face: ``num_attention_heads``,
 ``attention_head_size`` or ``head_dim``, ``all_head_size``, ``scaling``); those must follow the
 new widths after every pruning step, and be restored when a checkpoint is loaded into a freshly
 built model (widths alone cannot tell two heads of 32 from four of 16). This module holds:
@@ -99,10 +99,10 @@ def _rescale(module: nn.Module, names: Iterable[str], old_dim: int, new_dim: int
 
 class FusedQKV(AttentionKind):
     """timm's ``Attention``: one ``qkv`` Linear (3 x heads x head_dim outputs), ``num_heads``,
-    ``head_dim``, optionally ``scale`` (``head_dim ** -0.5``)."""
+    ``head_dim``, optionally ``scale`` (``head_dim ** -0.5``) and ``attn_dim`` (heads x head_dim)."""
 
     label = "timm-style attention (qkv)"
-    attrs = ("num_heads", "head_dim", "scale")
+    attrs = ("num_heads", "head_dim", "scale", "attn_dim")
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(getattr(module, "qkv", None), nn.Linear)
@@ -133,6 +133,8 @@ class FusedQKV(AttentionKind):
         old = module.head_dim
         module.num_heads = num_heads
         module.head_dim = module.qkv.out_features // (3 * num_heads)
+        if isinstance(getattr(module, "attn_dim", None), int):  # timm 1.0.2x reshapes the heads' output to it
+            module.attn_dim = num_heads * module.head_dim
         _rescale(module, ("scale",), old, module.head_dim)
 
     def refuses(self, module: nn.Module, mode: str) -> str | None:
