@@ -271,6 +271,9 @@ def test_max_layer_ratio_caps_and_unreachable_target_errors():
     assert r.channels_after["features.0"] >= 14
     with pytest.raises(UserError, match="mac_speedup: reached only"):
         prune_model(_build("lenet5"), _x("lenet5"), mac_speedup=2.0, importance="bn_scale")  # no BN to rank
+    # the stage hands an Importance object: the message names its class (was its repr, '<... object at 0x...>')
+    with pytest.raises(UserError, match=r"importance 'BNScaleImportance' leave too few"):
+        prune_model(_build("lenet5"), _x("lenet5"), mac_speedup=2.0, importance=IMPORTANCES.get("bn_scale")())
 
 
 def test_stage_iterative_with_finetune_between_steps():

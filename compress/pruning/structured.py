@@ -292,7 +292,8 @@ def prune_model(model: nn.Module, example_inputs: Any, *, importance: Any = "l2"
         else:
             pruner = _head_pruner(model, example_inputs, pruning_ratio=max_layer_ratio,
                                   pruning_ratio_dict=plan.gates() or None, iterative_steps=search_steps, **common)
-            why = f"max_layer_ratio {max_layer_ratio}, ignored layers or importance '{importance}'"
+            name = importance if isinstance(importance, str) else type(importance).__name__  # not an object's repr
+            why = f"max_layer_ratio {max_layer_ratio}, ignored layers or importance '{name}'"
             _mac_search(loop, pruner, step, mac_speedup, iterative_steps, search_steps, gradient_batches, why)
     except BaseException:
         if loop is None or not loop.in_callback:
