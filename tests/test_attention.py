@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
@@ -284,6 +286,94 @@ def test_a_forward_that_cannot_take_fewer_heads_is_refused_and_the_model_put_bac
                        r"\(prune\.ignore: [\w.]+, [\w.]+, [\w.]+ and \d+ more\)", ratio=0.5, head_ratio=0.25)
     assert "heads: keep" not in message
     assert [(a.num_heads, a.head_dim, a.qkv.out_features) for a in _attn(model)] == [(8, 8, 192)] * 2
+
+
+class Timm10Attention(Attention):
+    """timm 1.0's ``Attention``: an ``attn_dim`` attribute (heads x head_dim) the heads' output is reshaped to,
+    and ``F.scaled_dot_product_attention``, whose softmax scale follows the width of q."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        self.attn_dim = num_heads * self.head_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, self.attn_dim))
+
+
+class FixedWidthAttention(Attention):
+    """Reshapes the heads' output to a width of its own (``inner``), which pruning knows nothing of."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        self.inner = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, self.inner))
+
+
+class InterleavedAttention(Attention):
+    """Lays the heads' outputs out dimension-major (``d * heads + h``), while Torch-Pruning removes the
+    output projection's columns of head ``h`` as if head-major (``h * head_dim + d``): it runs, wrongly."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).permute(0, 2, 3, 1).reshape(B, N, self.num_heads * self.head_dim))
+
+
+def _vit_with(cls: type[Attention], **kwargs) -> nn.Module:
+    model = _vit(**kwargs)
+    for block in model.blocks:
+        block.attn = cls(model.pos_embed.shape[-1], block.attn.num_heads)
+    return model.eval()
+
+
+def test_timm_10_attention_is_pruned_by_heads_with_its_attn_dim():
+    """timm 1.0's ViT-Tiny / MobileViT with the default heads: prune failed after the whole search: the update
+    left ``attn_dim`` at the width it was built with. Now checked by the plan (one forward) and pruned."""
+    model, x = _vit_with(Timm10Attention), _images()
+    StructuredPruningStage(mac_speedup=2.0, key="s").plan(model, x)  # --dry-run: the heads pruned on a copy
+    result = prune_model(model, x, ratio=0.5, heads="prune", check_inputs=[_images(8)])
+    assert [(a.num_heads, a.head_dim, a.attn_dim) for a in _attn(model)] == [(4, 8, 32)] * 2
+    assert result.self_check < 1e-5
+    assert attention_state(model)["blocks.0.attn"]["attn_dim"] == 32  # saved in checkpoints, restored on reload
+    assert model(x).shape == (4, 10)
+
+
+def _refused_at_plan(model: nn.Module, heads: str) -> str:
+    state = _state(model)
+    with pytest.raises(UserError) as info:
+        StructuredPruningStage(mac_speedup=2.0, heads=heads, key="stages[0]").plan(model, _images())
+    assert "\n" not in str(info.value)
+    assert _same_state(state, _state(model))  # the copy was pruned, not the model
+    assert [a.num_heads for a in _attn(model)] == [8, 8]
+    return str(info.value)
+
+
+def test_attention_that_reshapes_by_its_own_width_is_refused_at_plan_time():
+    message = _refused_at_plan(_vit_with(FixedWidthAttention), "prune")
+    assert re.fullmatch(r"stages\[0\]\.heads: after pruning, 'blocks\.0\.attn' \(timm-style attention \(qkv\)\) fails "
+                        r"in its forward \(shape .* is invalid for input of size \d+\); found on a copy before any "
+                        r"work; heads: keep leaves its heads alone", message), message
+    StructuredPruningStage(mac_speedup=2.0, heads="keep", key="stages[0]").plan(_vit_with(FixedWidthAttention), _images())
+
+
+@pytest.mark.parametrize("cls, heads, what, instead", [(InterleavedAttention, "prune", "heads", "keep"),
+                                                       (Timm10Attention, "dims", "head dims", "prune or keep")])
+def test_attention_pruned_into_another_function_is_refused_at_plan_time(cls, heads, what, instead):
+    """Interleaved heads: Torch-Pruning removes the wrong columns. dims under scaled_dot_product_attention: the
+    softmax scale follows the narrower heads, which no zeroing reproduces. Either would fail the self-check
+    after the search; the plan's copy finds it first."""
+    message = _refused_at_plan(_vit_with(cls), heads)
+    assert re.fullmatch(rf"stages\[0\]\.heads: removing {what} of 'blocks\.0\.attn' \(timm-style attention \(qkv\)\) "
+                        r"changes what the model computes \(outputs differ by [\d.e-]+ of their scale from the original "
+                        rf"with them zeroed; found on a copy before any work\); use heads: {instead}", message), message
 
 
 def test_unreadable_head_count_is_refused():
