@@ -346,6 +346,14 @@ def test_timm_10_attention_is_pruned_by_heads_with_its_attn_dim():
     assert model(x).shape == (4, 10)
 
 
+def test_an_attn_dim_unlike_its_heads_is_refused():
+    model = _vit()  # its forward reads num_heads x head_dim; an attn_dim that says otherwise is refused, not updated
+    model.blocks[1].attn.attn_dim = 48
+    with pytest.raises(UserError, match=r"^s\.heads: 'blocks\.1\.attn' \(timm-style attention \(qkv\)\) attn_dim is 48, "
+                                        r"not num_heads 8 x head_dim 8; use heads: dims or keep$"):
+        StructuredPruningStage(mac_speedup=2.0, key="s").plan(model, _images())
+
+
 def _refused_at_plan(model: nn.Module, heads: str) -> str:
     state = _state(model)
     with pytest.raises(UserError) as info:
