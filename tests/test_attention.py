@@ -290,16 +290,36 @@ def test_a_forward_that_cannot_take_fewer_heads_is_refused_and_the_model_put_bac
 
 class Timm10Attention(Attention):
     """timm 1.0's ``Attention``: an ``attn_dim`` attribute (heads x head_dim) the heads' output is reshaped to,
-    and ``F.scaled_dot_product_attention``, whose softmax scale follows the width of q."""
+    and ``F.scaled_dot_product_attention`` (whose softmax scale follows the width of q) unless ``fused_attn`` is off."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__(dim, num_heads)
         self.attn_dim = num_heads * self.head_dim
+        self.fused_attn = True
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, self.attn_dim))
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+
+
+class FusedOnlyAttention(Timm10Attention):
+    """``scaled_dot_product_attention`` always: with heads: dims no reference reproduces its new softmax scale."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        del self.fused_attn
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.fused_attn = True
+        try:
+            return super().forward(x)
+        finally:
+            del self.fused_attn
 
 
 class FixedWidthAttention(Attention):
@@ -346,6 +366,16 @@ def test_timm_10_attention_is_pruned_by_heads_with_its_attn_dim():
     assert model(x).shape == (4, 10)
 
 
+def test_timm_10_attention_head_dims_under_scaled_dot_product_attention():
+    """The reference (the original, the removed head dims zeroed) runs with fused_attn off and the narrowed
+    heads' scale: what scaled_dot_product_attention computes on the narrower heads."""
+    model, x = _vit_with(Timm10Attention), _images()
+    StructuredPruningStage(mac_speedup=2.0, heads="dims", key="s").plan(model, x)
+    result = prune_model(model, x, layer_ratios={"blocks.*.attn.qkv": 0.5}, heads="dims", check_inputs=[_images(8)])
+    assert [(a.num_heads, a.head_dim, a.attn_dim, a.fused_attn) for a in _attn(model)] == [(8, 4, 32, True)] * 2
+    assert 0 < result.self_check < 1e-5
+
+
 def test_an_attn_dim_unlike_its_heads_is_refused():
     model = _vit()  # its forward reads num_heads x head_dim; an attn_dim that says otherwise is refused, not updated
     model.blocks[1].attn.attn_dim = 48
@@ -373,7 +403,7 @@ def test_attention_that_reshapes_by_its_own_width_is_refused_at_plan_time():
 
 
 @pytest.mark.parametrize("cls, heads, what, instead", [(InterleavedAttention, "prune", "heads", "keep"),
-                                                       (Timm10Attention, "dims", "head dims", "prune or keep")])
+                                                       (FusedOnlyAttention, "dims", "head dims", "prune or keep")])
 def test_attention_pruned_into_another_function_is_refused_at_plan_time(cls, heads, what, instead):
     """Interleaved heads: Torch-Pruning removes the wrong columns. dims under scaled_dot_product_attention: the
     softmax scale follows the narrower heads, which no zeroing reproduces. Either would fail the self-check

@@ -477,9 +477,16 @@ class StepLoop:
                 "its outputs were run, not compared" for n in self.uncompared]
 
 
-def _scales(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Every attention module's float attributes (its softmax scale), which follow narrowed heads."""
-    return {n: {a: v for a, v in values.items() if isinstance(v, float)} for n, values in attention_state(model).items()}
+def _scales(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """What the zeroed reference takes over from every attention module: its float attributes (the softmax scale,
+    which follows narrowed heads), and timm's ``fused_attn`` off: ``scaled_dot_product_attention`` ignores ``scale``
+    and takes its own from the width it is given, which the reference's zeroed head dims still have."""
+    out: dict[str, dict[str, Any]] = {}
+    for n, values in attention_state(model).items():
+        out[n] = {a: v for a, v in values.items() if isinstance(v, float)}
+        if isinstance(getattr(model.get_submodule(n), "fused_attn", None), bool):
+            out[n]["fused_attn"] = False
+    return out
 
 
 def faulty_groups(model: nn.Module, example_inputs: Any, *, skip: Iterable[str], plan: HeadPlan,
