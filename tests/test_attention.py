@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
@@ -204,33 +206,12 @@ def test_a_checkpoint_without_attention_entry_still_loads(tmp_path):
 class WidthBoundAttention(Attention):
     """timm 1.0's forward: the heads' output is reshaped to the *input* width (``reshape(B, N, C)``)."""
 
-    def width(self, x: Tensor) -> int:
-        return x.shape[-1]
-
     def forward(self, x: Tensor) -> Tensor:
-        B, N, _ = x.shape
+        B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, self.width(x)))
-
-
-class AttnDimAttention(WidthBoundAttention):
-    """timm 1.0.31's forward: the heads' output is reshaped to its own ``attn_dim`` attribute."""
-
-    def width(self, x: Tensor) -> int:
-        return self.attn_dim
-
-
-def test_attn_dim_follows_the_heads_and_is_kept_in_checkpoints(tmp_path):
-    """timm ViT-Tiny (timm 1.0.31) at 2x MACs was refused after work: 'attn_dim' kept the old width."""
-    model = _vit()
-    for a in _attn(model):
-        a.__class__, a.attn_dim = AttnDimAttention, 64
-    prune_model(model, _images(), ratio=0.0, head_ratio=0.25, heads="prune")
-    assert [(a.num_heads, a.attn_dim) for a in _attn(model)] == [(6, 48)] * 2
-    assert model(_images()).shape == (4, 10)
-    assert attention_state(model)["blocks.0.attn"]["attn_dim"] == 48
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
 
 
 class HeadlessAttention(nn.Module):
@@ -305,6 +286,132 @@ def test_a_forward_that_cannot_take_fewer_heads_is_refused_and_the_model_put_bac
                        r"\(prune\.ignore: [\w.]+, [\w.]+, [\w.]+ and \d+ more\)", ratio=0.5, head_ratio=0.25)
     assert "heads: keep" not in message
     assert [(a.num_heads, a.head_dim, a.qkv.out_features) for a in _attn(model)] == [(8, 8, 192)] * 2
+
+
+class Timm10Attention(Attention):
+    """timm 1.0's ``Attention``: an ``attn_dim`` attribute (heads x head_dim) the heads' output is reshaped to,
+    and ``F.scaled_dot_product_attention`` (whose softmax scale follows the width of q) unless ``fused_attn`` is off."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        self.attn_dim = num_heads * self.head_dim
+        self.fused_attn = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+
+
+class FusedOnlyAttention(Timm10Attention):
+    """``scaled_dot_product_attention`` always: with heads: dims no reference reproduces its new softmax scale."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        del self.fused_attn
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.fused_attn = True
+        try:
+            return super().forward(x)
+        finally:
+            del self.fused_attn
+
+
+class FixedWidthAttention(Attention):
+    """Reshapes the heads' output to a width of its own (``inner``), which pruning knows nothing of."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__(dim, num_heads)
+        self.inner = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, self.inner))
+
+
+class InterleavedAttention(Attention):
+    """Lays the heads' outputs out dimension-major (``d * heads + h``), while Torch-Pruning removes the
+    output projection's columns of head ``h`` as if head-major (``h * head_dim + d``): it runs, wrongly."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.proj((attn @ v).permute(0, 2, 3, 1).reshape(B, N, self.num_heads * self.head_dim))
+
+
+def _vit_with(cls: type[Attention], **kwargs) -> nn.Module:
+    model = _vit(**kwargs)
+    for block in model.blocks:
+        block.attn = cls(model.pos_embed.shape[-1], block.attn.num_heads)
+    return model.eval()
+
+
+def test_timm_10_attention_is_pruned_by_heads_with_its_attn_dim():
+    """timm 1.0's ViT-Tiny / MobileViT with the default heads: prune failed after the whole search: the update
+    left ``attn_dim`` at the width it was built with. Now checked by the plan (one forward) and pruned."""
+    model, x = _vit_with(Timm10Attention), _images()
+    StructuredPruningStage(mac_speedup=2.0, key="s").plan(model, x)  # --dry-run: the heads pruned on a copy
+    result = prune_model(model, x, ratio=0.5, heads="prune", check_inputs=[_images(8)])
+    assert [(a.num_heads, a.head_dim, a.attn_dim) for a in _attn(model)] == [(4, 8, 32)] * 2
+    assert result.self_check < 1e-5
+    assert attention_state(model)["blocks.0.attn"]["attn_dim"] == 32  # saved in checkpoints, restored on reload
+    assert model(x).shape == (4, 10)
+
+
+def test_timm_10_attention_head_dims_under_scaled_dot_product_attention():
+    """The reference (the original, the removed head dims zeroed) runs with fused_attn off and the narrowed
+    heads' scale: what scaled_dot_product_attention computes on the narrower heads."""
+    model, x = _vit_with(Timm10Attention), _images()
+    StructuredPruningStage(mac_speedup=2.0, heads="dims", key="s").plan(model, x)
+    result = prune_model(model, x, layer_ratios={"blocks.*.attn.qkv": 0.5}, heads="dims", check_inputs=[_images(8)])
+    assert [(a.num_heads, a.head_dim, a.attn_dim, a.fused_attn) for a in _attn(model)] == [(8, 4, 32, True)] * 2
+    assert 0 < result.self_check < 1e-5
+
+
+def test_an_attn_dim_unlike_its_heads_is_refused():
+    model = _vit()  # its forward reads num_heads x head_dim; an attn_dim that says otherwise is refused, not updated
+    model.blocks[1].attn.attn_dim = 48
+    with pytest.raises(UserError, match=r"^s\.heads: 'blocks\.1\.attn' \(timm-style attention \(qkv\)\) attn_dim is 48, "
+                                        r"not num_heads 8 x head_dim 8; use heads: dims or keep$"):
+        StructuredPruningStage(mac_speedup=2.0, key="s").plan(model, _images())
+
+
+def _refused_at_plan(model: nn.Module, heads: str) -> str:
+    state = _state(model)
+    with pytest.raises(UserError) as info:
+        StructuredPruningStage(mac_speedup=2.0, heads=heads, key="stages[0]").plan(model, _images())
+    assert "\n" not in str(info.value)
+    assert _same_state(state, _state(model))  # the copy was pruned, not the model
+    assert [a.num_heads for a in _attn(model)] == [8, 8]
+    return str(info.value)
+
+
+def test_attention_that_reshapes_by_its_own_width_is_refused_at_plan_time():
+    message = _refused_at_plan(_vit_with(FixedWidthAttention), "prune")
+    assert re.fullmatch(r"stages\[0\]\.heads: after pruning, 'blocks\.0\.attn' \(timm-style attention \(qkv\)\) fails "
+                        r"in its forward \(shape .* is invalid for input of size \d+\); found on a copy before any "
+                        r"work; heads: keep leaves its heads alone", message), message
+    StructuredPruningStage(mac_speedup=2.0, heads="keep", key="stages[0]").plan(_vit_with(FixedWidthAttention), _images())
+
+
+@pytest.mark.parametrize("cls, heads, what, instead", [(InterleavedAttention, "prune", "heads", "keep"),
+                                                       (FusedOnlyAttention, "dims", "head dims", "prune or keep")])
+def test_attention_pruned_into_another_function_is_refused_at_plan_time(cls, heads, what, instead):
+    """Interleaved heads: Torch-Pruning removes the wrong columns. dims under scaled_dot_product_attention: the
+    softmax scale follows the narrower heads, which no zeroing reproduces. Either would fail the self-check
+    after the search; the plan's copy finds it first."""
+    message = _refused_at_plan(_vit_with(cls), heads)
+    assert re.fullmatch(rf"stages\[0\]\.heads: removing {what} of 'blocks\.0\.attn' \(timm-style attention \(qkv\)\) "
+                        r"changes what the model computes \(outputs differ by [\d.e-]+ of their scale from the original "
+                        rf"with them zeroed; found on a copy before any work\); use heads: {instead}", message), message
 
 
 def test_unreadable_head_count_is_refused():

@@ -272,14 +272,15 @@ def test_a_forward_that_fails_on_the_new_widths_names_the_innermost_module_and_i
         "prune: after removing channels of 'embed', 'attn' (WidthBoundAttention) fails (RuntimeError: shape "
         "'[1, 3, 15]' is invalid for input of size 48): its forward needs the width it was traced with; keep those channels "
         "(prune.ignore: attn.proj, embed), or leave this model out of structured pruning")
-    # the stream kept: 3 heads of 4 (12 wide) reshaped to the input width 16: torch refuses the shape, inside 'attn'
+    # the stream kept: the heads are checked on a copy when the stage is planned (half of them: 2 heads of 4,
+    # 8 wide, reshaped to the input width 16): torch refuses the shape, inside 'attn', before any work
     try:
-        torch.zeros(1, 3, 12).reshape(1, 3, 16)
+        torch.zeros(1, 3, 8).reshape(1, 3, 16)
     except RuntimeError as e:
         torch_says = str(e)
     assert _refused(AttentionNet(WidthBoundAttention), ratio=0.5, head_ratio=0.25, ignore=["embed", "attn.proj"]) == (
         f"prune.heads: after pruning, 'attn' (timm-style attention (qkv)) fails in its forward ({torch_says}); "
-        "the model was put back unpruned; heads: keep leaves its heads alone")
+        "found on a copy before any work; heads: keep leaves its heads alone")
     # heads: keep, the input width still shrinks: the probe's refusal (and the key given)
     assert _refused(AttentionNet(WidthBoundAttention), ratio=0.5, heads="keep", key="s").startswith(
         "s: after removing channels of 'embed', 'attn' (WidthBoundAttention) fails (RuntimeError: ")
@@ -399,8 +400,9 @@ def test_attributes_that_disagree_with_the_widths_after_a_step_are_refused_and_t
     before = _state(model)
     with pytest.raises(UserError) as e:
         prune_model(model, TOKENS, layer_ratios={"attn.to_heads": 0.5}, heads="dims")
-    # heads: dims at 0.5: each of the 4 heads keeps int(4 * 0.5) = 2 dimensions, 8 outputs; heads x size is still 16
-    assert str(e.value) == "prune.heads: pruning left 'attn': to_heads has 8 outputs (the model was put back unpruned)"
+    # heads: dims at 0.5: each of the 4 heads keeps int(4 * 0.5) = 2 dimensions, 8 outputs; heads x size is still
+    # 16: found when the stage is planned, on a copy (the heads check), so the model is never touched
+    assert str(e.value) == "prune.heads: pruning left 'attn': to_heads has 8 outputs (found on a copy before any work)"
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert model.attn.to_heads.out_features == 16
 

@@ -151,3 +151,34 @@ def test_a_module_with_its_own_layout_is_zeroed_along_its_channels_or_refused(si
             with pytest.raises(UserError, match=r"^k: the self-check cannot tell which dimension of the output of "
                                                 r"'conv' \(ChannelsLastConv, shape \(3, 6, 6, 6\)\) holds its 6"):
                 relative_error(work, base, [x])
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """As timm's: a BatchNorm2d whose forward adds an activation (MobileViT's convolution blocks)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.silu(super().forward(x))
+
+
+class BNActNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = BatchNormAct2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_a_batchnorm_subclass_is_zeroed_along_dim_1_when_every_dimension_is_as_wide():
+    """H = W = C = 8: the width alone cannot tell the channels apart (timm MobileViT-XXS was refused at --dry-run);
+    a BatchNorm normalises dim 1 itself, so a subclass's channels are there."""
+    torch.manual_seed(0)
+    model, x = BNActNet().eval(), torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.bias.uniform_(-1, 1)  # a removed channel's output is silu(bias) != 0 unless zeroed
+    result = prune_model(model, x[:2], ratio=0.5, check_inputs=[x])
+    assert (model.conv.out_channels, model.bn.num_features, model.head.in_features) == (4, 4, 4)
+    assert result.self_check < 1e-5 and not result.notes

@@ -3,7 +3,7 @@
 Torch-Pruning removes whole heads or dimensions of every head when it is told how many heads each
 attention projection holds (``num_heads``, ``prune_num_heads`` / ``prune_head_dims``,
 ``head_pruning_ratio``). An attention module also describes its heads in plain attributes that its
-forward reads (timm: ``num_heads``, ``head_dim``, ``scale``, ``attn_dim``; Hugging Face: ``num_attention_heads``,
+forward reads (timm: ``num_heads``, ``head_dim``, ``scale``; Hugging Face: ``num_attention_heads``,
 ``attention_head_size`` or ``head_dim``, ``all_head_size``, ``scaling``); those must follow the
 new widths after every pruning step, and be restored when a checkpoint is loaded into a freshly
 built model (widths alone cannot tell two heads of 32 from four of 16). This module holds:
@@ -99,10 +99,11 @@ def _rescale(module: nn.Module, names: Iterable[str], old_dim: int, new_dim: int
 
 class FusedQKV(AttentionKind):
     """timm's ``Attention``: one ``qkv`` Linear (3 x heads x head_dim outputs), ``num_heads``,
-    ``head_dim``, optionally ``scale`` (``head_dim ** -0.5``) and ``attn_dim`` (heads x head_dim)."""
+    ``head_dim``, optionally ``scale`` (``head_dim ** -0.5``) and ``attn_dim`` (heads x head_dim: timm 1.0
+    reshapes the heads' output to it)."""
 
     label = "timm-style attention (qkv)"
-    attrs = ("num_heads", "head_dim", "scale", "attn_dim")
+    attrs = ("num_heads", "head_dim", "attn_dim", "scale")
 
     def matches(self, module: nn.Module) -> bool:
         return isinstance(getattr(module, "qkv", None), nn.Linear)
@@ -127,13 +128,16 @@ class FusedQKV(AttentionKind):
         h, d, out = self.heads(module), self.head_dim(module), module.qkv.out_features
         if out != 3 * h * d or d < 1:
             return f"qkv has {out} outputs, not 3 x num_heads {h} x head_dim {d}"
+        found = _int_attr(module, ("attn_dim",))
+        if found is not None and found[1] != h * d:
+            return f"attn_dim is {found[1]}, not num_heads {h} x head_dim {d}"
         return None
 
     def update(self, module: nn.Module, num_heads: int) -> None:
         old = module.head_dim
         module.num_heads = num_heads
         module.head_dim = module.qkv.out_features // (3 * num_heads)
-        if isinstance(getattr(module, "attn_dim", None), int):  # timm 1.0.2x reshapes the heads' output to it
+        if _int_attr(module, ("attn_dim",)) is not None:  # timm 1.0's forward reshapes to it
             module.attn_dim = num_heads * module.head_dim
         _rescale(module, ("scale",), old, module.head_dim)
 
@@ -343,6 +347,18 @@ class HeadPlan:
             if why:
                 out.append(f"'{a.name}': {why}")
         return out
+
+    def on_copy(self, model: nn.Module, ratio: float) -> HeadPlan:
+        """This plan for ``model``, a copy of the model it was made for, with every pruned module but
+        ``nn.MultiheadAttention`` (pruned with the stream around it, not alone) losing ``ratio`` of its heads
+        (``prune``) or of every head's width (``dims``); the others kept."""
+        def there(a: Attention) -> Attention:
+            return Attention(a.name, model.get_submodule(a.name), a.kind)
+
+        alone = [a for a in self.pruned if not isinstance(a.kind, TorchMHA)]
+        return HeadPlan(self.mode, [there(a) for a in alone], [there(a) for a in self.found if a not in alone],
+                        {a.name: ratio for a in alone} if self.mode == "prune" else {},
+                        {a.name: n for a in self.found if (n := self.heads_before.get(a.name)) is not None})
 
     def heads(self) -> dict[str, int]:
         """Heads of every attention module now (0 where a kept module does not say)."""

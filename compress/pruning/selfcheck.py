@@ -129,6 +129,10 @@ def _channel_dim(module: nn.Module, shape: Sequence[int], width: int | None) -> 
     if _own_forward(module) or width is None:
         return 1 if isinstance(module, first) else -1
     dims = _width_dims(shape, width)
+    if len(dims) > 1 and 1 in dims and isinstance(module, nn.modules.batchnorm._NormBase):
+        # a BatchNorm normalises dim 1 itself, so a subclass has no reason to permute (timm's BatchNormAct2d
+        # adds an activation); a convolution subclass may return channels last
+        return 1
     return dims[0] if len(dims) == 1 else None
 
 

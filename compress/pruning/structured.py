@@ -42,12 +42,20 @@ from compress.errors import UserError
 from compress.plumbing.masks import get_mask, make_permanent, masked_modules, prunable_layers, set_mask
 from compress.plumbing.restorers import RESTORERS, Restorer
 from compress.pruning.attention import HeadPlan, HeadPruner, attention_state, plan_heads
-from compress.pruning.selfcheck import StepCheck, check_batches, failing_module, leave_out_faults
+from compress.pruning.selfcheck import (
+    TOLERANCE,
+    StepCheck,
+    check_batches,
+    failing_module,
+    leave_out_faults,
+    relative_error,
+    zeroed,
+)
 from compress.registry import Registry
 from compress.schema import match_layers
 
 __all__ = ["IMPORTANCES", "resolve_importance", "PruneResult", "prune_model", "count_macs", "output_layers", "trace_logits",
-           "channel_counts", "SparsityRegularizer", "restore_structure", "mask_shapes_ok", "faulty_groups", "StepLoop",
+           "channel_counts", "SparsityRegularizer", "restore_structure", "mask_shapes_ok", "faulty_groups", "check_heads", "StepLoop",
            "needs_gradients", "accumulate_gradients", "clear_grads", "next_search_step", "SEARCH_JUMP", "SEARCH_FINE"]
 
 # ---------------------------------------------------------------------------------------------
@@ -470,9 +478,16 @@ class StepLoop:
                 "its outputs were run, not compared" for n in self.uncompared]
 
 
-def _scales(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Every attention module's float attributes (its softmax scale), which follow narrowed heads."""
-    return {n: {a: v for a, v in values.items() if isinstance(v, float)} for n, values in attention_state(model).items()}
+def _scales(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """What the zeroed reference takes over from every attention module: its float attributes (the softmax scale,
+    which follows narrowed heads), and timm's ``fused_attn`` off: ``scaled_dot_product_attention`` ignores ``scale``
+    and takes its own from the width it is given, which the reference's zeroed head dims still have."""
+    out: dict[str, dict[str, Any]] = {}
+    for n, values in attention_state(model).items():
+        out[n] = {a: v for a, v in values.items() if isinstance(v, float)}
+        if isinstance(getattr(model.get_submodule(n), "fused_attn", None), bool):
+            out[n]["fused_attn"] = False
+    return out
 
 
 def faulty_groups(model: nn.Module, example_inputs: Any, *, skip: Iterable[str], plan: HeadPlan,
@@ -480,7 +495,7 @@ def faulty_groups(model: nn.Module, example_inputs: Any, *, skip: Iterable[str],
     """The layers to leave out because Torch-Pruning maps their channels wrongly, and a note for each.
 
     Every group rooted outside ``skip`` (ignored and untouched layers) is probed on a copy
-    (:func:`compress.pruning.selfcheck.probe`); attention projections have their own check.
+    (:func:`compress.pruning.selfcheck.probe`); attention projections have their own check (:func:`check_heads`).
 
     Raises:
         UserError: a module whose forward needs the width it was traced with, named with what to do.
@@ -491,9 +506,57 @@ def faulty_groups(model: nn.Module, example_inputs: Any, *, skip: Iterable[str],
     kept = {names[id(m)] for m in plan.ignored_layers() if id(m) in names}  # kept attention (nn.MultiheadAttention)
     skip = set(skip) | kept | {n for n, m in layers.items() if id(m) in projections}
     kwargs = {k: v for k, v in plan.pruner_kwargs().items() if k in ("out_channel_groups", "in_channel_groups")}
-    return leave_out_faults(model, example_inputs, check_batches(example_inputs, check_inputs), ignored=sorted(skip),
-                            prunable=[n for n in layers if n not in skip], pruner_kwargs=kwargs,
-                            forward_fn=trace_logits, key=key)
+    batches = check_batches(example_inputs, check_inputs)
+    found = leave_out_faults(model, example_inputs, batches, ignored=sorted(skip),
+                             prunable=[n for n in layers if n not in skip], pruner_kwargs=kwargs,
+                             forward_fn=trace_logits, key=key)
+    # after the channels: a forward that needs the stream's width is refused naming the channels, which
+    # heads: keep would not help
+    check_heads(model, example_inputs, plan, batches, key=key)
+    return found
+
+
+PROBE_HEAD_RATIO = 0.5  # the share of each module's heads (or head width) :func:`check_heads` removes on its copy
+
+
+def check_heads(model: nn.Module, example_inputs: Any, plan: HeadPlan, batches: Sequence[Any],
+                key: str = "prune") -> None:
+    """Before any work: the attention modules ``plan`` prunes lose heads (or head dims) on a copy of ``model``.
+
+    One pruning step as the stage takes it (:class:`HeadPruner` with the plan's arguments, the modules'
+    attributes updated after it), the other layers left alone (the channel probe checks those); then one
+    forward, and the outputs compared with the original whose removed heads are zeroed. So a module whose
+    forward reads a width pruning does not update (timm 1.0's ``attn_dim`` before it was known) is refused
+    at ``--dry-run``, not after a whole search. ``nn.MultiheadAttention`` is pruned only with the stream
+    around it, which the channel probe runs.
+
+    Raises:
+        UserError: one line naming the module and ``heads: keep``.
+    """
+    work = make_permanent(copy.deepcopy(model)).eval()
+    heads = plan.on_copy(work, PROBE_HEAD_RATIO)
+    if not heads.pruned:
+        return
+    projections = {id(p) for a in heads.pruned for p in a.projections}
+    others = [m for m in prunable_layers(work).values() if id(m) not in projections]
+    check = StepCheck(work, batches, key)
+    imp = l2_importance()
+    pruner = _head_pruner(work, example_inputs, importance=imp, pruning_ratio=PROBE_HEAD_RATIO,
+                          pruning_ratio_dict={p: PROBE_HEAD_RATIO for a in heads.pruned for p in a.projections},
+                          iterative_steps=1, ignored_layers=others + heads.ignored_layers(), forward_fn=trace_logits,
+                          **heads.pruner_kwargs())
+    _pruner_step(pruner, model=work, imp=imp, gradient_batches=None, loss_fn=F.cross_entropy, plan=heads,
+                 example_inputs=example_inputs, key=key, check=check, done="found on a copy before any work")
+    with zeroed(check.base, check.log, _scales(work)):
+        err = relative_error(work, check.base, check.batches)
+    if not err <= TOLERANCE:
+        names = {id(p): a.name for a in heads.pruned for p in a.projections}
+        roots = {id(m) for n, m in work.named_modules() if n in check.log.roots}
+        where = next((names[i] for i in names if i in roots), heads.pruned[0].name)
+        raise UserError(f"{key}.heads: removing {'heads' if plan.mode == 'prune' else 'head dims'} of '{where}' "
+                        f"({heads.pruned[0].kind.label}) changes what the model computes (outputs differ by {err:.2g} "
+                        "of their scale from the original with them zeroed; found on a copy before any work); use "
+                        f"heads: {'keep' if plan.mode == 'prune' else 'prune or keep'}")
 
 
 def _head_pruner(model: nn.Module, example_inputs: Any, **kwargs: Any) -> HeadPruner:
@@ -511,7 +574,8 @@ def _put_back(model: nn.Module, snapshot: nn.Module) -> None:
 
 def _pruner_step(pruner: Any, *, model: nn.Module, imp: Any, gradient_batches: Any, loss_fn: Callable,
                  keep_grads: bool = False, plan: HeadPlan | None = None, example_inputs: Any = None,
-                 key: str = "prune", check: StepCheck | None = None) -> None:
+                 key: str = "prune", check: StepCheck | None = None,
+                 done: str = "the model was put back unpruned") -> None:
     if needs_gradients(imp) and gradient_batches is not None:
         accumulate_gradients(model, gradient_batches, loss_fn)
     for group in pruner.step(interactive=True):
@@ -520,18 +584,19 @@ def _pruner_step(pruner: Any, *, model: nn.Module, imp: Any, gradient_batches: A
         group.prune()
     if plan is not None and plan.found:
         plan.update(pruner)  # before anything runs the model again
-        _check_attention(model, plan, example_inputs, key)
+        _check_attention(model, plan, example_inputs, key, done)
     elif check is not None:
         check.runs(model)
     if not keep_grads:
         clear_grads(model)
 
 
-def _check_attention(model: nn.Module, plan: HeadPlan, example_inputs: Any, key: str) -> None:
+def _check_attention(model: nn.Module, plan: HeadPlan, example_inputs: Any, key: str,
+                     done: str = "the model was put back unpruned") -> None:
     """After a step: every attention module's widths agree with its attributes, and the model runs."""
     problems = plan.problems()
     if problems:
-        raise UserError(f"{key}.heads: pruning left {problems[0]} (the model was put back unpruned)")
+        raise UserError(f"{key}.heads: pruning left {problems[0]} ({done})")
     with torch.no_grad():
         failed = failing_module(model, lambda: forward(model, take(example_inputs, 1)))
     if failed is not None:
@@ -541,7 +606,7 @@ def _check_attention(model: nn.Module, plan: HeadPlan, example_inputs: Any, key:
         hint = "heads: keep leaves its heads alone" if plan.mode != "keep" else \
             "its forward may need its input width: ignore the layers that write it"
         raise UserError(f"{key}.heads: after pruning, '{where}' ({kind}) fails in its forward ({message}); "
-                        f"the model was put back unpruned; {hint}")
+                        f"{done}; {hint}")
 
 
 def _after_step(model: nn.Module, masked: list[str], on_step: StepCallback | None, step: int, steps: int,
