@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from compress.errors import UserError
 from compress.schema import merge_structured
 
-__all__ = ["DataConfig", "EpochShuffleSampler", "TensorDataModule"]
+__all__ = ["DataConfig", "ConfiguredDataModule", "EpochShuffleSampler", "TensorDataModule"]
 
 
 @dataclass
@@ -46,7 +46,17 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
 
-class TensorDataModule(pl.LightningDataModule):
+class ConfiguredDataModule(pl.LightningDataModule):
+    """A DataModule whose recipe section is its ``Config`` dataclass, merged and typed by :meth:`make_config`."""
+
+    Config: ClassVar[type] = DataConfig
+
+    @classmethod
+    def make_config(cls, values: Any, key: str = "data") -> Any:
+        return merge_structured(cls.Config, values, key)
+
+
+class TensorDataModule(ConfiguredDataModule):
     """Subclasses implement :meth:`load` -> (train_x, train_y, test_x, test_y), images (N, C, H, W)."""
 
     Config: ClassVar[type] = DataConfig
@@ -61,10 +71,6 @@ class TensorDataModule(pl.LightningDataModule):
                 raise UserError(f"data.{k}: {self.config[k]} must be >= 1")
         self.seed = seed
         self._tensors: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-
-    @classmethod
-    def make_config(cls, values: Any, key: str = "data") -> Any:
-        return merge_structured(cls.Config, values, key)
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError

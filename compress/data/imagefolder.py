@@ -15,15 +15,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from compress.data._registry import DATAMODULES
-from compress.data.base import EpochShuffleSampler
+from compress.data.base import ConfiguredDataModule, EpochShuffleSampler
 from compress.errors import UserError
-from compress.schema import merge_structured
 
 __all__ = ["ImageFolderConfig", "ImageFolderDataModule", "ImageFolder", "IMAGE_SUFFIXES"]
 
@@ -72,7 +70,7 @@ class ImageFolder(Dataset):
 
 
 @DATAMODULES.register("imagefolder")
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataModule(ConfiguredDataModule):
     """``data: {name: imagefolder, root: path/to/images, size: 64, channels: 3}``."""
 
     Config: ClassVar[type] = ImageFolderConfig
@@ -108,10 +106,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         for s, data in self.splits.items():
             if len(data) == 0:
                 raise UserError(f"data.root: no images ({', '.join(IMAGE_SUFFIXES)}) under {root / getattr(c, s)}")
-
-    @classmethod
-    def make_config(cls, values: Any, key: str = "data") -> Any:
-        return merge_structured(cls.Config, values, key)
 
     @property
     def num_classes(self) -> int:

@@ -13,15 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from compress.data._registry import DATAMODULES
-from compress.data.base import EpochShuffleSampler
+from compress.data.base import ConfiguredDataModule, EpochShuffleSampler
 from compress.errors import UserError
-from compress.schema import check_choice, check_range, merge_structured
+from compress.schema import check_choice, check_range
 
 __all__ = ["TextConfig", "TextDataModule", "byte_windows"]
 
@@ -46,7 +45,7 @@ def byte_windows(data: bytes, seq_len: int) -> Tensor:
 
 
 @DATAMODULES.register("text")
-class TextDataModule(pl.LightningDataModule):
+class TextDataModule(ConfiguredDataModule):
     """Byte-level windows of the recipe's text files; shuffled by the recipe's seed."""
 
     Config: ClassVar[type] = TextConfig
@@ -68,10 +67,6 @@ class TextDataModule(pl.LightningDataModule):
                 raise UserError(f"data.files[{i}]: {f} is not a file")
         self.seed = seed
         self._splits: tuple[Tensor, Tensor] | None = None
-
-    @classmethod
-    def make_config(cls, values: Any, key: str = "data") -> Any:
-        return merge_structured(cls.Config, values, key)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -13,15 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from compress.data._registry import DATAMODULES
-from compress.data.base import EpochShuffleSampler
+from compress.data.base import ConfiguredDataModule, EpochShuffleSampler
 from compress.errors import UserError
-from compress.schema import merge_structured
 
 __all__ = ["TokenConfig", "TokenDataModule", "make_tokens"]
 
@@ -62,7 +60,7 @@ class _Sequences(Dataset):
 
 
 @DATAMODULES.register("tokens")
-class TokenDataModule(pl.LightningDataModule):
+class TokenDataModule(ConfiguredDataModule):
     """Synthetic token classification (``classes`` labels); seeded by the recipe."""
 
     Config: ClassVar[type] = TokenConfig
@@ -80,10 +78,6 @@ class TokenDataModule(pl.LightningDataModule):
             raise UserError(f"data.classes: {c.classes} must be >= 2 and < data.vocab_size ({c.vocab_size})")
         self.seed = seed
         self._splits: tuple[_Sequences, _Sequences] | None = None
-
-    @classmethod
-    def make_config(cls, values: Any, key: str = "data") -> Any:
-        return merge_structured(cls.Config, values, key)
 
     @property
     def num_classes(self) -> int:
